@@ -1248,3 +1248,1052 @@ def run_tool(ctx, name, args, active=None):
     if isinstance(out, ToolResult):
         return out
     return ToolResult(str(out))
+
+
+# --- files: read / write / edit ----------------------------------------------
+
+READ_DEFAULT_LINES = 2000
+READ_MAX_LINE = 2000
+_BLOCK = 1 << 20
+#: leading bytes -> file type, for binary files and images
+MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
+         (b"GIF89a", "image/gif"), (b"%PDF", "PDF document"), (b"PK\x03\x04", "zip archive"),
+         (b"\x7fELF", "ELF executable"), (b"\x1f\x8b", "gzip archive"), (b"\xfe\xed\xfa", "Mach-O binary"),
+         (b"\xcf\xfa\xed\xfe", "Mach-O binary"), (b"MZ", "Windows executable"), (b"SQLite format 3", "SQLite database"))
+
+
+def sniff_type(head):
+    """The type of a file from its first bytes, or None for text. Example: b'GIF89a...' -> 'image/gif'."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    for magic, kind in MAGIC:
+        if head.startswith(magic):
+            return kind
+    return "binary data" if b"\x00" in head else None
+
+
+def image_size(data, mime):
+    """(width, height) from an image header, or None."""
+    import struct
+    try:
+        if mime == "image/png":
+            return struct.unpack(">II", data[16:24])
+        if mime == "image/gif":
+            return struct.unpack("<HH", data[6:10])
+        if mime == "image/webp":
+            return _webp_size(data)
+        if mime == "image/jpeg":
+            return _jpeg_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def _webp_size(data):
+    import struct
+    kind = data[12:16]
+    if kind == b"VP8 ":
+        w, h = struct.unpack("<HH", data[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if kind == b"VP8L":
+        bits = struct.unpack("<I", data[21:25])[0]
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if kind == b"VP8X":
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    return None
+
+
+def _jpeg_size(data):
+    import struct
+    i = 2
+    while i + 9 < len(data):
+        if data[i] != 0xFF:
+            i += 1
+            continue
+        marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+            return w, h
+        i += 2 + length
+    return None
+
+
+def similar_paths(path, limit=3):
+    """Up to limit existing paths whose names look like path's, for 'not found' errors."""
+    import difflib
+    parent, name = os.path.split(path)
+    while parent and not os.path.isdir(parent):
+        parent, name = os.path.split(parent)[0], name
+    try:
+        names = os.listdir(parent or ".")
+    except OSError:
+        return []
+    close = difflib.get_close_matches(name, names, n=limit, cutoff=0.5)
+    close += [n for n in names if name.lower() in n.lower() and n not in close]
+    return [os.path.join(parent, n) for n in close[:limit]]
+
+
+def _check_readable_file(path):
+    if os.path.isdir(path):
+        raise ToolError("%s is a directory: use ls to list it" % path)
+    if not os.path.exists(path):
+        hint = similar_paths(path)
+        raise ToolError("%s not found%s" % (path, "; did you mean: " + ", ".join(hint) if hint else
+                                            "; check the path with ls or find"))
+
+
+def _count_lines(f):
+    """Number of lines in a binary file object, read in blocks."""
+    f.seek(0)
+    count, last = 0, b"\n"
+    for block in iter(lambda: f.read(_BLOCK), b""):
+        count += block.count(b"\n")
+        last = block[-1:]
+    return count + (last != b"\n")
+
+
+def _seek_line(f, line):
+    """Position f at the start of 0-based line; False when the file has fewer lines."""
+    f.seek(0)
+    seen, pos = 0, 0
+    for block in iter(lambda: f.read(_BLOCK), b""):
+        n = block.count(b"\n")
+        if seen + n >= line:
+            i = -1
+            for _ in range(line - seen):
+                i = block.index(b"\n", i + 1)
+            f.seek(pos + i + 1)
+            return True
+        seen, pos = seen + n, pos + len(block)
+    return False
+
+
+def describe_image(path, head, mime, size):
+    """One line about an image file."""
+    dims = image_size(head, mime)
+    return "%s: %s, %d bytes%s" % (path, mime, size, ", %dx%d" % dims if dims else "")
+
+
+def _read_image(ctx, path, mime):
+    import base64
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    line = describe_image(path, data[:65536], mime, size)
+    if ctx.config is not None and ctx.config.compat.images:
+        return ToolResult(line + " (attached below)", images=[(mime, base64.b64encode(data).decode("ascii"))])
+    return ToolResult(line + " (this model does not take images)")
+
+
+@tool("read", "Read a file. Output has line numbers; use offset/limit for big files.", readonly=True,
+      path="string", offset="integer? 1-indexed first line; negative counts from the end",
+      limit="integer? max lines (default 2000)")
+def tool_read(ctx, path, offset=1, limit=READ_DEFAULT_LINES):
+    """Return numbered lines [offset, offset+limit) of path, streaming through big files."""
+    path = ctx.path(path)
+    _check_readable_file(path)
+    limit = max(1, min(int(limit), 100000))
+    with open(path, "rb") as f:
+        head = f.read(8192)
+        kind = sniff_type(head)
+        if kind and kind.startswith("image/"):
+            return _read_image(ctx, path, kind)
+        if kind:
+            raise ToolError("%s is a binary file (%s, %d bytes); inspect it with bash (e.g. file, xxd | head)"
+                            % (path, kind, os.path.getsize(path)))
+        if offset < 0:
+            offset = max(1, _count_lines(f) + offset + 1)
+        offset = max(1, offset)
+        if not _seek_line(f, offset - 1):
+            raise ToolError("offset %d is past the end: %s has %d lines" % (offset, path, _count_lines(f)))
+        return _numbered_lines(f, path, offset, limit)
+
+
+def _numbered_lines(f, path, offset, limit):
+    out = []
+    for n in range(offset, offset + limit):
+        raw = f.readline()
+        if not raw:
+            break
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if len(line) > READ_MAX_LINE:
+            line = line[:READ_MAX_LINE] + " …[line cut: %d chars]" % len(line)
+        out.append("%d\t%s" % (n, line))
+    if not out:
+        return "%s is empty" % path
+    if f.readline():
+        out.append("[more lines: continue with offset=%d]" % (offset + len(out)))
+    return "\n".join(out)
+
+
+class Checkpoints:
+    """Per-turn record of files' previous bytes and modes, so a turn's writes can be undone."""
+
+    def __init__(self):
+        self.turns = [{}]  # each: path -> (bytes, mode) or None when the file did not exist
+
+    def begin_turn(self):
+        """Start recording a new turn."""
+        if self.turns[-1]:
+            self.turns.append({})
+
+    def record(self, path):
+        """Remember path as it is now, once per turn, before it is changed."""
+        current = self.turns[-1]
+        if path in current:
+            return
+        try:
+            with open(path, "rb") as f:
+                current[path] = (f.read(), os.stat(path).st_mode & 0o7777)
+        except FileNotFoundError:
+            current[path] = None
+
+    def undo(self):
+        """Restore the files of the last turn that changed any; returns their paths."""
+        while len(self.turns) > 1 and not self.turns[-1]:
+            self.turns.pop()
+        changes = self.turns.pop() if self.turns[-1] else {}
+        self.turns = self.turns or [{}]
+        if not self.turns or self.turns[-1]:
+            self.turns.append({})
+        for path, saved in changes.items():
+            if saved is None:
+                if os.path.exists(path):
+                    os.remove(path)
+            else:
+                atomic_write(path, saved[0], saved[1])
+        return sorted(changes)
+
+
+def atomic_write(path, data, mode=None):
+    """Write bytes via a temp file in the same directory, fsync and os.replace; keeps permission bits."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    if mode is None and os.path.exists(path):
+        mode = os.stat(path).st_mode & 0o7777
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".nanocode-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _record(ctx, path):
+    if ctx.checkpoints is not None:
+        ctx.checkpoints.record(path)
+
+
+@tool("write", "Create or overwrite a file (parent dirs are created).", path="string", content="string")
+def tool_write(ctx, path, content):
+    """Write content to path atomically."""
+    path = ctx.path(path)
+    if os.path.isdir(path):
+        raise ToolError("%s is a directory; give a file path" % path)
+    old = _read_small(path)
+    data = content.encode("utf-8", "surrogateescape")
+    _record(ctx, path)
+    atomic_write(path, data)
+    lines = content.count("\n") + (1 if content and not content.endswith("\n") else 0)
+    diff = file_diff(path, old, content) if old is not None else "new file %s (%d lines)" % (path, lines)
+    return ToolResult("wrote %d bytes (%d lines) to %s" % (len(data), lines, path), details={"diff": diff})
+
+
+def _read_small(path, limit=1 << 20):
+    """A text file's content when it exists and is small, else None."""
+    try:
+        if os.path.getsize(path) > limit:
+            return None
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def file_diff(path, old, new, limit=400):
+    """A unified diff of two texts, at most limit lines."""
+    import difflib
+    lines = list(difflib.unified_diff(old.splitlines(), new.splitlines(), path, path, lineterm="", n=3))
+    return "\n".join(lines[:limit] + (["… +%d more lines" % (len(lines) - limit)] if len(lines) > limit else []))
+
+
+#: Unicode look-alikes folded by the tolerant edit match (each maps one char to one char)
+LOOKALIKES = str.maketrans("\u2018\u2019\u201a\u201b\u2032\u201c\u201d\u201e\u201f\u2033"
+                           "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\u00a0\u2007\u2009\u202f\u3000",
+                           "'''''\"\"\"\"\"-------     ")
+_EOL_RE = r"[ \t]*(?:\r\n|\r|\n)"
+
+
+def detect_eol(text):
+    """The file's line ending. Example: 'a\\r\\nb\\r\\n' -> '\\r\\n'."""
+    sample = text[:65536]
+    crlf = sample.count("\r\n")
+    return "\r\n" if crlf and crlf >= sample.count("\n") - crlf else "\n"
+
+
+def find_edit_spans(text, old, replace_all=False):
+    """[(start, end)] where old matches text: exact first, then tolerant; raises ToolError."""
+    if not old:
+        raise ToolError("oldText is empty; quote the exact lines to replace")
+    spans = _exact_spans(text, old)
+    if not spans:
+        spans = _tolerant_spans(text, old)
+    if not spans:
+        raise ToolError("oldText not found in the file; read the file again and quote it exactly")
+    if len(spans) > 1 and not replace_all:
+        lines = [text.count("\n", 0, s) + 1 for s, _ in spans[:10]]
+        raise ToolError("oldText matches %d places (lines %s); add surrounding lines to make it unique"
+                        % (len(spans), ", ".join(map(str, lines))))
+    return spans
+
+
+def _exact_spans(text, old):
+    spans, start = [], text.find(old)
+    while start >= 0:
+        spans.append((start, start + len(old)))
+        start = text.find(old, start + len(old))
+    return spans
+
+
+def _tolerant_spans(text, old):
+    # fold look-alikes one char to one char, so positions in the folded text are positions in text
+    lines = old.translate(LOOKALIKES).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = [line.rstrip(" \t") for line in lines]
+    while len(lines) > 1 and not lines[-1]:
+        lines.pop()
+    pattern = re.compile(_EOL_RE.join(re.escape(line) for line in lines))
+    return [m.span() for m in pattern.finditer(text.translate(LOOKALIKES)) if m.end() > m.start()]
+
+
+def plan_edits(text, edits, eol):
+    """[(start, end, new)] for edits matched against the original text, sorted; raises ToolError."""
+    planned = []
+    for n, e in enumerate(edits, 1):
+        if not isinstance(e, dict) or "oldText" not in e:
+            raise ToolError("edit %d must be an object {oldText, newText}" % n)
+        old, new = str(e["oldText"]), str(e.get("newText", ""))
+        if eol == "\r\n":
+            old = old.replace("\r\n", "\n").replace("\n", "\r\n")
+            new = new.replace("\r\n", "\n").replace("\n", "\r\n")
+        try:
+            spans = find_edit_spans(text, old, bool(e.get("replace_all")))
+        except ToolError as err:
+            raise ToolError("edit %d: %s" % (n, err) if len(edits) > 1 else str(err))
+        planned.extend((s, t, new, n) for s, t in spans)
+    planned.sort()
+    for a, b in zip(planned, planned[1:]):
+        if b[0] < a[1]:
+            raise ToolError("edits %d and %d overlap; merge them into one edit" % (a[3], b[3]))
+    return planned
+
+
+def apply_edits(text, planned):
+    """The new text, building it once from the untouched pieces and the replacements."""
+    pieces, pos = [], 0
+    for start, end, new, _ in planned:
+        pieces.append(text[pos:start])
+        pieces.append(new)
+        pos = end
+    pieces.append(text[pos:])
+    return "".join(pieces)
+
+
+def _edit_hunks(path, text, planned, context=3):
+    """A small unified diff around each edit (never diffs the whole file) and a short summary."""
+    diff, summary, shift = ["--- %s" % path, "+++ %s" % path], [], 0
+    for start, end, new, n in planned:
+        first = text.count("\n", 0, start)
+        line_start = text.rfind("\n", 0, start) + 1
+        line_end = text.find("\n", end)
+        line_end = len(text) if line_end < 0 else line_end
+        old_lines = text[line_start:line_end].splitlines()
+        new_lines = (text[line_start:start] + new + text[end:line_end]).splitlines()
+        before = text[:line_start].splitlines()[-context:] if line_start else []
+        after = text[line_end + 1:line_end + 1 + 4000].splitlines()[:context]
+        old_no = first + 1 - len(before)
+        diff.append("@@ -%d,%d +%d,%d @@" % (old_no, len(before) + len(old_lines) + len(after),
+                                          old_no + shift, len(before) + len(new_lines) + len(after)))
+        diff += [" " + l for l in before] + ["-" + l for l in old_lines] + ["+" + l for l in new_lines]
+        diff += [" " + l for l in after]
+        new_first = first + 1 + shift
+        shift += len(new_lines) - len(old_lines)
+        shown = ["%d\t%s" % (new_first + i, l) for i, l in enumerate(new_lines[:8])]
+        summary.append("edit %d at line %d:\n%s" % (n, new_first, "\n".join(shown + (["…"] if len(new_lines) > 8 else []))))
+    return "\n".join(diff), summary
+
+
+@tool("edit", "Replace exact text in a file. Each oldText must match once (quote enough lines).",
+      path="string",
+      edits=({"type": "array", "items": {"type": "object", "properties": {
+          "oldText": {"type": "string"}, "newText": {"type": "string"}},
+          "required": ["oldText", "newText"]}}, False))
+def tool_edit(ctx, path, edits):
+    """Apply edits matched against the original text; keeps BOM, line endings and other bytes."""
+    path = ctx.path(path)
+    _check_readable_file(path)
+    if not isinstance(edits, list) or not edits:
+        raise ToolError("edits must be a non-empty list of {oldText, newText}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    bom = raw.startswith(codecs.BOM_UTF8)
+    text = raw[3 if bom else 0:].decode("utf-8", "surrogateescape")
+    planned = plan_edits(text, edits, detect_eol(text))
+    new_text = apply_edits(text, planned)
+    _record(ctx, path)
+    atomic_write(path, (codecs.BOM_UTF8 if bom else b"") + new_text.encode("utf-8", "surrogateescape"))
+    diff, summary = _edit_hunks(path, text, planned)
+    return ToolResult("edited %s: %d replacement(s)\n%s" % (path, len(planned), "\n".join(summary)),
+                      details={"diff": diff})
+
+
+# --- bash ---------------------------------------------------------------------
+
+BASH_DEFAULT_TIMEOUT, BASH_MAX_TIMEOUT = 120, 3600
+BASH_TAIL_LINES, BASH_TAIL_BYTES = 2000, 50 * 1024
+_KILL_GRACE = 2.0
+
+
+class ProcessGroups:
+    """Process groups started by bash; background children live until nanocode exits."""
+
+    def __init__(self):
+        self._pgids = set()
+        self._lock = threading.Lock()
+
+    def add(self, pgid):
+        """Track a group for cleanup at exit."""
+        with self._lock:
+            self._pgids.add(pgid)
+
+    def kill(self, pgid, grace=_KILL_GRACE):
+        """SIGTERM the group now and SIGKILL it after grace seconds, without blocking."""
+        if not _signal_group(pgid, signal.SIGTERM):
+            return
+        timer = threading.Timer(grace, _signal_group, (pgid, getattr(signal, "SIGKILL", signal.SIGTERM)))
+        timer.daemon = True
+        timer.start()
+
+    def kill_all(self):
+        """Terminate every tracked group (called at exit)."""
+        with self._lock:
+            pgids, self._pgids = list(self._pgids), set()
+        alive = [p for p in pgids if _signal_group(p, signal.SIGTERM)]
+        deadline = time.monotonic() + 0.5
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.02)
+            alive = [p for p in alive if _signal_group(p, 0)]
+        for p in alive:
+            _signal_group(p, getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+PROCESS_GROUPS = ProcessGroups()
+
+
+def _signal_group(pgid, sig):
+    """Send sig to a process group; False when it no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError, AttributeError, OSError):
+        return False
+
+
+class OutputCapture:
+    """Command output: a bounded tail in memory, everything in a temp file once it grows."""
+
+    def __init__(self, update, keep=4 * BASH_TAIL_BYTES):
+        self._update = update
+        self._keep = keep
+        self._tail = bytearray()
+        self._file = None
+        self.path = None
+        self.total = 0
+        self._pending = []
+        self._last_flush = 0.0
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, data):
+        """Take one read of output."""
+        self.total += len(data)
+        if self._file is None and self.total > self._keep:
+            self._spill()
+        if self._file is not None:
+            self._file.write(data)
+        self._tail += data
+        if len(self._tail) > 2 * self._keep:
+            del self._tail[:len(self._tail) - self._keep]
+        self._pending.append(data)
+        if time.monotonic() - self._last_flush > 0.1:
+            self.flush_updates()
+
+    def _spill(self):
+        fd, self.path = tempfile.mkstemp(prefix="nanocode-bash-", suffix=".log")
+        self._file = os.fdopen(fd, "wb")
+        self._file.write(bytes(self._tail))
+
+    def flush_updates(self):
+        """Send pending output as one update, at most 16 KB of it."""
+        self._last_flush = time.monotonic()
+        if not self._pending:
+            return
+        data, self._pending = b"".join(self._pending), []
+        if len(data) > 16384:
+            data = b"[... %d bytes ...]\n" % (len(data) - 16384) + data[-16384:]
+        self._update(self._decoder.decode(data))
+
+    def result(self):
+        """(tail text, full-log path or None) with the tail cut to the model's limits."""
+        self.flush_updates()
+        text, cut = tail_lines(bytes(self._tail).decode("utf-8", "replace"), BASH_TAIL_LINES, BASH_TAIL_BYTES)
+        if cut and self._file is None:
+            self._spill()
+        if self._file is not None:
+            self._file.close()
+        return text, (self.path if cut or self.total > len(text.encode("utf-8")) else None)
+
+
+def shell_argv(command):
+    """argv that runs command in bash (sh when there is none); mise's env is loaded when present."""
+    bash = shutil.which("bash")
+    if bash and shutil.which("mise"):
+        command = 'eval "$(mise env -s bash 2>/dev/null)" 2>/dev/null\n' + command
+    return [bash, "-c", command] if bash else ["sh", "-c", command]
+
+
+@tool("bash", "Run a shell command in the working directory; returns output and exit code.",
+      command="string", timeout="integer? seconds (default 120, max 3600)")
+def tool_bash(ctx, command, timeout=BASH_DEFAULT_TIMEOUT):
+    """Run command in its own process group; returns when the shell exits, even if children linger."""
+    timeout = max(1, min(int(timeout), BASH_MAX_TIMEOUT))
+    env = dict(os.environ, NANOCODE="1")
+    if os.name != "posix":
+        return _bash_simple(ctx, command, timeout, env)
+    proc = subprocess.Popen(shell_argv(command), cwd=ctx.cwd, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    PROCESS_GROUPS.add(proc.pid)
+    capture = OutputCapture(ctx.update)
+    unregister = ctx.cancel.on_cancel(lambda: PROCESS_GROUPS.kill(proc.pid))
+    try:
+        state = _pump_output(proc, capture, time.monotonic() + timeout, ctx.cancel)
+    finally:
+        unregister()
+    if state == "timeout":
+        PROCESS_GROUPS.kill(proc.pid)
+    return _bash_result(proc, capture, state, timeout)
+
+
+def _pump_output(proc, capture, deadline, cancel):
+    """Copy output until the shell exits, the deadline passes or the call is cancelled."""
+    import select
+    fd = proc.stdout.fileno()
+    while True:
+        ready = select.select([fd], [], [], 0.05)[0]
+        if ready:
+            data = os.read(fd, 65536)
+            if not data:
+                proc.wait()
+                proc.stdout.close()
+                return "exited"
+            capture.add(data)
+        if proc.poll() is not None:
+            _drain_briefly(fd, capture)
+            _drain_in_background(proc.stdout)  # a background child holds the pipe open
+            return "exited"
+        if cancel.is_set():
+            return "aborted"
+        if time.monotonic() > deadline:
+            return "timeout"
+
+
+def _drain_briefly(fd, capture, budget=0.25):
+    """Collect what the shell wrote just before exiting, without waiting for lingering children."""
+    import select
+    end = time.monotonic() + budget
+    while time.monotonic() < end and select.select([fd], [], [], 0.02)[0]:
+        data = os.read(fd, 65536)
+        if not data:
+            return
+        capture.add(data)
+
+
+def _drain_in_background(pipe):
+    """Keep reading a pipe a background child still writes to, so it never blocks on a full pipe."""
+    def drain():
+        try:
+            while pipe.read(65536):
+                pass
+        except (OSError, ValueError):
+            pass
+        finally:
+            pipe.close()
+    threading.Thread(target=drain, daemon=True).start()
+
+
+def _bash_result(proc, capture, state, timeout):
+    text, log = capture.result()
+    notes = []
+    if state == "timeout":
+        notes.append("[timed out after %ds: the process group was killed; pass a larger timeout if needed]" % timeout)
+    elif state == "aborted":
+        notes.append("[aborted by the user]")
+    else:
+        notes.append("[exit code %d]" % proc.returncode)
+    if log:
+        notes.append("[output cut to the last %d lines / %d KB; full output (%d bytes): %s]"
+                     % (BASH_TAIL_LINES, BASH_TAIL_BYTES // 1024, capture.total, log))
+    body = (text.rstrip("\n") + "\n" if text.strip() else "") + "\n".join(notes)
+    return ToolResult(body, is_error=state != "exited" or proc.returncode != 0)
+
+
+def _bash_simple(ctx, command, timeout, env):
+    """Windows: no process groups or select; run and wait."""
+    try:
+        done = subprocess.run(command, shell=True, cwd=ctx.cwd, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return ToolResult(((e.output or b"").decode("utf-8", "replace")) + "\n[timed out after %ds]" % timeout, True)
+    text, _ = tail_lines(done.stdout.decode("utf-8", "replace"), BASH_TAIL_LINES, BASH_TAIL_BYTES)
+    return ToolResult(text + "\n[exit code %d]" % done.returncode, is_error=done.returncode != 0)
+
+
+# =============================================================================
+# 7. Context
+# =============================================================================
+
+SYSTEM_PROMPT = """You are nanocode, a coding agent working in the user's project. \
+Use the tools to look before you answer: read, search and run code rather than guess. \
+Read a file before you edit it; prefer edit for changes and write for new files. \
+Keep changes minimal and in the project's style; run the tests or the code when you can. \
+Be concise: short Markdown, no preamble. When you finish, say what you changed."""
+
+
+def system_prompt(config, tool_names):
+    """The system message: the built-in prompt (or --system-prompt) plus facts about this run."""
+    import platform
+    text = config.system_prompt or SYSTEM_PROMPT
+    facts = "\n\nWorking directory: %s\nPlatform: %s\nDate: %s" % (
+        config.cwd, platform.system() or sys.platform, time.strftime("%Y-%m-%d"))
+    if not tool_names:
+        facts += "\nNo tools are available in this run."
+    return text + facts + ("\n\n" + config.append_system_prompt if config.append_system_prompt else "")
+
+
+# =============================================================================
+# 8. Agent core
+# =============================================================================
+# The one loop: build the request, stream it (emitting deltas), record the
+# assistant message, run its tool calls, record their results, repeat until the
+# model stops calling tools, the turn limit, an abort or an error. History only
+# grows by appending, so the request prefix stays byte-identical (prompt caches).
+
+#: tools that only read, run concurrently when consecutive in one message
+MAX_PARALLEL_TOOLS = 8
+SKIPPED_FOR_STEERING = "skipped: the user sent a new message"
+
+
+class Inbox:
+    """Messages typed while the agent works: steering (next safe point) and follow-ups (at the end)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.steering, self.followups = [], []
+
+    def steer(self, text):
+        """Deliver text before the next model request."""
+        with self._lock:
+            self.steering.append(text)
+
+    def follow_up(self, text):
+        """Deliver text when the agent would otherwise stop."""
+        with self._lock:
+            self.followups.append(text)
+
+    def has_steering(self):
+        """True when a steering message waits."""
+        return bool(self.steering)
+
+    def take_steering(self):
+        """Remove and return the waiting steering messages."""
+        with self._lock:
+            taken, self.steering = self.steering, []
+        return taken
+
+    def take_followups(self):
+        """Remove and return the waiting follow-ups."""
+        with self._lock:
+            taken, self.followups = self.followups, []
+        return taken
+
+    def clear(self):
+        """Remove everything; returns (steering, followups)."""
+        with self._lock:
+            taken = (self.steering, self.followups)
+            self.steering, self.followups = [], []
+        return taken
+
+
+def add_usage(total, usage):
+    """Add one response's normalized usage to a running total (in place)."""
+    for key in total:
+        total[key] += (usage or {}).get(key) or 0
+
+
+class Agent:
+    """Runs conversations; emits events to emit(event) and keeps the history."""
+
+    def __init__(self, config, emit, client=None):
+        self.config = config
+        self.emit = emit
+        self.client = client or ChatClient(config, emit)
+        self.tool_names = [n for n in config.tools if n in TOOLS]
+        self.wire_names = {}  # name sent to the provider -> tool name
+        self.tool_schemas = self._schemas()
+        self.messages = [{"role": "system", "content": system_prompt(config, self.tool_names)}]
+        self.inbox = Inbox()
+        self.checkpoints = Checkpoints()
+        self.cancel = Cancel()
+        self.usage = {"input": 0, "output": 0, "cacheRead": 0, "total": 0}
+        self.last_usage = None
+        self.session_id = "%s-%04x" % (time.strftime("%Y%m%d-%H%M%S"), random.getrandbits(16))
+
+    def _schemas(self):
+        schemas = []
+        for name in self.tool_names:
+            wire = provider_tool_name(name, self.wire_names)
+            self.wire_names[wire] = name
+            schemas.append(tool_schema(TOOLS[name], wire))
+        return schemas
+
+    def session_event(self):
+        """The first event of a headless run."""
+        return {"type": "session", "version": EVENT_SCHEMA_VERSION, "id": self.session_id,
+                "cwd": self.config.cwd, "model": self.config.model, "baseUrl": self.config.base_url,
+                "tools": list(self.tool_names), "nanocodeVersion": VERSION, "keySource": self.config.key_source}
+
+    def abort(self):
+        """Stop the running turn: closes the stream and kills running commands."""
+        self.cancel.cancel()
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self, prompt):
+        """Run the agent on one user message until it stops; returns (and emits) agent_end."""
+        started = time.monotonic()
+        if self.cancel.is_set():
+            self.cancel = Cancel()
+        self._add_user(prompt, "prompt")
+        turns, stop, error, text = 0, "done", None, ""
+        try:
+            while True:
+                if self.cancel.is_set():
+                    stop = "aborted"
+                    break
+                if turns >= self.config.max_turns:
+                    stop, error = "max_turns", "stopped after %d turns (--max-turns)" % turns
+                    self.emit({"type": "error", "message": error, "fatal": True})
+                    break
+                turns += 1
+                reply = self._turn(turns)
+                text = reply.text if (reply.text or not reply.tool_calls) else text
+                if reply.interrupted:
+                    stop = "aborted"
+                    break
+                if not reply.complete:
+                    stop, error = "error", self._incomplete_reason(reply)
+                    self.emit({"type": "error", "message": error, "fatal": True})
+                    break
+                if reply.tool_calls:
+                    self._run_tool_calls(reply.tool_calls)
+                elif not self._deliver(self.inbox.take_followups(), "followup"):
+                    break
+        except APIError as e:
+            stop, error = "error", str(e)
+            self.emit({"type": "error", "message": error, "fatal": True})
+        except Exception as e:  # a bug must still end with agent_end and keep the history
+            stop, error = "error", "internal error: %s: %s" % (e.__class__.__name__, e)
+            self.emit({"type": "error", "message": error, "fatal": True})
+        if stop == "aborted":
+            error = None
+        end = {"type": "agent_end", "text": text, "stopReason": stop, "error": error, "turns": turns,
+               "usage": dict(self.usage), "durationMs": int((time.monotonic() - started) * 1000),
+               "messages": self.messages}
+        self.emit(end)
+        return end
+
+    def _turn(self, number):
+        """One model request and its assistant message."""
+        self._deliver(self.inbox.take_steering(), "steering")
+        self.emit({"type": "turn_start", "turn": number})
+        self.checkpoints.begin_turn()
+        reply = self.client.stream(self.messages, self.tool_schemas, self.cancel, self._on_text, self._on_reasoning)
+        for call in reply.tool_calls:
+            call["name"] = self.wire_names.get(call["name"], call["name"])
+        self.messages.append(reply_to_message(reply, self.config.compat))
+        usage = normalize_usage(reply.usage)
+        if usage:
+            add_usage(self.usage, usage)
+            self.last_usage = usage
+        self.emit({"type": "message_end", "role": "assistant", "text": reply.text, "reasoning": reply.reasoning,
+                   "toolCalls": [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in reply.tool_calls],
+                   "finishReason": reply.finish_reason, "usage": usage,
+                   "interrupted": reply.interrupted, "truncated": reply.truncated})
+        return reply
+
+    def _on_text(self, delta):
+        self.emit({"type": "text_delta", "delta": delta})
+
+    def _on_reasoning(self, delta, reclassified):
+        event = {"type": "reasoning_delta", "delta": delta}
+        if reclassified:
+            event["reclassified"] = True  # this text was streamed as text_delta before a lone </think>
+        self.emit(event)
+
+    @staticmethod
+    def _incomplete_reason(reply):
+        if reply.truncated and reply.finish_reason == "length":
+            return "the model hit its output limit inside a tool call; the call was not run"
+        return "the response was cut off before it ended; the partial text is kept"
+
+    def _add_user(self, content, kind):
+        self.messages.append({"role": "user", "content": content})
+        if kind != "prompt":
+            self.emit({"type": "user_message", "kind": kind, "text": content})
+
+    def _deliver(self, texts, kind):
+        """Append queued messages as user messages; True when there were any."""
+        for text in texts:
+            self._add_user(text, kind)
+        return bool(texts)
+
+    # -- tool calls -------------------------------------------------------------
+
+    def _run_tool_calls(self, calls):
+        """Run one message's calls (read-only runs in parallel) and record results in order."""
+        results = {}
+        for batch in self._batches(calls):
+            if self.cancel.is_set() or self.inbox.has_steering():
+                break
+            if len(batch) > 1:
+                self._run_parallel(batch, results)
+            else:
+                results[batch[0]["id"]] = self._run_call(batch[0])
+        images = []
+        for call in calls:
+            result = results.get(call["id"])
+            if result is None:
+                reason = "aborted" if self.cancel.is_set() else SKIPPED_FOR_STEERING
+                result = ToolResult(reason, True)
+                self.emit({"type": "tool_end", "id": call["id"], "name": call["name"], "result": reason,
+                           "isError": True})
+            self.messages.append({"role": "tool", "tool_call_id": call["id"], "content": result.text})
+            images.extend(result.images)
+        if images and self.config.compat.images:
+            parts = [{"type": "text", "text": "Image(s) returned by the tools above:"}]
+            parts += [{"type": "image_url", "image_url": {"url": "data:%s;base64,%s" % img}} for img in images]
+            self.messages.append({"role": "user", "content": parts})
+
+    def _batches(self, calls):
+        """Group consecutive read-only calls; every other call is alone."""
+        batches, previous_parallel = [], False
+        for call in calls:
+            t = TOOLS.get(call["name"])
+            parallel = t is not None and t.readonly and call["name"] in self.tool_names and not call.get("error")
+            if parallel and previous_parallel:
+                batches[-1].append(call)
+            else:
+                batches.append([call])
+            previous_parallel = parallel
+        return batches
+
+    def _run_parallel(self, batch, results):
+        gate = threading.Semaphore(MAX_PARALLEL_TOOLS)
+
+        def work(call):
+            with gate:
+                results[call["id"]] = self._run_call(call)
+        threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in batch]
+        for t in threads:
+            t.start()
+        for t in threads:
+            while t.is_alive() and not self.cancel.is_set():
+                t.join(0.05)
+
+    def _run_call(self, call):
+        """Run one call with its events; malformed arguments become a tool error for the model."""
+        self.emit({"type": "tool_start", "id": call["id"], "name": call["name"], "args": call["args"]})
+        if call.get("error"):
+            result = ToolResult("error: %s; resend the call with a valid JSON object" % call["error"], True)
+        else:
+            ctx = ToolContext(self.config.cwd, self.config, self.cancel, None, self.checkpoints).for_call(
+                call["id"], lambda text: self.emit({"type": "tool_update", "id": call["id"], "delta": text}))
+            result = run_tool(ctx, call["name"], call["args"], self.tool_names)
+        event = {"type": "tool_end", "id": call["id"], "name": call["name"], "result": result.text,
+                 "isError": result.is_error}
+        if result.details:
+            event["details"] = result.details
+        self.emit(event)
+        return result
+
+
+# =============================================================================
+# 9. Front ends
+# =============================================================================
+# Each front end is a sink for the agent's events: JSON lines, text progress, REPL.
+
+
+def format_tool_call(name, args, width=100):
+    """One line for a tool call. Example: ('read', {'path': 'a.py'}) -> 'read(path=a.py)'."""
+    parts = []
+    for key, value in (args or {}).items():
+        text = value if isinstance(value, str) else dump_json(value)
+        parts.append("%s=%s" % (key, one_line(text, 60)))
+    return one_line("%s(%s)" % (name, ", ".join(parts)), width)
+
+
+def summarize_result(text, width=100):
+    """First line of a tool result plus how many more. Example: 'a\\nb\\nc' -> 'a … +2 lines'."""
+    lines = text.rstrip("\n").split("\n")
+    more = " … +%d lines" % (len(lines) - 1) if len(lines) > 1 else ""
+    return one_line(lines[0], width - len(more)) + more
+
+
+class TextProgress:
+    """Headless text mode's progress on stderr: tool lines, retries, errors (only on a terminal)."""
+
+    def __init__(self, stream, show):
+        self.stream, self.show = stream, show
+
+    def __call__(self, event):
+        kind = event["type"]
+        if kind == "error":
+            self.stream.write("nanocode: error: %s\n" % event["message"])
+        elif not self.show:
+            return
+        elif kind == "tool_start":
+            self.stream.write("⏺ %s\n" % format_tool_call(event["name"], event["args"]))
+        elif kind == "tool_end":
+            self.stream.write("  ⎿ %s\n" % summarize_result(event["result"]))
+        elif kind == "retry":
+            self.stream.write("retrying in %.1fs (attempt %d/%d): %s\n" % (
+                event["delayMs"] / 1000.0, event["attempt"], event["maxAttempts"], event["error"]))
+        self.stream.flush()
+
+
+def run_in_worker(agent, prompt):
+    """Run agent.run(prompt) in a thread, turning SIGINT/SIGTERM into an abort; returns (end, signum)."""
+    box = {}
+
+    def work():
+        box["end"] = agent.run(prompt)
+
+    def on_signal(signum, frame):
+        box.setdefault("signal", signum)
+        agent.abort()
+
+    previous = {}
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        if sig is not None:
+            previous[sig] = signal.signal(sig, on_signal)
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return box.get("end"), box.get("signal")
+
+
+def run_headless(config, prompt):
+    """-p / --mode json: run one prompt, print the answer or JSON events, return the exit code."""
+    json_mode = config.mode == "json"
+    show = sys.stderr.isatty() and not config.quiet
+    emit = json_line_sink(sys.stdout) if json_mode else TextProgress(sys.stderr, show)
+    agent = Agent(config, emit)
+    if not config.quiet:
+        for note in config.notes:
+            sys.stderr.write("nanocode: %s\n" % note)
+    if json_mode:
+        emit(agent.session_event())
+    end, signum = run_in_worker(agent, prompt)
+    agent.client.close()
+    PROCESS_GROUPS.kill_all()
+    if signum:
+        return 128 + signum
+    if not json_mode and end and end["text"]:
+        sys.stdout.write(end["text"].rstrip("\n") + "\n")
+        sys.stdout.flush()
+    return 0 if end and end["stopReason"] == "done" else 1
+
+
+# =============================================================================
+# 10. CLI
+# =============================================================================
+
+
+def build_parser():
+    """The command-line flags."""
+    p = argparse.ArgumentParser(
+        prog="nanocode", description="A coding agent in one Python file. Without a prompt: the REPL.",
+        epilog="Environment: OPENAI_BASE_URL, OPENAI_API_URL, OPENCODE_API_KEY, OPENAI_API_KEY, MODEL, "
+               "NANOCODE_DIR. See README.md.")
+    p.add_argument("prompt", nargs="*", help="the task; stdin is appended when it is not a terminal")
+    p.add_argument("-p", "--print", action="store_true", help="run the prompt once and print the answer")
+    p.add_argument("--mode", choices=("text", "json"), default="text", help="json: one event per line (implies -p)")
+    p.add_argument("--model", help="model id, or provider/model for a provider in settings.json")
+    p.add_argument("--base-url", help="OpenAI-compatible endpoint (…/v1)")
+    p.add_argument("--tools", help="none, all, or a comma list (e.g. read,bash)")
+    p.add_argument("--no-session", action="store_true", help="do not save the session")
+    p.add_argument("--system-prompt", help="replace the built-in system prompt")
+    p.add_argument("--append-system-prompt", help="text added to the system prompt")
+    p.add_argument("--no-context-files", action="store_true", help="do not load AGENTS.md / CLAUDE.md")
+    p.add_argument("--quiet", action="store_true", help="print only the final answer")
+    p.add_argument("--max-turns", type=int, help="stop after N model requests (default 100)")
+    p.add_argument("--version", action="version", version="nanocode " + VERSION)
+    return p
+
+
+def read_prompt(args, stdin):
+    """The prompt from arguments and piped stdin (both when both are given)."""
+    text = " ".join(args.prompt).strip()
+    if stdin is not None and not stdin.isatty():
+        piped = stdin.read()
+        if piped.strip():
+            text = (text + "\n\n" + piped) if text else piped
+    return text
+
+
+def main(argv=None):
+    """Parse flags, build the config, run a front end; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args, os.environ, list(TOOLS))
+    except ConfigError as e:
+        sys.stderr.write("nanocode: error: %s\n" % e)
+        return 2
+    stdin = sys.stdin if (config.print_mode or args.prompt or not sys.stdin.isatty()) else None
+    prompt = read_prompt(args, stdin)
+    if config.print_mode or not sys.stdin.isatty() or prompt:
+        if not prompt:
+            sys.stderr.write("nanocode: error: no prompt: pass it as an argument or on stdin\n")
+            return 2
+        return run_headless(replace(config, print_mode=True), prompt)
+    return run_repl(config)
+
+
+def run_repl(config):
+    """The interactive REPL (arrives with its own issue)."""
+    sys.stderr.write("nanocode: the REPL is not built yet; use -p \"task\"\n")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
