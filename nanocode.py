@@ -108,6 +108,7 @@ class Config:
     compat: Compat = Compat()
     max_turns: int = 100
     max_tokens: int = 0  # 0: let the provider decide
+    context_window: int = 128000  # tokens, for the context gauge
     tools: tuple = ()  # active tool names; () means none
     system_prompt: str = ""  # replaces the built-in prompt when set
     append_system_prompt: str = ""
@@ -291,6 +292,7 @@ def load_config(args, env, known_tools=()):
         base_url=base_url, api_url=api_url, api_key=key, key_source=source, model=model,
         provider=provider, compat=detect_compat(api_url or base_url, model, compat_overrides),
         max_turns=max_turns, max_tokens=int(settings.get("maxTokens", 0) or 0),
+        context_window=int(settings.get("contextWindow", 128000)),
         tools=parse_tool_list(args.tools if args.tools is not None else settings.get("tools"), known_tools),
         system_prompt=args.system_prompt or "", append_system_prompt=args.append_system_prompt or "",
         context_files=not args.no_context_files, quiet=args.quiet, mode=args.mode,
@@ -2234,6 +2236,640 @@ def run_headless(config, prompt):
     return 0 if end and end["stopReason"] == "done" else 1
 
 
+# --- the REPL: styles, Markdown stream, screen --------------------------------
+
+
+class Style:
+    """ANSI styles, or empty strings when colour is off (NO_COLOR, not a terminal)."""
+
+    CODES = {"bold": "1", "dim": "2", "italic": "3", "underline": "4", "red": "31", "green": "32",
+             "yellow": "33", "blue": "34", "magenta": "35", "cyan": "36", "gray": "90"}
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+
+    def __call__(self, text, *names):
+        """text wrapped in the named styles. Example: style('x', 'bold') -> '\\x1b[1mx\\x1b[0m'."""
+        if not self.enabled or not names or not text:
+            return text
+        return "\x1b[%sm%s\x1b[0m" % (";".join(self.CODES[n] for n in names), text)
+
+
+_INLINE_RE = re.compile(r"(`[^`]+`)|(\*\*[^*]+\*\*)|(__[^_]+__)|(\*[^*\s][^*]*\*)|(\[[^\]]+\]\([^)\s]+\))")
+
+
+def render_inline(text, style):
+    """Inline Markdown: `code`, **bold**, *italic*, [text](url)."""
+    def sub(m):
+        s = m.group(0)
+        if m.group(1):
+            return style(s[1:-1], "cyan")
+        if m.group(2) or m.group(3):
+            return style(s[2:-2], "bold")
+        if m.group(4):
+            return style(s[1:-1], "italic")
+        label, url = s[1:].split("](", 1)
+        return style(label, "underline") + style(" (%s)" % url[:-1], "dim")
+    return _INLINE_RE.sub(sub, text)
+
+
+class MarkdownStream:
+    """Renders streamed Markdown line by line; a finished line is never redrawn."""
+
+    def __init__(self, style, width):
+        self.style, self.width = style, max(20, width)
+        self.buf = ""
+        self.in_code = False
+
+    def feed(self, delta):
+        """Take a text delta; return the display lines it completes."""
+        self.buf += delta
+        out = []
+        while "\n" in self.buf:
+            line, self.buf = self.buf.split("\n", 1)
+            out.append(self.render_line(line))
+        # a long paragraph streams in terminal-wide pieces, cut at a space
+        while not self.in_code and len(self.buf) > self.width and " " in self.buf[:self.width]:
+            cut = self.buf.rfind(" ", 0, self.width)
+            out.append(self.render_line(self.buf[:cut]))
+            self.buf = self.buf[cut + 1:]
+        return out
+
+    def flush(self):
+        """Lines still held at the end of a message."""
+        out = [self.render_line(self.buf)] if self.buf else []
+        self.buf, self.in_code = "", False
+        return out
+
+    def render_line(self, line):
+        """One Markdown line with ANSI styles."""
+        s, stripped = self.style, line.strip()
+        if stripped.startswith("```"):
+            self.in_code = not self.in_code
+            return s("  ┌─ " + stripped[3:] if self.in_code else "  └─", "gray")
+        if self.in_code:
+            return s("  │ ", "gray") + line
+        m = re.match(r"^(#{1,6})\s+(.*)", line)
+        if m:
+            return s(m.group(2), "bold", "underline" if len(m.group(1)) == 1 else "bold")
+        if stripped in ("---", "***", "___"):
+            return s("─" * min(self.width, 60), "gray")
+        if stripped.startswith(">"):
+            return s("  │ ", "gray") + s(render_inline(stripped[1:].strip(), s), "italic")
+        m = re.match(r"^(\s*)([-*+]|\d+[.)])\s+(.*)", line)
+        if m:
+            bullet = "•" if m.group(2) in "-*+" else m.group(2)
+            return "%s%s %s" % (m.group(1), s(bullet, "cyan"), render_inline(m.group(3), s))
+        return render_inline(line, s)
+
+
+class Screen:
+    """Prints above the live prompt: clears the prompt line, prints, redraws prompt and typed text."""
+
+    def __init__(self, out, style, readline_module=None):
+        self.out, self.style, self.rl = out, style, readline_module
+        self.lock = threading.RLock()
+        self.prompt = ""  # the prompt on screen while input() waits, "" when none
+
+    def width(self):
+        """Terminal columns."""
+        return shutil.get_terminal_size((100, 24)).columns
+
+    def print(self, text=""):
+        """Print whole lines above the prompt without garbling what the user is typing."""
+        with self.lock:
+            if self.prompt:
+                self.out.write("\r\x1b[2K" if self.out.isatty() else "\n")
+            self.out.write(text + "\n")
+            if self.prompt:
+                typed = self.rl.get_line_buffer() if self.rl else ""
+                self.out.write(self.prompt + typed)
+            self.out.flush()
+
+
+# --- the REPL: rendering events -----------------------------------------------
+
+
+class ReplRenderer:
+    """Turns agent events into screen lines: Markdown text, dim thinking, tool lines, diffs."""
+
+    def __init__(self, screen, config, agent_ref):
+        self.screen, self.config, self.agent_ref = screen, config, agent_ref
+        self.s = screen.style
+        self.md = None
+        self.thinking = ""
+        self.tool_output = {}  # call id -> partial line of bash output
+
+    def __call__(self, event):
+        handler = getattr(self, "on_" + event["type"], None)
+        if handler:
+            handler(event)
+
+    def lines(self, lines):
+        """Print several lines in one go."""
+        if lines:
+            self.screen.print("\n".join(lines))
+
+    def on_turn_start(self, event):
+        self.md = MarkdownStream(self.s, self.screen.width())
+
+    def on_reasoning_delta(self, event):
+        if not self.config.show_thinking:
+            return
+        self.thinking += event["delta"]
+        if "\n" in self.thinking:
+            done, self.thinking = self.thinking.rsplit("\n", 1)
+            self.lines([self.s(line, "dim", "italic") for line in done.split("\n")])
+
+    def on_text_delta(self, event):
+        self._flush_thinking()
+        self.lines(self.md.feed(event["delta"]) if self.md else [event["delta"]])
+
+    def _flush_thinking(self):
+        if self.thinking and self.config.show_thinking:
+            self.lines([self.s(self.thinking, "dim", "italic")])
+        self.thinking = ""
+
+    def on_message_end(self, event):
+        self._flush_thinking()
+        if self.md:
+            self.lines(self.md.flush())
+        if event.get("interrupted"):
+            self.lines([self.s("[interrupted]", "yellow")])
+
+    def on_tool_start(self, event):
+        self.lines([self.s("⏺ ", "green") + self.s(format_tool_call(event["name"], event["args"], self.screen.width() - 2), "bold")])
+
+    def on_tool_update(self, event):
+        buf = self.tool_output.get(event["id"], "") + event["delta"]
+        if "\n" in buf:
+            done, buf = buf.rsplit("\n", 1)
+            self.lines([self.s("  │ " + line[:self.screen.width() - 4], "dim") for line in done.split("\n")])
+        self.tool_output[event["id"]] = buf
+
+    def on_tool_end(self, event):
+        rest = self.tool_output.pop(event["id"], "")
+        if rest:
+            self.lines([self.s("  │ " + rest, "dim")])
+        color = "red" if event["isError"] else "gray"
+        out = [self.s("  ⎿ ", "gray") + self.s(summarize_result(event["result"], self.screen.width() - 4), color)]
+        diff = (event.get("details") or {}).get("diff")
+        if diff:
+            out += self.diff_lines(diff)
+        self.lines(out)
+
+    def diff_lines(self, diff, limit=40):
+        """A coloured unified diff, at most limit lines."""
+        lines = diff.split("\n")
+        out = []
+        for line in lines[:limit]:
+            color = "green" if line.startswith("+") else "red" if line.startswith("-") else \
+                "cyan" if line.startswith("@@") else "gray"
+            out.append("    " + self.s(line, color))
+        if len(lines) > limit:
+            out.append(self.s("    … +%d more lines" % (len(lines) - limit), "gray"))
+        return out
+
+    def on_retry(self, event):
+        self.lines([self.s("↻ retrying in %.1fs (attempt %d/%d): %s" % (
+            event["delayMs"] / 1000.0, event["attempt"], event["maxAttempts"], event["error"]), "yellow")])
+
+    def on_error(self, event):
+        self.lines([self.s("error: " + event["message"], "red")])
+
+    def on_user_message(self, event):
+        label = "steering" if event["kind"] == "steering" else "follow-up"
+        self.lines([self.s("↳ %s delivered: %s" % (label, one_line(event["text"], 80)), "magenta")])
+
+    def on_agent_end(self, event):
+        agent = self.agent_ref()
+        if agent is not None:
+            self.lines([self.s(status_line(agent, self.config), "gray")])
+
+
+def context_window(config):
+    """The model's context window in tokens (settings 'contextWindow', else a guess)."""
+    return int(config.context_window or 128000)
+
+
+def status_line(agent, config):
+    """Tokens in/out, cache reads, context used and cost after a turn."""
+    u, last = agent.usage, agent.last_usage or {}
+    parts = ["↑%s ↓%s" % (_k(u["input"]), _k(u["output"]))]
+    if u["cacheRead"]:
+        parts.append("cache %s" % _k(u["cacheRead"]))
+    if last:
+        parts.append("context %d%%" % (100 * (last["input"] + last["output"]) // context_window(config)))
+    cost = usage_cost(u, config)
+    if cost is not None:
+        parts.append("$%.4f" % cost)
+    return " · ".join(parts)
+
+
+def _k(n):
+    """Short token count. Example: 12345 -> '12.3k'."""
+    return "%.1fk" % (n / 1000.0) if n >= 1000 else str(n)
+
+
+def usage_cost(usage, config):
+    """Dollars for usage at the configured prices ($ per million tokens), or None."""
+    price = config.prices.get(config.model) or config.prices.get("*")
+    if not isinstance(price, dict):
+        return None
+    fresh_input = usage["input"] - usage["cacheRead"]
+    return (fresh_input * price.get("input", 0) + usage["output"] * price.get("output", 0)
+            + usage["cacheRead"] * price.get("cacheRead", price.get("input", 0))) / 1e6
+
+
+# --- the REPL: input, queue, commands ------------------------------------------
+
+
+def load_readline():
+    """The readline module (GNU or libedit), or None (Windows, or not built)."""
+    try:
+        import readline
+    except ImportError:
+        return None
+    return readline
+
+
+class Repl:
+    """The interactive loop: the main thread reads input, a worker thread runs the agent."""
+
+    def __init__(self, config, out=None):
+        import queue
+        self.config = config
+        self.out = out or sys.stdout
+        self.rl = load_readline() if sys.stdin.isatty() else None
+        self.style = Style(config.color and self.out.isatty())
+        self.screen = Screen(self.out, self.style, self.rl)
+        self.agent = None
+        self.renderer = ReplRenderer(self.screen, config, lambda: self.agent)
+        self.agent = Agent(config, self.renderer)
+        self.work = queue.Queue()
+        self.busy = threading.Event()
+        self.running = True
+        self.last_interrupt = 0.0
+        self.history_path = os.path.join(config.home, "history")
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def run(self):
+        """Run until /exit, Ctrl+D or a double Ctrl+C; returns the exit code."""
+        self.setup_readline()
+        self.print_banner()
+        worker = threading.Thread(target=self.worker, daemon=True)
+        worker.start()
+        try:
+            while self.running:
+                line = self.read_line()
+                if line is None:
+                    break
+                if line.strip():
+                    self.handle(line)
+        finally:
+            self.shutdown()
+        return 0
+
+    def shutdown(self):
+        """Stop the agent, child processes and save history."""
+        self.running = False
+        self.agent.abort()
+        self.work.put(None)
+        PROCESS_GROUPS.kill_all()
+        self.agent.client.close()
+        self.save_history()
+
+    def print_banner(self):
+        """One line: model, provider, key source, cwd, and what was found."""
+        c = self.config
+        host = c.base_url.split("://", 1)[-1].split("/", 1)[0]
+        line = "nanocode %s · %s · %s · key: %s · %s" % (VERSION, c.model, c.provider or host, c.key_source, c.cwd)
+        self.screen.print(self.style(line, "bold"))
+        for note in c.notes:
+            self.screen.print(self.style(note, "yellow"))
+        self.screen.print(self.style("/help for commands · Enter while working steers · Ctrl+C stops", "gray"))
+
+    # -- input --------------------------------------------------------------------
+
+    def prompt_text(self):
+        """The prompt (the same while the agent works: readline cannot change a live prompt)."""
+        mark = "› "
+        if not self.style.enabled:
+            return mark
+        return "\001\x1b[36m\002" + mark + "\001\x1b[0m\002"
+
+    def read_line(self):
+        """One message: continuation lines ending in \\, Ctrl+C and Ctrl+D handled; None to exit."""
+        parts = []
+        while True:
+            prompt = self.prompt_text() if not parts else "  "
+            try:
+                with self.screen.lock:
+                    self.screen.prompt = prompt.replace("\001", "").replace("\002", "")
+                line = input(prompt)
+            except EOFError:
+                self.out.write("\n")
+                return None
+            except KeyboardInterrupt:
+                self.out.write("\n")
+                if self.on_interrupt():
+                    return None
+                parts = []
+                continue
+            finally:
+                self.screen.prompt = ""
+            if line.endswith("\\"):
+                parts.append(line[:-1])
+                continue
+            return "\n".join(parts + [line])
+
+    def on_interrupt(self):
+        """Ctrl+C: abort a running turn; at an idle prompt, a second one within 1 s exits."""
+        if self.busy.is_set():
+            self.agent.abort()
+            steering, followups = self.agent.inbox.steering, self.agent.inbox.followups
+            kept = len(steering) + len(followups)
+            self.screen.print(self.style("stopped" + ("; %d queued message(s) kept (/queue)" % kept if kept else ""), "yellow"))
+            return False
+        now = time.monotonic()
+        if now - self.last_interrupt < 1.0:
+            return True
+        self.last_interrupt = now
+        self.screen.print(self.style("(Ctrl+C again or Ctrl+D to exit)", "gray"))
+        return False
+
+    # -- dispatch -----------------------------------------------------------------
+
+    def handle(self, line):
+        """Route one input: a command, a shell line, or a message (steering while busy)."""
+        stripped = line.strip()
+        if stripped in ("exit", "quit"):
+            self.running = False
+            return
+        if stripped.startswith("/"):
+            self.command(stripped)
+        elif stripped.startswith("!"):
+            self.shell(stripped[1:].strip())
+        elif self.busy.is_set():
+            self.agent.inbox.steer(self.expand(line))
+            self.screen.print(self.style("↳ steering queued: " + one_line(line, 80), "magenta"))
+        else:
+            self.send(self.expand(line))
+
+    def send(self, text):
+        """Start a run with text."""
+        self.busy.set()
+        self.work.put(text)
+
+    def worker(self):
+        """Runs prompts from the work queue; delivers follow-ups left when a run ended."""
+        while True:
+            text = self.work.get()
+            if text is None:
+                return
+            self.busy.set()
+            try:
+                self.agent.run(text)
+                while self.running and not self.agent.cancel.is_set():
+                    steering, followups = self.agent.inbox.clear()
+                    if not steering and not followups:
+                        break
+                    self.agent.run("\n\n".join(steering + followups))
+            finally:
+                self.busy.clear()
+                if self.running:
+                    self.screen.print("")
+
+    def expand(self, text):
+        """Attach files (or directory listings) named with @path."""
+        blocks = []
+        for token in re.findall(r"(?:^|\s)@(\S+)", text):
+            path = resolve_path(self.config.cwd, token.rstrip(".,;:!?"))
+            if os.path.isdir(path):
+                body = "\n".join(sorted(n + ("/" if os.path.isdir(os.path.join(path, n)) else "")
+                                        for n in os.listdir(path)))
+                blocks.append('<directory path="%s">\n%s\n</directory>' % (token, body))
+            elif os.path.isfile(path):
+                result = run_tool(ToolContext(self.config.cwd, self.config), "read", {"path": path}, list(TOOLS))
+                blocks.append('<file path="%s">\n%s\n</file>' % (token, result.text))
+                self.screen.print(self.style("attached %s" % token, "gray"))
+        return text + ("\n\n" + "\n\n".join(blocks) if blocks else "")
+
+    def shell(self, command):
+        """!command: run it, show the output, add both to the conversation as context."""
+        if not command:
+            return
+        ctx = ToolContext(self.config.cwd, self.config)
+        result = run_tool(ctx, "bash", {"command": command}, ["bash"])
+        self.screen.print(self.style(result.text, "dim"))
+        self.agent.messages.append({"role": "user", "content": "I ran `%s` in the shell:\n```\n%s\n```" % (command, result.text)})
+
+    def command(self, line):
+        """Run a slash command; suggests the closest name for a typo."""
+        name, _, arg = line[1:].partition(" ")
+        fn = getattr(self, "cmd_" + name.replace("-", "_"), None) if name else None
+        if fn is None:
+            import difflib
+            close = difflib.get_close_matches(name, command_names(), n=1)
+            hint = "; did you mean /%s?" % close[0] if close else "; /help lists commands"
+            self.screen.print(self.style("unknown command /%s%s" % (name, hint), "red"))
+            return
+        if self.busy.is_set() and name not in READONLY_COMMANDS and name not in ("steer", "queue", "followup", "dequeue", "q", "exit", "quit"):
+            self.screen.print(self.style("/%s waits until the agent is idle (Ctrl+C stops it)" % name, "yellow"))
+            return
+        fn(arg.strip())
+
+    # -- history and completion ---------------------------------------------------
+
+    def setup_readline(self):
+        """History file, Tab completion of commands and @paths, bracketed paste (GNU or libedit)."""
+        if self.rl is None:
+            return
+        rl = self.rl
+        try:
+            rl.read_history_file(self.history_path)
+        except (OSError, IOError):
+            pass
+        rl.set_history_length(1000)
+        rl.set_completer(self.complete)
+        rl.set_completer_delims(" \t\n")
+        if "libedit" in (rl.__doc__ or ""):
+            rl.parse_and_bind("bind ^I rl_complete")
+        else:
+            rl.parse_and_bind("tab: complete")
+            rl.parse_and_bind("set enable-bracketed-paste on")
+
+    def save_history(self):
+        """Write the last 1,000 entries to ~/.nanocode/history with mode 0600."""
+        if self.rl is None:
+            return
+        try:
+            os.makedirs(os.path.dirname(self.history_path), exist_ok=True)
+            self.rl.write_history_file(self.history_path)
+            os.chmod(self.history_path, 0o600)
+        except OSError:
+            pass
+
+    def complete(self, text, state):
+        """readline completer: /commands, @paths."""
+        if text.startswith("/"):
+            options = ["/" + n for n in command_names() if ("/" + n).startswith(text)]
+        elif text.startswith("@"):
+            import glob as globmod
+            base = resolve_path(self.config.cwd, text[1:] or ".") if text[1:] else self.config.cwd + "/"
+            pattern = base + "*" if text[1:] else os.path.join(self.config.cwd, "*")
+            options = []
+            for p in sorted(globmod.glob(pattern))[:200]:
+                rel = os.path.relpath(p, self.config.cwd)
+                options.append("@" + rel + ("/" if os.path.isdir(p) else ""))
+        else:
+            options = []
+        return options[state] if state < len(options) else None
+
+    # -- commands (the docstring is the /help line) --------------------------------
+
+    def cmd_help(self, arg):
+        """list commands"""
+        lines = []
+        for name in command_names():
+            fn = getattr(self, "cmd_" + name)
+            lines.append("  /%-10s %s" % (name, fn.__doc__))
+        lines.append("  !command    run a shell command and add its output to the conversation")
+        lines.append("  @path       attach a file or directory listing to your message")
+        self.screen.print("\n".join(lines))
+
+    def cmd_clear(self, arg):
+        """start a new conversation (history cleared)"""
+        self.agent.messages[1:] = []
+        self.agent.usage = {"input": 0, "output": 0, "cacheRead": 0, "total": 0}
+        self.agent.last_usage = None
+        self.screen.print(self.style("conversation cleared", "gray"))
+
+    cmd_c = cmd_clear
+
+    def cmd_tools(self, arg):
+        """list the active tools"""
+        self.screen.print("\n".join("  %-10s %s" % (n, TOOLS[n].description) for n in self.agent.tool_names)
+                          or "no tools are active")
+
+    def cmd_context(self, arg):
+        """show what the context holds and how full it is"""
+        chars = sum(len(dump_json(m)) for m in self.agent.messages)
+        tools = len(dump_json(self.agent.tool_schemas))
+        last = self.agent.last_usage
+        used = "%d tokens (%d%% of %d)" % (last["input"] + last["output"], 100 * (last["input"] + last["output"]) // context_window(self.config),
+                                           context_window(self.config)) if last else "no request yet"
+        self.screen.print("  messages: %d (%d chars ≈ %d tokens)\n  tool schemas: %d chars ≈ %d tokens\n  last request: %s"
+                          % (len(self.agent.messages), chars, chars // 4, tools, tools // 4, used))
+
+    def cmd_cost(self, arg):
+        """tokens used and cost so far"""
+        self.screen.print(status_line(self.agent, self.config))
+
+    def cmd_model(self, arg):
+        """show or switch the model; /model QUERY lists the endpoint's matching models"""
+        if not arg:
+            self.screen.print("model: %s at %s" % (self.config.model, self.config.base_url))
+            return
+        models = _fetch_model_list(self.config.base_url, self.config.api_key, 10) or []
+        matches = [m for m in models if arg.lower() in m.lower()]
+        if arg in models or not models:
+            self.switch_model(arg)
+        elif len(matches) == 1:
+            self.switch_model(matches[0])
+        else:
+            self.screen.print("\n".join("  " + m for m in (matches or models)[:50]) or "no models listed")
+
+    def switch_model(self, model):
+        """Use another model from the next request on."""
+        self.config = replace(self.config, model=model,
+                              compat=detect_compat(self.config.chat_url, model, {}))
+        self.agent.config = self.agent.client.config = self.renderer.config = self.config
+        self.screen.print(self.style("model: " + model, "gray"))
+
+    def cmd_queue(self, arg):
+        """/queue MSG queues a follow-up; /queue alone lists queued messages"""
+        if arg:
+            return self.cmd_followup(arg)
+        inbox = self.agent.inbox
+        lines = ["  steer: " + one_line(t, 100) for t in inbox.steering]
+        lines += ["  follow-up: " + one_line(t, 100) for t in inbox.followups]
+        self.screen.print("\n".join(lines) or "nothing queued")
+
+    def cmd_followup(self, arg):
+        """MSG: deliver when the agent would otherwise stop"""
+        if not arg:
+            return self.screen.print("usage: /followup MSG")
+        if self.busy.is_set():
+            self.agent.inbox.follow_up(self.expand(arg))
+            self.screen.print(self.style("↳ follow-up queued: " + one_line(arg, 80), "magenta"))
+        else:
+            self.send(self.expand(arg))
+
+    def cmd_steer(self, arg):
+        """MSG: deliver at the next safe point (plain input while busy does the same)"""
+        if not arg:
+            return self.screen.print("usage: /steer MSG")
+        if self.busy.is_set():
+            self.agent.inbox.steer(self.expand(arg))
+            self.screen.print(self.style("↳ steering queued: " + one_line(arg, 80), "magenta"))
+        else:
+            self.send(self.expand(arg))
+
+    def cmd_dequeue(self, arg):
+        """clear the queues and print their texts; /dequeue edit opens them in $EDITOR"""
+        steering, followups = self.agent.inbox.clear()
+        if arg == "edit":
+            steering, followups = self.edit_queue(steering, followups)
+            for t in steering:
+                self.agent.inbox.steer(t)
+            for t in followups:
+                self.agent.inbox.follow_up(t)
+            return self.cmd_queue("")
+        texts = steering + followups
+        self.screen.print("\n".join(texts) if texts else "nothing queued")
+
+    def edit_queue(self, steering, followups):
+        """Open the queues as JSON in $VISUAL/$EDITOR; returns the edited lists."""
+        fd, path = tempfile.mkstemp(suffix=".json", prefix="nanocode-queue-")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"steering": steering, "followups": followups}, f, indent=2)
+        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+        try:
+            subprocess.call(editor + " " + subprocess.list2cmdline([path]), shell=True)
+            with open(path) as f:
+                data = json.load(f)
+            return list(data.get("steering") or []), list(data.get("followups") or [])
+        except (OSError, ValueError) as e:
+            self.screen.print(self.style("queue not changed: %s" % e, "red"))
+            return steering, followups
+        finally:
+            os.remove(path)
+
+    def cmd_quit(self, arg):
+        """exit nanocode"""
+        self.running = False
+        if self.busy.is_set():
+            self.agent.abort()
+
+    cmd_q = cmd_exit = cmd_quit
+
+
+#: commands that answer at once while the agent works
+READONLY_COMMANDS = ("queue", "tools", "context", "cost", "help", "jobs")
+
+
+def command_names():
+    """Slash command names, in /help order."""
+    return sorted(n[4:] for n in dir(Repl) if n.startswith("cmd_"))
+
+
+def run_repl(config):
+    """The interactive REPL."""
+    return Repl(config).run()
+
+
 # =============================================================================
 # 10. CLI
 # =============================================================================
@@ -2287,12 +2923,6 @@ def main(argv=None):
             return 2
         return run_headless(replace(config, print_mode=True), prompt)
     return run_repl(config)
-
-
-def run_repl(config):
-    """The interactive REPL (arrives with its own issue)."""
-    sys.stderr.write("nanocode: the REPL is not built yet; use -p \"task\"\n")
-    return 2
 
 
 if __name__ == "__main__":
