@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from collections import namedtuple
 
 VERSION = "0.1.0"
 #: the endpoint of the agent we follow, used when nothing else is configured
@@ -67,16 +67,21 @@ class ConfigError(NanocodeError):
     """Bad flags, settings or environment."""
 
 
-@dataclass(frozen=True)
-class Compat:
-    """Per-provider wire quirks; auto-detected from the host, overridable in settings."""
+def record(name, doc, fields):
+    """A frozen record type (a namedtuple) from (field, default) pairs; imports faster than dataclasses."""
+    cls = namedtuple(name, [f for f, _ in fields], defaults=[d for _, d in fields])
+    cls.__doc__ = doc
+    return cls
 
-    include_usage: bool = True  # send stream_options.include_usage
-    max_tokens_field: str = "max_tokens"  # or "max_completion_tokens"
-    keep_reasoning: bool = True  # send reasoning_content back on assistant messages
-    tool_id_style: str = ""  # "mistral": 9-character alphanumeric tool-call ids
-    empty_content: bool = False  # assistant content "" (not null) beside tool calls
-    images: bool = False  # the model takes image parts
+
+Compat = record("Compat", "Per-provider wire quirks; auto-detected from the host, overridable in settings.", (
+    ("include_usage", True),  # send stream_options.include_usage
+    ("max_tokens_field", "max_tokens"),  # or "max_completion_tokens"
+    ("keep_reasoning", True),  # send reasoning_content back on assistant tool-call messages
+    ("tool_id_style", ""),  # "mistral": 9-character alphanumeric tool-call ids
+    ("empty_content", False),  # assistant content "" (not null) beside tool calls
+    ("images", False),  # the model takes image parts
+))
 
 
 #: settings.json spelling -> Compat field
@@ -95,37 +100,44 @@ HOST_COMPAT = (
 VISION_MODEL_RE = re.compile(r"gpt-4o|gpt-4\.1|gpt-5|claude|gemini|vision|-vl|llava|pixtral|kimi-k2\.[56]|glm-4\.\dv", re.I)
 
 
-@dataclass(frozen=True)
-class Config:
+_ConfigBase = record("Config", "Everything a run needs, built once by load_config and passed explicitly.", (
+    ("base_url", DEFAULT_BASE_URL),  # ends before /chat/completions
+    ("api_url", ""),  # full /chat/completions URL, overrides base_url
+    ("api_key", ""),  # never printed
+    ("key_source", "none"),  # where the key came from, for the banner
+    ("model", DEFAULT_MODEL),
+    ("provider", ""),  # named provider from settings.json, if any
+    ("compat", Compat()),
+    ("max_turns", 100),
+    ("max_tokens", 0),  # 0: let the provider decide
+    ("context_window", 128000),  # tokens, for the context gauge
+    ("tools", ()),  # active tool names; () means none
+    ("system_prompt", ""),  # replaces the built-in prompt when set
+    ("append_system_prompt", ""),
+    ("context_files", True),
+    ("quiet", False),
+    ("mode", "text"),  # "text" or "json"
+    ("print_mode", False),
+    ("save_session", True),
+    ("cwd", "."),
+    ("home", "~/.nanocode"),  # settings, history, sessions
+    ("max_attempts", 4),
+    ("connect_timeout", 30.0),
+    ("idle_timeout", 120.0),
+    ("show_thinking", True),
+    ("color", True),
+    ("prices", {}),  # model -> {"input": $/Mtok, "output": ..., "cacheRead": ...}; never mutated
+    ("notes", ()),  # one-line notices for the banner (e.g. local server found)
+))
+
+
+class Config(_ConfigBase):
     """Everything a run needs, built once by load_config and passed explicitly."""
 
-    base_url: str = DEFAULT_BASE_URL  # ends before /chat/completions
-    api_url: str = ""  # full /chat/completions URL, overrides base_url
-    api_key: str = field(default="", repr=False)  # never printed
-    key_source: str = "none"  # where the key came from, for the banner
-    model: str = DEFAULT_MODEL
-    provider: str = ""  # named provider from settings.json, if any
-    compat: Compat = Compat()
-    max_turns: int = 100
-    max_tokens: int = 0  # 0: let the provider decide
-    context_window: int = 128000  # tokens, for the context gauge
-    tools: tuple = ()  # active tool names; () means none
-    system_prompt: str = ""  # replaces the built-in prompt when set
-    append_system_prompt: str = ""
-    context_files: bool = True
-    quiet: bool = False
-    mode: str = "text"  # "text" or "json"
-    print_mode: bool = False
-    save_session: bool = True
-    cwd: str = "."
-    home: str = "~/.nanocode"  # settings, history, sessions
-    max_attempts: int = 4
-    connect_timeout: float = 30.0
-    idle_timeout: float = 120.0
-    show_thinking: bool = True
-    color: bool = True
-    prices: dict = field(default_factory=dict)  # model -> {"input": $/Mtok, "output": ...}
-    notes: tuple = ()  # one-line notices for the banner (e.g. local server found)
+    __slots__ = ()
+
+    def __repr__(self):
+        return "Config(model=%r, base_url=%r, key_source=%r)" % (self.model, self.base_url, self.key_source)
 
     @property
     def chat_url(self):
@@ -158,7 +170,7 @@ def detect_compat(url, model, overrides=None):
             break
     for key, value in (overrides or {}).items():
         name = COMPAT_KEYS.get(key, key)
-        if name not in Compat.__dataclass_fields__:
+        if name not in Compat._fields:
             raise ConfigError("unknown compat switch %r; known: %s" % (key, ", ".join(sorted(COMPAT_KEYS))))
         values[name] = value
     return Compat(**values)
@@ -1105,25 +1117,25 @@ class ToolError(NanocodeError):
     """An expected tool failure; the message tells the model what to do next."""
 
 
-@dataclass(frozen=True)
-class Tool:
-    """One entry of the registry."""
-
-    name: str
-    description: str
-    params: dict  # name -> "type[?] description" or (json schema, optional)
-    fn: object
-    readonly: bool = False  # may run in parallel with other read-only calls
+Tool = record("Tool", "One entry of the registry.", (
+    ("name", ""), ("description", ""),
+    ("params", {}),  # name -> "type[?] description" or (json schema, optional)
+    ("fn", None),
+    ("readonly", False),  # may run in parallel with other read-only calls
+))
 
 
-@dataclass
 class ToolResult:
     """What a tool returns: text for the model plus details for front ends."""
 
-    text: str
-    is_error: bool = False
-    details: dict = field(default_factory=dict)  # e.g. {"diff": ...} for the UI
-    images: list = field(default_factory=list)  # [(mime, base64)] for vision models
+    def __init__(self, text, is_error=False, details=None, images=None):
+        self.text = text
+        self.is_error = is_error
+        self.details = details or {}  # e.g. {"diff": ...} for the UI
+        self.images = images or []  # [(mime, base64)] for vision models
+
+    def __repr__(self):
+        return "ToolResult(%r, is_error=%r)" % (self.text[:80], self.is_error)
 
 
 TOOLS = {}  # name -> Tool, in registration order
@@ -2783,7 +2795,7 @@ class Repl:
 
     def switch_model(self, model):
         """Use another model from the next request on."""
-        self.config = replace(self.config, model=model,
+        self.config = self.config._replace(model=model,
                               compat=detect_compat(self.config.chat_url, model, {}))
         self.agent.config = self.agent.client.config = self.renderer.config = self.config
         self.screen.print(self.style("model: " + model, "gray"))
@@ -2921,7 +2933,7 @@ def main(argv=None):
         if not prompt:
             sys.stderr.write("nanocode: error: no prompt: pass it as an argument or on stdin\n")
             return 2
-        return run_headless(replace(config, print_mode=True), prompt)
+        return run_headless(config._replace(print_mode=True), prompt)
     return run_repl(config)
 
 
