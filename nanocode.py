@@ -367,7 +367,7 @@ def summarize_body(body, limit=300):
 
 def error_message_from(data):
     """The provider's message in an {"error": ...} object. Example: {'error': {'message': 'x'}} -> 'x'."""
-    err = data.get("error") if isinstance(data, dict) else data
+    err = data.get("error", data) if isinstance(data, dict) else data
     if isinstance(err, dict):
         msg = err.get("message") or err.get("msg") or err.get("detail") or dump_json(err)
         code = err.get("code") or err.get("type")
@@ -500,6 +500,7 @@ class SSEDecoder:
         text = self._utf8.decode(chunk)
         if self._skip_lf and text[:1] == "\n":
             text = text[1:]
+        self._skip_lf = False
         if not text:
             return []
         self._skip_lf = text[-1] == "\r"
@@ -680,6 +681,8 @@ class ChunkAssembler:
         return not self._reasoning_field_seen and not self._think_tag_seen and not self.reply.tool_calls
 
     def _outside_think(self, buf):
+        if _THINK_OPEN in buf:  # tags quoted inside an answer are text, not a lone close
+            self._think_tag_seen = True
         if not self._watch_close():
             self._emit_text(buf)
             return ""
@@ -942,13 +945,20 @@ class ChatClient:
             headers["Authorization"] = "Bearer " + self.config.api_key
         return headers
 
-    def _send(self, body):
+    def _abort_socket(self):
+        conn = self._conn
+        if conn is not None:
+            _shutdown(conn.sock)
+
+    def _send(self, body, cancel):
         """POST the body; a kept-alive connection the server closed is reopened once, silently."""
         import http.client
         from urllib.parse import urlsplit
         url = urlsplit(self.config.chat_url)
         path = url.path + ("?" + url.query if url.query else "")
         for _ in range(2):
+            if cancel.is_set():
+                raise APIError("aborted")
             conn = self._connection()
             fresh, conn.nanocode_fresh = conn.nanocode_fresh, False
             try:
@@ -966,21 +976,21 @@ class ChatClient:
                 self.close()
                 if not connected or not _is_timeout(e):
                     raise _connect_error(url.netloc, e)
-                raise APIError("no answer from %s for %ds; the request was abandoned" % (url.netloc, self.config.idle_timeout))
+                raise APIError("no answer from %s for %gs; the request was abandoned" % (url.netloc, self.config.idle_timeout))
         raise APIError("connection to %s failed" % url.netloc, retryable=True)
 
     def _attempt(self, body, assembler, cancel):
         import socket
-        resp = self._send(encode_json(body))
-        sock = self._conn.sock
-        unregister = cancel.on_cancel(lambda: _shutdown(sock))
+        # registered before sending, so an abort also ends the wait for the response headers
+        unregister = cancel.on_cancel(self._abort_socket)
         try:
+            resp = self._send(encode_json(body), cancel)
             if resp.status != 200:
                 raise self._status_error(resp)
             self._read_stream(resp, assembler, cancel)
         except socket.timeout:
             self.close()
-            raise APIError("no data from the provider for %ds; the request was abandoned" % self.config.idle_timeout)
+            raise APIError("no data from the provider for %gs; the request was abandoned" % self.config.idle_timeout)
         except APIError:
             self.close()
             raise
