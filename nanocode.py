@@ -2798,6 +2798,10 @@ class MarkdownStream:
         self.buf = ""
         self.in_code = False
 
+    def live(self):
+        """The unfinished line, rendered (it is drawn again as it grows)."""
+        return "" if self.in_code and not self.buf else (self.style("  │ ", "gray") + self.buf if self.in_code else render_inline(self.buf, self.style))
+
     def feed(self, delta):
         """Take a text delta; return the display lines it completes."""
         self.buf += delta
@@ -2841,23 +2845,44 @@ class MarkdownStream:
 
 
 class Screen:
-    """Prints above the live prompt: clears the prompt line, prints, redraws prompt and typed text."""
+    """Prints above the live prompt without garbling what the user is typing.
+
+    The bottom of the screen is: finished lines, then the live (unfinished) line
+    of streamed text if any, then the prompt line. To print, the prompt line and
+    the live line are erased, the new text written, and both drawn again.
+    """
 
     def __init__(self, out, style, readline_module=None):
         self.out, self.style, self.rl = out, style, readline_module
         self.lock = threading.RLock()
         self.prompt = ""  # the prompt on screen while input() waits, "" when none
+        self.live = ""  # the unfinished line shown above the prompt
+        self.tty = out.isatty()
 
     def width(self):
         """Terminal columns."""
         return shutil.get_terminal_size((100, 24)).columns
 
-    def print(self, text=""):
-        """Print whole lines above the prompt without garbling what the user is typing."""
+    def print(self, text="", live=None):
+        """Print whole lines above the live line (replaced by live when given) and the prompt."""
+        self._redraw(text + "\n", self.live if live is None else live)
+
+    def set_live(self, text):
+        """Show (or with '' remove) the unfinished line; only this line is ever redrawn."""
+        if self.tty and text != self.live:
+            self._redraw("", text)
+
+    def _redraw(self, lines, live):
         with self.lock:
-            if self.prompt:
-                self.out.write("\r\x1b[2K" if self.out.isatty() else "\n")
-            self.out.write(text + "\n")
+            if self.tty:
+                # the cursor sits on the prompt line (or the empty line below the live line)
+                self.out.write("\r\x1b[2K" + ("\x1b[1A\r\x1b[2K" if self.live else ""))
+            elif self.prompt:
+                self.out.write("\n")
+            self.out.write(lines)
+            self.live = live if self.tty else ""
+            if self.live:
+                self.out.write(self.live + "\n")
             if self.prompt:
                 typed = self.rl.get_line_buffer() if self.rl else ""
                 self.out.write(self.prompt + typed)
@@ -2900,7 +2925,13 @@ class ReplRenderer:
 
     def on_text_delta(self, event):
         self._flush_thinking()
-        self.lines(self.md.feed(event["delta"]) if self.md else [event["delta"]])
+        if self.md is None:
+            self.md = MarkdownStream(self.s, self.screen.width())
+        done = self.md.feed(event["delta"])
+        if done:
+            self.screen.print("\n".join(done), live=self.md.live())
+        else:
+            self.screen.set_live(self.md.live())
 
     def _flush_thinking(self):
         if self.thinking and self.config.show_thinking:
@@ -2910,7 +2941,10 @@ class ReplRenderer:
     def on_message_end(self, event):
         self._flush_thinking()
         if self.md:
-            self.lines(self.md.flush())
+            rest = self.md.flush()
+            if rest:
+                self.screen.print("\n".join(rest), live="")
+            self.screen.set_live("")
         if event.get("interrupted"):
             self.lines([self.s("[interrupted]", "yellow")])
 
