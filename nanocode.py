@@ -2671,7 +2671,10 @@ def format_tool_call(name, args, width=100):
     """One line for a tool call. Example: ('read', {'path': 'a.py'}) -> 'read(path=a.py)'."""
     parts = []
     for key, value in (args or {}).items():
-        text = value if isinstance(value, str) else dump_json(value)
+        if isinstance(value, list):
+            text = "[%d item%s]" % (len(value), "" if len(value) == 1 else "s")
+        else:
+            text = value if isinstance(value, str) else dump_json(value)
         parts.append("%s=%s" % (key, one_line(text, 60)))
     return one_line("%s(%s)" % (name, ", ".join(parts)), width)
 
@@ -3119,6 +3122,7 @@ class Repl:
                 with self.screen.lock:
                     self.screen.prompt = prompt.replace("\001", "").replace("\002", "")
                 line = input(prompt)
+                self.entered()
             except EOFError:
                 self.out.write("\n")
                 return None
@@ -3134,6 +3138,16 @@ class Repl:
                 parts.append(line[:-1])
                 continue
             return "\n".join(parts + [line])
+
+    def entered(self):
+        """After Enter the cursor is below the prompt line. While the agent works, step back onto
+        the entered line, so the next print (the 'queued' notice) replaces it and the live line
+        above it is redrawn in place rather than left behind."""
+        with self.screen.lock:
+            self.screen.prompt = ""
+            if (self.screen.live or self.busy.is_set()) and self.screen.tty:
+                self.out.write("\x1b[1A")
+                self.out.flush()
 
     def on_interrupt(self):
         """Ctrl+C: abort a running turn; at an idle prompt, a second one within 1 s exits."""

@@ -3032,10 +3032,76 @@ def run_benchmarks():
     return 0
 
 
-def run_screenshot():
-    """Render the REPL for a screenshot; returns an exit code. (Filled in later.)"""
-    print("no screenshot yet", file=sys.stderr)
-    return 0
+SCREENSHOT_APP = """def greet(name):
+    print("hi " + name)
+
+
+greet("world")
+"""
+
+
+def _screenshot_script(fake):
+    """The scripted session: thinking, an edit with its diff, a streamed Markdown answer."""
+    edit = {"path": "app.py", "edits": [{"oldText": 'print("hi " + name)', "newText": 'print(f"Hello, {name}!")'}]}
+    fake.enqueue(sse(reasoning_chunk("The greeting should use an f-string and say Hello."),
+                     text_chunk("I'll modernise the greeting."),
+                     tool_chunk(tool_delta(0, "call_1", "edit", json.dumps(edit))), finish_chunk("tool_calls"),
+                     usage_chunk(2400, 60)))
+    words = ("## Done\n\nI changed **app.py**: `greet` now uses an *f-string*.\n\n"
+             "- `greet(\"world\")` prints `Hello, world!`\n- no other file changed\n\n"
+             "```python\nprint(f\"Hello, {name}!\")\n```\n\n"
+             "Run `python3 app.py` to check it: the output should be one friendly line, and the "
+             "function keeps its name and signature, so callers need no change at all.").split(" ")
+    body = []
+    for word in words:
+        body += [sse_event(text_chunk(word + " ")), 0.12]
+    fake.enqueue(body + [sse(finish_chunk("stop"), usage_chunk(2600, 90))])
+    fake.enqueue(answer("Added a docstring is next on my list."))
+
+
+def run_screenshot(out=os.path.join(HERE, "screenshot.png")):
+    """Render the REPL in xterm under Xvfb, driven through tmux; writes screenshot.png."""
+    for tool in ("Xvfb", "xterm", "tmux", "import"):
+        if not shutil.which(tool):
+            print("screenshot needs %s: apt-get install xvfb xterm tmux imagemagick fonts-dejavu-core" % tool,
+                  file=sys.stderr)
+            return 1
+    case = EndToEndTestCase("run")
+    case.setUp()
+    try:
+        with open(os.path.join(case.cwd, "app.py"), "w") as f:
+            f.write(SCREENSHOT_APP)
+        _screenshot_script(case.fake)
+        return _capture(case, out)
+    finally:
+        case.doCleanups()
+
+
+def _capture(case, out):
+    display = ":%d" % (90 + os.getpid() % 9)
+    xvfb = subprocess.Popen(["Xvfb", display, "-screen", "0", "1000x640x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    case.addCleanup(xvfb.kill)
+    time.sleep(0.5)
+    tui = TmuxSession(case, case.nanocode_env(LANG="C.UTF-8", LC_ALL="C.UTF-8"), case.cwd, width=104, height=32)
+    tui.tmux("set", "-g", "status", "off")
+    env = dict(os.environ, DISPLAY=display, LANG="C.UTF-8", LC_ALL="C.UTF-8")
+    xterm = subprocess.Popen(["xterm", "-u8", "-geometry", "104x32+0+0", "-fa", "DejaVu Sans Mono", "-fs", "11",
+                              "-bg", "#1d1f21", "-fg", "#d5d8d6", "-b", "12", "-e",
+                              "tmux -u -L %s attach -t t" % tui.socket], env=env)
+    case.addCleanup(xterm.kill)
+    tui.wait("/help for commands")
+    tui.type("make the greeting friendlier")
+    tui.keys("Enter")
+    tui.wait("no other file changed", 15)
+    tui.type("also add a docstring")
+    tui.keys("Enter")
+    tui.wait("steering queued")
+    tui.type("and a test?")
+    tui.wait("output should", 10)
+    shot = subprocess.run(["import", "-display", display, "-window", "root", "-crop", "1000x640+0+0", out])
+    print("wrote %s" % out if shot.returncode == 0 else "import failed")
+    return shot.returncode
 
 
 if __name__ == "__main__":
