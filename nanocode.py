@@ -22,7 +22,6 @@ Table of contents (each section opens with a numbered banner):
 # 1. Imports and constants
 # =============================================================================
 
-import argparse
 import codecs
 import json
 import os
@@ -30,9 +29,7 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import namedtuple
@@ -1492,6 +1489,7 @@ class Checkpoints:
 
 def atomic_write(path, data, mode=None):
     """Write bytes via a temp file in the same directory, fsync and os.replace; keeps permission bits."""
+    import tempfile
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     if mode is None and os.path.exists(path):
@@ -1764,6 +1762,7 @@ class OutputCapture:
             self.flush_updates()
 
     def _spill(self):
+        import tempfile
         fd, self.path = tempfile.mkstemp(prefix="nanocode-bash-", suffix=".log")
         self._file = os.fdopen(fd, "wb")
         self._file.write(bytes(self._tail))
@@ -1803,6 +1802,7 @@ def shell_argv(command):
       command="string", timeout="integer? seconds (default 120, max 3600)")
 def tool_bash(ctx, command, timeout=BASH_DEFAULT_TIMEOUT):
     """Run command in its own process group; returns when the shell exits, even if children linger."""
+    import subprocess
     timeout = max(1, min(int(timeout), BASH_MAX_TIMEOUT))
     env = dict(os.environ, NANOCODE="1")
     if os.name != "posix":
@@ -1889,6 +1889,7 @@ def _bash_result(proc, capture, state, timeout):
 
 def _bash_simple(ctx, command, timeout, env):
     """Windows: no process groups or select; run and wait."""
+    import subprocess
     try:
         done = subprocess.run(command, shell=True, cwd=ctx.cwd, env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
@@ -3397,6 +3398,8 @@ class Repl:
 
     def edit_queue(self, steering, followups):
         """Open the queues as JSON in $VISUAL/$EDITOR; returns the edited lists."""
+        import subprocess
+        import tempfile
         fd, path = tempfile.mkstemp(suffix=".json", prefix="nanocode-queue-")
         with os.fdopen(fd, "w") as f:
             json.dump({"steering": steering, "followups": followups}, f, indent=2)
@@ -3442,6 +3445,7 @@ def run_repl(config):
 
 def build_parser():
     """The command-line flags."""
+    import argparse
     p = argparse.ArgumentParser(
         prog="nanocode", description="A coding agent in one Python file. Without a prompt: the REPL.",
         epilog="Environment: OPENAI_BASE_URL, OPENAI_API_URL, OPENCODE_API_KEY, OPENAI_API_KEY, MODEL, "
