@@ -2396,10 +2396,9 @@ Be concise: short Markdown, no preamble. When you finish, say what you changed."
 
 def system_prompt(config, tool_names):
     """The system message: the built-in prompt (or --system-prompt) plus facts about this run."""
-    import platform
     text = config.system_prompt or SYSTEM_PROMPT
-    facts = "\n\nWorking directory: %s\nPlatform: %s\nDate: %s" % (
-        config.cwd, platform.system() or sys.platform, time.strftime("%Y-%m-%d"))
+    system = {"linux": "Linux", "darwin": "macOS", "win32": "Windows"}.get(sys.platform, sys.platform)
+    facts = "\n\nWorking directory: %s\nPlatform: %s\nDate: %s" % (config.cwd, system, time.strftime("%Y-%m-%d"))
     if not tool_names:
         facts += "\nNo tools are available in this run."
     return text + facts + ("\n\n" + config.append_system_prompt if config.append_system_prompt else "")
