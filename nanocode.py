@@ -3176,11 +3176,8 @@ class Repl:
             self.command(stripped)
         elif stripped.startswith("!"):
             self.shell(stripped[1:].strip())
-        elif self.busy.is_set():
-            self.agent.inbox.steer(self.expand(line))
-            self.screen.print(self.style("↳ steering queued: " + one_line(line, 80), "magenta"))
         else:
-            self.send(self.expand(line))
+            self.queue_message(line, "steering", self.agent.inbox.steer)
 
     def send(self, text):
         """Start a run with text."""
@@ -3364,23 +3361,20 @@ class Repl:
 
     def cmd_followup(self, arg):
         """MSG: deliver when the agent would otherwise stop"""
-        if not arg:
-            return self.screen.print("usage: /followup MSG")
-        if self.busy.is_set():
-            self.agent.inbox.follow_up(self.expand(arg))
-            self.screen.print(self.style("↳ follow-up queued: " + one_line(arg, 80), "magenta"))
-        else:
-            self.send(self.expand(arg))
+        self.queue_message(arg, "follow-up", self.agent.inbox.follow_up)
 
     def cmd_steer(self, arg):
         """MSG: deliver at the next safe point (plain input while busy does the same)"""
-        if not arg:
-            return self.screen.print("usage: /steer MSG")
-        if self.busy.is_set():
-            self.agent.inbox.steer(self.expand(arg))
-            self.screen.print(self.style("↳ steering queued: " + one_line(arg, 80), "magenta"))
-        else:
-            self.send(self.expand(arg))
+        self.queue_message(arg, "steering", self.agent.inbox.steer)
+
+    def queue_message(self, text, label, put):
+        """Queue text with put while the agent works; when it is idle, just send it."""
+        if not text.strip():
+            return self.screen.print("usage: /%s MSG" % ("steer" if label == "steering" else "followup"))
+        if not self.busy.is_set():
+            return self.send(self.expand(text))
+        put(self.expand(text))
+        self.screen.print(self.style("↳ %s queued: %s" % (label, one_line(text, 80)), "magenta"))
 
     def cmd_dequeue(self, arg):
         """clear the queues and print their texts; /dequeue edit opens them in $EDITOR"""
