@@ -1155,7 +1155,8 @@ ARG_ALIASES = {"file_path": "path", "filePath": "path", "filepath": "path", "fil
                "newString": "newText", "replaceAll": "replace_all", "case_insensitive": "ignoreCase",
                "-i": "ignoreCase", "max_results": "limit", "output_mode": "outputMode",
                "max_characters": "maxCharacters", "timeout_seconds": "timeoutSeconds",
-               "num_results": "numResults", "dir": "path", "directory": "path"}
+               "num_results": "numResults", "dir": "path", "directory": "path", "dir_path": "path",
+               "include": "glob", "-C": "context", "head_limit": "limit"}
 
 
 def tool(name, description, readonly=False, **params):
@@ -1897,6 +1898,589 @@ def _bash_simple(ctx, command, timeout, env):
         return ToolResult(((e.output or b"").decode("utf-8", "replace")) + "\n[timed out after %ds]" % timeout, True)
     text, _ = tail_lines(done.stdout.decode("utf-8", "replace"), BASH_TAIL_LINES, BASH_TAIL_BYTES)
     return ToolResult(text + "\n[exit code %d]" % done.returncode, is_error=done.returncode != 0)
+
+
+# --- search: glob / grep / ls / find ----------------------------------------------
+# glob, grep and find share one file list: `git ls-files` inside a work tree
+# (fast, and git's own .gitignore rules), else a scandir walk that applies the
+# .gitignore files it meets. grep hands the search to ripgrep when `rg` is on
+# PATH; both ways give the same output, sorted by path.
+
+SEARCH_MAX_FILE = 10 * 1024 * 1024  #: grep skips files larger than this (rg --max-filesize 10M)
+SEARCH_LINE_MAX = 500  #: grep cuts each output line to this many characters
+_BINARY_PROBE = 8192  # a NUL in the first 8 KB marks a file as binary
+_REGEX_META = frozenset(".^$*+?{}[]\\|()")
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would translate line ends without it
+#: grep outputMode values, with Claude Code's name for "files"
+_GREP_MODES = {"content": "content", "files": "files", "files_with_matches": "files", "count": "count"}
+
+
+def _glob_regex(pattern, braces=True):
+    """Regex source for a '/'-separated glob. Example: 'src/**/*.py' -> 'src/(?:.*/)?[^/]*\\.py'."""
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if pattern.startswith("**/", i):  # zero or more whole directories
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        i += 1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in pattern[i + 1:]:
+            end = pattern.index("]", i + 1)  # a ']' right after '[' is a member
+            body = pattern[i:end].replace("\\", "\\\\").replace("[", "\\[")
+            out.append("[" + ("^" + body[1:] if body[:1] in "!^" else body) + "]")
+            i = end + 1
+        elif c == "{" and braces and "}" in pattern[i:]:  # *.{ts,tsx}, as rg and editors read it
+            end = pattern.index("}", i)
+            out.append("(?:%s)" % "|".join(_glob_regex(alt, False) for alt in pattern[i:end].split(",")))
+            i = end + 1
+        elif c == "\\" and i < n:
+            out.append(re.escape(pattern[i]))
+            i += 1
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
+
+
+def _path_matcher(glob):
+    """A test on relative paths, rg -g style: a glob without '/' matches names at any depth ('*.py': 'a/b.py')."""
+    negate = glob.startswith("!")
+    glob = glob[negate:]
+    if glob.startswith("./"):
+        glob = glob[2:]
+    # like a .gitignore line: a '/' before the end anchors the glob at the search root
+    anchored = "/" in glob.rstrip("/")
+    match = re.compile(_glob_regex(glob.strip("/")) + r"\Z").match
+    if anchored:
+        return lambda rel: (match(rel) is None) == negate
+    return lambda rel: (match(rel[rel.rfind("/") + 1:]) is None) == negate
+
+
+def _parse_gitignore(text):
+    """Rules (negate, dir_only, anchored, regex) of a .gitignore. Example: '!/a/' -> [(True, True, True, 'a')]."""
+    rules = []
+    for line in text.splitlines():
+        if not line.endswith("\\ "):  # trailing spaces are dropped unless escaped
+            line = line.rstrip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        line = line[negate:]
+        dir_only = line.endswith("/")
+        line = line.rstrip("/")
+        if line:  # a '/' at the start or in the middle anchors the rule to this directory
+            rules.append((negate, dir_only, "/" in line, _glob_regex(line.lstrip("/"), braces=False)))
+    return rules
+
+
+def _load_gitignore(path, base):
+    """Compiled rule groups of one .gitignore in directory base ('' or 'a/b/'), last rule first."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            rules = _parse_gitignore(f.read())
+    except OSError:
+        return []
+    # runs of like rules become one alternation, so a path costs a few regex calls, not one per line
+    groups = []
+    for negate, dir_only, anchored, source in rules:
+        if groups and groups[-1][0] == (negate, dir_only, anchored):
+            groups[-1][1].append(source)
+        else:
+            groups.append(((negate, dir_only, anchored), [source]))
+    compiled = [(neg, dir_only, anchored, len(base), re.compile("(?:%s)\\Z" % "|".join(sources)))
+                for (neg, dir_only, anchored), sources in groups]
+    return compiled[::-1]  # the last matching rule decides, so it is tried first
+
+
+def _is_ignored(groups, rel, name):
+    """True when the last .gitignore rule matching rel excludes it (groups: deepest, last rule first)."""
+    for negate, _, anchored, cut, rx in groups:
+        if rx.match(rel[cut:] if anchored else name):
+            return not negate
+    return False
+
+
+def _walk_files(root, cancel, hidden=True, name_ok=None):
+    """Relative paths of the files under root, pruning .git, .gitignore'd and (unless hidden) dot entries."""
+    stack = [("", [], [])]  # (directory, rules for its subdirectories, rules for its files)
+    while stack:
+        if cancel.is_set():
+            raise ToolError("cancelled")
+        rel, dir_rules, file_rules = stack.pop()
+        try:
+            with os.scandir(os.path.join(root, rel)) as it:
+                entries = list(it)
+        except OSError:
+            continue  # unreadable directory: skip it, as find and rg do
+        if os.path.isfile(os.path.join(root, rel, ".gitignore")):
+            # a deeper .gitignore overrides the ones above it; files skip the rules for directories (x/)
+            rules = _load_gitignore(os.path.join(root, rel, ".gitignore"), rel)
+            dir_rules, file_rules = rules + dir_rules, [g for g in rules if not g[1]] + file_rules
+        for e in entries:
+            name = e.name
+            if name == ".git" or (not hidden and name.startswith(".")):
+                continue
+            if e.is_dir(follow_symlinks=False):  # symlinked dirs are not followed: no cycles
+                if not (dir_rules and _is_ignored(dir_rules, rel + name, name)):
+                    stack.append((rel + name + "/", dir_rules, file_rules))
+            elif (name_ok is None or name_ok(name)) and e.is_file() and not (
+                    file_rules and _is_ignored(file_rules, rel + name, name)):
+                yield rel + name
+
+
+def _run_capture(cmd, cwd, cancel):
+    """(exit code, stdout bytes) of a command; cancelling the call kills it."""
+    import subprocess  # imported here, as in tool_bash: it costs startup time
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    unregister = cancel.on_cancel(proc.kill)
+    try:
+        out = proc.communicate()[0]
+    finally:
+        unregister()
+    if cancel.is_set():
+        raise ToolError("cancelled")
+    return proc.returncode, out
+
+
+def _in_git_tree(root):
+    """True when root or a parent holds .git: only then is `git ls-files` worth a process."""
+    parent = os.path.abspath(root)
+    while True:
+        if os.path.exists(os.path.join(parent, ".git")):
+            return True
+        parent, child = os.path.dirname(parent), parent
+        if parent == child:
+            return False
+
+
+def _git_files(root, cancel):
+    """Files git shows under root (tracked and untracked, minus ignored); None outside a work tree."""
+    if not _in_git_tree(root):
+        return None
+    try:
+        code, out = _run_capture(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                 root, cancel)
+    except OSError:  # no git
+        return None
+    # nothing listed: not a repo, or a directory git ignores that the user named (search it, like rg)
+    if code != 0 or not out:
+        return None
+    # -z: raw names, no quoting; dict.fromkeys drops repeats (a merge conflict lists a file per stage)
+    return list(dict.fromkeys(os.fsdecode(p) for p in out.split(b"\0") if p))
+
+
+def _candidate_files(root, cancel, hidden=True, name_ok=None):
+    """Paths (relative to root, '/'-separated) of the files a search covers: .gitignore respected, .git skipped.
+
+    name_ok, a test on file names, may drop files early: the walk then skips their ignore checks.
+    """
+    files = _git_files(root, cancel)
+    if files is None:
+        return list(_walk_files(root, cancel, hidden, name_ok))
+    if not hidden:
+        files = [f for f in files if not f.startswith(".") and "/." not in f]
+    return files if name_ok is None else [f for f in files if name_ok(f[f.rfind("/") + 1:])]
+
+
+def _more(lines, extra, hint):
+    """lines joined, plus a '+N more' note when extra > 0. Example: (['a'], 2, 'x') -> 'a\\n+2 more (x)'."""
+    if extra > 0:
+        lines = lines + ["+%d more (%s)" % (extra, hint)]
+    return "\n".join(lines)
+
+
+def _int_arg(value, name, low):
+    """A numeric argument as an int, at least low; ToolError otherwise. Example: (0, 'limit', 1) -> 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ToolError("%s must be a number, got %r" % (name, value))
+    return max(low, int(value))
+
+
+def _search_root(ctx, path, files_ok=False):
+    """(directory, file name or None) for a path argument; ToolError when it is missing."""
+    full = ctx.path(path)
+    if os.path.isdir(full):
+        return full, None
+    if os.path.isfile(full) and files_ok:
+        return os.path.dirname(full), os.path.basename(full)
+    if os.path.exists(full):
+        raise ToolError("%s is a file, not a directory: use read to see it" % path)
+    raise ToolError("no such %s: %s; check the path with ls" % ("file or directory" if files_ok else "directory", path))
+
+
+class _FileReader:
+    """Reads whole files into one reused buffer: grep's hot loop allocates nothing per file."""
+
+    def __init__(self):
+        self.buf = bytearray(1 << 20)
+
+    def read(self, path):
+        """Bytes of path now in self.buf; -1 when unreadable, over SEARCH_MAX_FILE or binary (NUL in the first 8 KB)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_BINARY)
+        except OSError:
+            return -1
+        try:
+            n = self._read_into(fd)
+            if n == len(self.buf):  # a big file: size it, then read it again whole
+                size = os.fstat(fd).st_size
+                if size > SEARCH_MAX_FILE:
+                    return -1
+                self.buf = bytearray(size + 1)
+                os.lseek(fd, 0, os.SEEK_SET)
+                n = self._read_into(fd)
+        except OSError:
+            return -1
+        finally:
+            os.close(fd)
+        return -1 if self.buf.find(b"\0", 0, min(n, _BINARY_PROBE)) >= 0 else n
+
+    def _read_into(self, fd):
+        """One read into the buffer; os.readv avoids a copy where it exists (not on Windows)."""
+        if hasattr(os, "readv"):
+            return os.readv(fd, [self.buf])
+        data = os.read(fd, len(self.buf))
+        self.buf[:len(data)] = data
+        return len(data)
+
+
+def _match_lines(text, rx, nl, first_only=False):
+    """[(line number, line)] of the lines of text (str or bytes) that rx matches. Example: 'a\\nb', b -> [(2, 'b')]."""
+    found, pos, lineno, counted, n = [], 0, 1, 0, len(text)
+    while pos < n:
+        m = rx.search(text, pos)
+        if m is None:
+            break
+        start = text.rfind(nl, 0, m.start()) + 1
+        if start >= n:
+            break
+        end = text.find(nl, m.start())
+        end = n if end < 0 else end
+        # a match may run past the line end ('\s', '[^x]'); like grep, count it only within the line
+        if m.end() > end and rx.search(text, start, end) is None:
+            pos = end + 1
+            continue
+        lineno += text.count(nl, counted, start)  # counted up to the previous hit only: one pass in all
+        counted = start
+        found.append((lineno, text[start:end]))
+        if first_only:
+            break
+        pos = end + 1
+    return found
+
+
+def _skip_class(pattern, i):
+    """Index just past the ']' that closes the class opening at i. Example: ('[]a]b', 0) -> 4."""
+    k = i + 1
+    k += pattern[k:k + 1] == "^"
+    k += pattern[k:k + 1] == "]"  # a ']' first is a member
+    while k < len(pattern) and pattern[k] != "]":
+        k += 2 if pattern[k] == "\\" else 1
+    return k + 1
+
+
+def _skip_group(pattern, i):
+    """Index just past the ')' that closes the group opening at i. Example: ('(a)b', 0) -> 3."""
+    depth, k = 0, i
+    while k < len(pattern):
+        c = pattern[k]
+        if c == "[":
+            k = _skip_class(pattern, k)
+            continue
+        if c == "\\":
+            k += 1
+        elif c in "()":
+            depth += 1 if c == "(" else -1
+            if depth == 0:
+                return k + 1
+        k += 1
+    return k
+
+
+def _split_alternatives(pattern):
+    """The top-level branches of a regex. Example: 'a|(b|c)' -> ['a', '(b|c)']."""
+    whole = pattern[:1] == "(" and _skip_group(pattern, 0) == len(pattern)  # as in (TODO|FIXME)
+    if whole and pattern[1:2] != "?":
+        pattern = pattern[1:-1]
+    elif whole and pattern[1:3] == "?:":
+        pattern = pattern[3:-1]
+    parts, start, i = [], 0, 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c in "([":
+            i = _skip_group(pattern, i) if c == "(" else _skip_class(pattern, i)
+            continue
+        if c == "|":
+            parts.append(pattern[start:i])
+            start = i + 1
+        i += 2 if c == "\\" else 1
+    return parts + [pattern[start:]]
+
+
+def _longest_literal(branch):
+    """The longest text every match of a branch (no top-level '|') contains. Example: 'def \\w+_test\\(' -> '_test('."""
+    runs, run, i = [], "", 0
+    while i < len(branch):
+        c, literal = branch[i], None
+        quantifier = re.match(r"[*?+]|\{\d*,?\d*\}", branch[i:])
+        if quantifier:  # the atom before may occur zero times, or repeat: the run ends (without it)
+            run, i = (run if c == "+" else run[:-1]), i + len(quantifier.group())
+        elif c in "([":
+            i = _skip_group(branch, i) if c == "(" else _skip_class(branch, i)
+        elif c == "\\":
+            literal = None if branch[i + 1:i + 2].isalnum() else branch[i + 1:i + 2]  # \w, \d, \1 ...
+            i += 2
+        else:
+            literal = None if c in ".^$" else c
+            i += 1
+        if literal:
+            run += literal
+        else:
+            runs.append(run)
+            run = ""
+    return max(runs + [run], key=len)
+
+
+def _required_literals(pattern):
+    """Texts (3+ characters) one of which each match contains, or []. Example: 'TODO|FIX.?ME' -> ['TODO', 'FIX']."""
+    if re.search(r"\(\?[aiLmsux]+\)", pattern):  # global flags, e.g. (?i), change what a literal means
+        return []
+    literals = [_longest_literal(branch) for branch in _split_alternatives(pattern)]
+    # short texts filter out little, and each one costs a pass over every file
+    return literals if len(literals) <= 8 and min(map(len, literals)) >= 3 else []
+
+
+def _line_matcher(pattern, ignore_case):
+    """A function (buffer, length, first_only) -> [(line number, line)]; ToolError for a bad regex."""
+    flags = re.MULTILINE | (re.IGNORECASE if ignore_case else 0)
+    try:
+        rx_text = re.compile(pattern, flags)
+    except re.error as e:
+        raise ToolError("bad regex %r: %s; escape special characters (\\( \\. \\[) or fix the pattern" % (pattern, e))
+    # raw bytes give the same lines as text for a plain literal, and for an ASCII regex on
+    # ASCII data; other data is decoded, so '.', \w and ignoreCase see characters
+    exact = not ignore_case and not _REGEX_META.intersection(pattern)
+    rx_bytes = _compile_bytes(pattern, flags) if exact or pattern.isascii() else None
+    needles = [lit.encode("utf-8") for lit in _required_literals(pattern)]
+    folded = [x.lower() for x in needles] if ignore_case and all(x.isascii() for x in needles) else []
+    needles = [] if ignore_case else needles
+
+    def match(buf, n, first_only=False):
+        if needles and not any(buf.find(x, 0, n) >= 0 for x in needles):  # most files end here, uncopied
+            return []
+        data = bytes(memoryview(buf)[:n])
+        if folded and data.isascii():
+            lowered = data.lower()
+            if not any(x in lowered for x in folded):
+                return []
+        if rx_bytes is not None and (exact or data.isascii()):
+            return _match_lines(data, rx_bytes, b"\n", first_only)
+        return _match_lines(data.decode("utf-8", "replace"), rx_text, "\n", first_only)
+    return match
+
+
+def _compile_bytes(pattern, flags):
+    """The pattern compiled for bytes, or None (\\N{...} and such exist for text only)."""
+    try:
+        return re.compile(pattern.encode("utf-8"), flags)
+    except re.error:
+        return None
+
+
+def _split_glob(pattern):
+    """(directory, rest) of a glob, cut before its first wildcard part. Example: '/a/b/*.py' -> ('/a/b', '*.py')."""
+    parts = pattern.replace(os.sep, "/").split("/")
+    i = next((k for k, p in enumerate(parts) if set(p) & set("*?[{")), len(parts) - 1)
+    return "/".join(parts[:i]) or ("/" if pattern.startswith("/") else "."), "/".join(parts[i:])
+
+
+def _python_grep(root, target, pattern, glob, ignore_case, mode, cancel):
+    """(path, [(line number, line)]) for each file with a match, in path order, searched here."""
+    match = _line_matcher(pattern, ignore_case)
+    files = [target] if target else sorted(_candidate_files(root, cancel))
+    if glob and not target:
+        keep = _path_matcher(glob)
+        files = [f for f in files if keep(f)]
+    reader, prefix, first_only = _FileReader(), os.path.join(root, ""), mode == "files"
+    for rel in files:
+        if cancel.is_set():
+            raise ToolError("cancelled")
+        n = reader.read(prefix + rel)
+        hits = match(reader.buf, n, first_only) if n > 0 else None
+        if hits:
+            yield rel, hits
+
+
+def _rg_grep(rg, root, target, pattern, glob, ignore_case, cancel):
+    """(path, [(line number, line)]) pairs from ripgrep in path order; None when rg fails."""
+    # --null: path\0line:text, unambiguous; --no-require-git: .gitignore counts outside git too, as in
+    # the walk; --hidden searches dotfiles as the walk does, but then .git must be excluded by hand
+    cmd = [rg, "--no-config", "--null", "--line-number", "--no-heading", "--with-filename", "--color", "never",
+           "--hidden", "--no-require-git", "--max-filesize", "10M", "--no-messages"]
+    cmd += ["--ignore-case"] if ignore_case else []
+    # rg's --glob overrides .gitignore; a file type is a filter within it, but sees only names
+    keep = _path_matcher(glob) if glob and not target and "/" in glob else None
+    if glob and not target and keep is None:
+        cmd += ["--type-add", "nanocode:" + glob.lstrip("!"), "--type-not" if glob[0] == "!" else "--type", "nanocode"]
+    cmd += ["--glob", "!.git", "--regexp", pattern] + (["--", target] if target else [])
+    code, out = _run_capture(cmd, root, cancel)
+    if code not in (0, 1) and not out:
+        return None  # e.g. a regex rg rejects (look-around) but Python accepts
+    by_path = {}  # rg's threads finish files in any order: sort by path, as the stdlib search does
+    for line in out.split(b"\n"):
+        path, nul, rest = line.partition(b"\0")
+        num, _, text = rest.partition(b":")
+        if nul and num.isdigit():
+            by_path.setdefault(path, []).append((int(num), text))
+    results = [(os.fsdecode(p), hits) for p, hits in by_path.items()]
+    return sorted([r for r in results if keep is None or keep(r[0])], key=lambda r: r[0])
+
+
+def _cut(line):
+    """One output line: decoded, without CR, at most SEARCH_LINE_MAX characters."""
+    if isinstance(line, bytes):
+        line = line.decode("utf-8", "replace")
+    line = line.rstrip("\r")
+    return line if len(line) <= SEARCH_LINE_MAX else line[:SEARCH_LINE_MAX] + "…"
+
+
+def _context_lines(root, path, hits, context):
+    """grep -C output for one file's hits: 'path:N:text' matches, 'path-N-text' context, '--' between groups."""
+    try:
+        with open(os.path.join(root, path), "rb") as f:
+            lines = f.read(SEARCH_MAX_FILE).decode("utf-8", "replace").split("\n")
+    except OSError:
+        lines = []
+    if lines and lines[-1] == "":
+        lines.pop()
+    marks = {n for n, _ in hits}
+    out, last = [], 0
+    for n, _ in hits:
+        first, stop = max(1, n - context, last + 1), min(len(lines), n + context)
+        if last and first > last + 1:
+            out.append("--")
+        for i in range(first, stop + 1):
+            sep = ":" if i in marks else "-"
+            out.append("%s%s%d%s%s" % (path, sep, i, sep, _cut(lines[i - 1])))
+        last = max(last, stop)
+    return out
+
+
+def _format_grep(root, results, mode, limit, context):
+    """grep output for (path, hits) pairs: at most limit matches (files in files/count mode), then '+N more'."""
+    out, shown, extra = [], 0, 0
+    for path, hits in results:
+        if mode != "content":
+            if shown < limit:
+                out.append(path if mode == "files" else "%s:%d" % (path, len(hits)))
+                shown += 1
+            else:
+                extra += 1
+            continue
+        take = hits[:max(0, limit - shown)]
+        shown, extra = shown + len(take), extra + len(hits) - len(take)
+        if take and context:  # groups of lines are separated by '--', as grep -C does
+            out.extend((["--"] if out else []) + _context_lines(root, path, take, context))
+        elif take:
+            out.extend("%s:%d:%s" % (path, n, _cut(line)) for n, line in take)
+    return _more(out, extra, "raise limit or narrow the pattern")
+
+
+@tool("grep", "Regex search in files (respects .gitignore). Output: path:line:text", readonly=True,
+      pattern="string", path="string? dir/file", glob="string? e.g. *.py", ignoreCase="boolean?",
+      context="integer?", outputMode="string? content|files|count", limit="integer?")
+def tool_grep(ctx, pattern, path=".", glob="", ignoreCase=False, context=0, outputMode="content", limit=100):
+    """Matching lines of the files under path, sorted by path; rg does the work when installed."""
+    mode = _GREP_MODES.get(outputMode)
+    if mode is None:
+        raise ToolError("outputMode must be content, files or count, not %r" % outputMode)
+    limit, context = _int_arg(limit, "limit", 1), _int_arg(context, "context", 0)
+    if not glob and set(path) & set("*?[{") and not os.path.exists(ctx.path(path)):
+        path, glob = _split_glob(path)  # a pattern sent as path, e.g. src/*.ts
+    glob = glob[2:] if glob.startswith("./") else glob
+    root, target = _search_root(ctx, path, files_ok=True)
+    _line_matcher(pattern, ignoreCase)  # a bad regex fails the same way on both paths
+    # context lines, limits and formatting are done here for both searches, so their output is the same
+    rg, results = shutil.which("rg"), None
+    if rg:
+        results = _rg_grep(rg, root, target, pattern, glob, ignoreCase, ctx.cancel)
+    if results is None:
+        results = _python_grep(root, target, pattern, glob, ignoreCase, mode, ctx.cancel)
+    return _format_grep(root, results, mode, limit, context) or "no matches"
+
+
+@tool("glob", "Files matching a glob (** = any dirs), newest first; respects .gitignore", readonly=True,
+      pattern="string e.g. src/**/*.ts", path="string?")
+def tool_glob(ctx, pattern, path="."):
+    """Files under path whose relative path matches pattern, newest first, at most 1,000."""
+    if os.path.isabs(pattern) or pattern.startswith("../"):  # then relative to its first fixed directories
+        path, pattern = _split_glob(ctx.path(os.path.join(path, pattern)))
+    root, _ = _search_root(ctx, path)
+    pattern = pattern[2:] if pattern.startswith("./") else pattern
+    match = re.compile(_glob_regex(pattern) + r"\Z").match
+    # the last part of the pattern tests names alone (so the walk can skip the rest early),
+    # unless it is ** or the tail of a {a,b/c} that a '/' cut
+    name = pattern.rpartition("/")[2]
+    whole = "**" not in name and name.count("{") == name.count("}")
+    name_ok = re.compile(_glob_regex(name) + r"\Z").match if whole else None
+    prefix, found = os.path.join(root, ""), []
+    for rel in [f for f in _candidate_files(root, ctx.cancel, name_ok=name_ok) if match(f)]:
+        try:
+            st = os.stat(prefix + rel)
+        except OSError:
+            continue  # deleted but still in git's index
+        if st.st_mode & 0o170000 == 0o100000:  # a regular file (stat.S_ISREG); git lists submodules too
+            found.append((-st.st_mtime, rel))
+    found.sort()  # newest first; equal times by path, so the order is stable
+    return _more([rel for _, rel in found[:1000]], len(found) - 1000, "narrow the pattern") or "no files found"
+
+
+@tool("ls", "List a directory (dirs end with /)", readonly=True, path="string?", limit="integer?")
+def tool_ls(ctx, path=".", limit=500):
+    """The entries of one directory, sorted case-insensitively, at most limit."""
+    root, _ = _search_root(ctx, path)
+    limit = _int_arg(limit, "limit", 1)
+    try:
+        with os.scandir(root) as it:
+            names = [e.name + ("/" if e.is_dir() else "") for e in it]
+    except OSError as e:
+        raise ToolError("cannot list %s: %s" % (path, e.strerror or e))
+    names.sort(key=lambda s: (s.lower(), s))  # case-insensitive, as pi's ls
+    return _more(names[:limit], len(names) - limit, "raise limit") or "(empty directory)"
+
+
+def _parent_dirs(files):
+    """The directories holding files, as relative paths. Example: ['a/b/c.py'] -> {'a', 'a/b'}."""
+    dirs = set()
+    for f in files:
+        d = f.rpartition("/")[0]
+        while d and d not in dirs:
+            dirs.add(d)
+            d = d.rpartition("/")[0]
+    return dirs
+
+
+@tool("find", "Files/dirs by name glob, any depth; respects .gitignore", readonly=True,
+      pattern="string e.g. *.test.ts", path="string?", limit="integer?", hidden="boolean? include dotfiles")
+def tool_find(ctx, pattern, path=".", limit=1000, hidden=False):
+    """Files and directories under path matching pattern, sorted by path; directories end with /."""
+    root, _ = _search_root(ctx, path)
+    match, limit = _path_matcher(pattern), _int_arg(limit, "limit", 1)
+    files = _candidate_files(root, ctx.cancel, hidden)
+    # directories come from the file list: ignored or empty ones are not shown
+    found = sorted([f for f in files if match(f)] + [d + "/" for d in _parent_dirs(files) if match(d)])
+    # git lists a deleted file until the deletion is committed: check just the ones shown
+    shown = [f for f in found[:limit] if f.endswith("/") or os.path.lexists(os.path.join(root, f))]
+    return _more(shown, len(found) - limit, "raise limit or narrow the pattern") or "no files found"
 
 
 # --- web: webfetch / websearch -------------------------------------------------
