@@ -2020,7 +2020,7 @@ def _walk_files(root, cancel, hidden=True, name_ok=None):
                 entries = list(it)
         except OSError:
             continue  # unreadable directory: skip it, as find and rg do
-        if os.path.isfile(os.path.join(root, rel, ".gitignore")):
+        if any(e.name == ".gitignore" for e in entries):  # the listing answers; no extra stat
             # a deeper .gitignore overrides the ones above it; files skip the rules for directories (x/)
             rules = _load_gitignore(os.path.join(root, rel, ".gitignore"), rel)
             dir_rules, file_rules = rules + dir_rules, [g for g in rules if not g[1]] + file_rules

@@ -3167,6 +3167,14 @@ def bench_cold_start(rows):
     bare = _time_command([sys.executable, "-c", "pass"])
     ours = _time_command([sys.executable, NANOCODE, "--version"])
     _row(rows, "cold start: --version", ours, "ms", "<= 2.0x bare", bare, "(python3 -c pass)")
+    # the same start with bytecode cached: CPython never caches the compile of a __main__ script,
+    # so this row shows what start-up costs apart from compiling the file
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, PYTHONPYCACHEPREFIX=cache)
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        cached = _time_command([sys.executable, "-c", "import sys; sys.path.insert(0, %r); import nanocode; "
+                                "nanocode.main(['--version'])" % HERE], env=env)
+    _row(rows, "  same, bytecode cached (import nanocode)", cached, "ms", "(diagnostic)", bare, "(python3 -c pass)")
 
 
 def _bench_env(fake, home):
