@@ -3117,7 +3117,7 @@ class Agent:
                 elif not self._deliver(self.inbox.take_followups(), "followup"):
                     break
         except APIError as e:
-            stop, error = "error", str(e)
+            stop, error = "error", str(e) + self._key_hint(e)
             self.emit({"type": "error", "message": error, "fatal": True})
         except Exception as e:  # a bug must still end with agent_end and keep the history
             stop, error = "error", "internal error: %s: %s" % (e.__class__.__name__, e)
@@ -3157,6 +3157,14 @@ class Agent:
         if reclassified:
             event["reclassified"] = True  # this text was streamed as text_delta before a lone </think>
         self.emit(event)
+
+    def _key_hint(self, error):
+        """A hint when the failure is probably about the API key."""
+        if self.config.key_source == "none" and not self.config.base_url.startswith("http://127."):
+            return " (no API key found: set OPENCODE_API_KEY or OPENAI_API_KEY, or start a local model server)"
+        if error.status in (401, 403):
+            return " (check the API key from %s)" % self.config.key_source
+        return ""
 
     @staticmethod
     def _incomplete_reason(reply):
