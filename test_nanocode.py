@@ -2706,6 +2706,17 @@ class TestAgentCore(EndToEndTestCase):
 class TestHeadless(EndToEndTestCase):
     """-p text mode and --mode json: what goes to stdout, the event schema, exit codes."""
 
+    def test_errors_name_the_api_key_problem(self):
+        self.fake.enqueue_json(error_body("invalid api key"), status=401)
+        rc, out, err, _ = self.run_nanocode(["-p", "hi"])
+        self.assertEqual(rc, 1)
+        self.assertIn("HTTP 401: invalid api key", err)
+        self.assertIn("check the API key from $OPENAI_API_KEY", err)
+        rc, out, err, _ = self.run_nanocode(["-p", "hi"], env={"OPENAI_API_KEY": None,
+                                                                "OPENAI_BASE_URL": "http://localhost:%d/v1" % closed_port()})
+        self.assertEqual(rc, 1)
+        self.assertIn("no API key found", err)
+
     def test_print_mode_writes_the_answer_to_stdout(self):
         cases = [("-p", ["-p"]), ("--print --quiet", ["--print", "--quiet"])]
         for name, flags in cases:
