@@ -119,6 +119,7 @@ _ConfigBase = record("Config", "Everything a run needs, built once by load_confi
     ("cwd", "."),
     ("home", "~/.nanocode"),  # settings, history, sessions
     ("max_attempts", 4),
+    ("retry_base", 1.0),  # seconds before the first retry; doubles each time (NANOCODE_RETRY_BASE_MS)
     ("connect_timeout", 30.0),
     ("idle_timeout", 120.0),
     ("show_thinking", True),
@@ -307,6 +308,7 @@ def load_config(args, env, known_tools=()):
         context_files=not args.no_context_files, quiet=args.quiet, mode=args.mode,
         print_mode=args.print or args.mode == "json", save_session=not args.no_session,
         cwd=os.getcwd(), home=home, max_attempts=int(settings.get("maxAttempts", 4)),
+        retry_base=float(env.get("NANOCODE_RETRY_BASE_MS") or 1000) / 1000.0,
         idle_timeout=float(env.get("NANOCODE_IDLE_TIMEOUT") or settings.get("idleTimeout", 120)),
         show_thinking=env.get("SHOW_THINKING", "1") != "0",
         color=not env.get("NO_COLOR"), prices=settings.get("prices") or {}, notes=tuple(notes),
@@ -544,6 +546,8 @@ _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 def _partial_tag_len(text, tag):
     """Length of the longest suffix of text that starts tag. Example: ('ab</th', '</think>') -> 4."""
+    if "<" not in text[1 - len(tag):]:  # the common case, on every delta: nothing to hold back
+        return 0
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):
             return n
@@ -869,7 +873,7 @@ class ChatClient:
         self.include_usage = config.compat.include_usage
         self.connections_opened = 0
         self._conn = None
-        self.retry_base = float(os.environ.get("NANOCODE_RETRY_BASE_MS", "1000")) / 1000.0
+        self._url = None  # the parsed chat URL, split once
 
     def close(self):
         """Drop the connection."""
@@ -913,16 +917,23 @@ class ChatClient:
                     return assembler.finish()
 
     def _backoff(self, attempt):
-        base = self.retry_base * (2 ** (attempt - 1))
+        base = self.config.retry_base * (2 ** (attempt - 1))
         return min(base + random.uniform(0, base / 2), RETRY_AFTER_CAP)
 
     # -- one HTTP exchange ------------------------------------------------------
 
+    def _target(self):
+        """The chat URL, split once: (netloc, path with query, parts)."""
+        if self._url is None:
+            from urllib.parse import urlsplit
+            url = urlsplit(self.config.chat_url)
+            self._url = (url.netloc, url.path + ("?" + url.query if url.query else ""), url)
+        return self._url
+
     def _connection(self):
         import http.client
         if self._conn is None:
-            from urllib.parse import urlsplit
-            url = urlsplit(self.config.chat_url)
+            url = self._target()[2]
             if url.scheme == "https":
                 import ssl
                 self._conn = http.client.HTTPSConnection(url.hostname, url.port, timeout=self.config.connect_timeout,
@@ -950,9 +961,7 @@ class ChatClient:
     def _send(self, body, cancel):
         """POST the body; a kept-alive connection the server closed is reopened once, silently."""
         import http.client
-        from urllib.parse import urlsplit
-        url = urlsplit(self.config.chat_url)
-        path = url.path + ("?" + url.query if url.query else "")
+        netloc, path, _ = self._target()
         for _ in range(2):
             if cancel.is_set():
                 raise APIError("aborted")
@@ -967,14 +976,14 @@ class ChatClient:
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
                 self.close()
                 if fresh:
-                    raise APIError("connection to %s failed: %s" % (url.netloc, e), retryable=True)
+                    raise APIError("connection to %s failed: %s" % (netloc, e), retryable=True)
             except OSError as e:
                 connected = conn.sock is not None
                 self.close()
                 if not connected or not _is_timeout(e):
-                    raise _connect_error(url.netloc, e)
-                raise APIError("no answer from %s for %gs; the request was abandoned" % (url.netloc, self.config.idle_timeout))
-        raise APIError("connection to %s failed" % url.netloc, retryable=True)
+                    raise _connect_error(netloc, e)
+                raise APIError("no answer from %s for %gs; the request was abandoned" % (netloc, self.config.idle_timeout))
+        raise APIError("connection to %s failed" % netloc, retryable=True)
 
     def _attempt(self, body, assembler, cancel):
         import socket
@@ -1232,13 +1241,12 @@ def normalize_args(t, args):
 class ToolContext:
     """What a running tool may touch: cwd, config, cancel token, update sink, checkpoints."""
 
-    def __init__(self, cwd, config=None, cancel=None, update=None, checkpoints=None, call_id=""):
+    def __init__(self, cwd, config=None, cancel=None, update=None, checkpoints=None):
         self.cwd = cwd
         self.config = config
         self.cancel = cancel or Cancel()
         self._update = update
         self.checkpoints = checkpoints
-        self.call_id = call_id
 
     def path(self, p):
         """Resolve a path argument against the working directory."""
@@ -1248,10 +1256,6 @@ class ToolContext:
         """Stream progress (e.g. command output) to the front ends."""
         if self._update and text:
             self._update(text)
-
-    def for_call(self, call_id, update):
-        """A copy for one tool call."""
-        return ToolContext(self.cwd, self.config, self.cancel, update, self.checkpoints, call_id)
 
 
 def run_tool(ctx, name, args, active=None):
@@ -3062,9 +3066,14 @@ class Agent:
         self.inbox = Inbox()
         self.checkpoints = Checkpoints()
         self.cancel = Cancel()
+        self.clear()
+        self.session_id = "%s-%04x" % (time.strftime("%Y%m%d-%H%M%S"), random.getrandbits(16))
+
+    def clear(self):
+        """Forget the conversation (the system message stays) and its usage."""
+        del self.messages[1:]
         self.usage = {"input": 0, "output": 0, "cacheRead": 0, "total": 0}
         self.last_usage = None
-        self.session_id = "%s-%04x" % (time.strftime("%Y%m%d-%H%M%S"), random.getrandbits(16))
 
     def _schemas(self):
         schemas = []
@@ -3100,7 +3109,6 @@ class Agent:
                     break
                 if turns >= self.config.max_turns:
                     stop, error = "max_turns", "stopped after %d turns (--max-turns)" % turns
-                    self.emit({"type": "error", "message": error, "fatal": True})
                     break
                 turns += 1
                 reply = self._turn(turns)
@@ -3110,7 +3118,6 @@ class Agent:
                     break
                 if not reply.complete:
                     stop, error = "error", self._incomplete_reason(reply)
-                    self.emit({"type": "error", "message": error, "fatal": True})
                     break
                 if reply.tool_calls:
                     self._run_tool_calls(reply.tool_calls)
@@ -3118,12 +3125,10 @@ class Agent:
                     break
         except APIError as e:
             stop, error = "error", str(e) + self._key_hint(e)
-            self.emit({"type": "error", "message": error, "fatal": True})
         except Exception as e:  # a bug must still end with agent_end and keep the history
             stop, error = "error", "internal error: %s: %s" % (e.__class__.__name__, e)
+        if error:
             self.emit({"type": "error", "message": error, "fatal": True})
-        if stop == "aborted":
-            error = None
         end = {"type": "agent_end", "text": text, "stopReason": stop, "error": error, "turns": turns,
                "usage": dict(self.usage), "durationMs": int((time.monotonic() - started) * 1000),
                "messages": self.messages}
@@ -3136,9 +3141,9 @@ class Agent:
         self.emit({"type": "turn_start", "turn": number})
         self.checkpoints.begin_turn()
         reply = self.client.stream(self.messages, self.tool_schemas, self.cancel, self._on_text, self._on_reasoning)
+        self.messages.append(reply_to_message(reply, self.config.compat))  # with the provider's tool names
         for call in reply.tool_calls:
             call["name"] = self.wire_names.get(call["name"], call["name"])
-        self.messages.append(reply_to_message(reply, self.config.compat))
         usage = normalize_usage(reply.usage)
         if usage:
             add_usage(self.usage, usage)
@@ -3242,8 +3247,8 @@ class Agent:
         if call.get("error"):
             result = ToolResult("error: %s; resend the call with a valid JSON object" % call["error"], True)
         else:
-            ctx = ToolContext(self.config.cwd, self.config, self.cancel, None, self.checkpoints).for_call(
-                call["id"], lambda text: self.emit({"type": "tool_update", "id": call["id"], "delta": text}))
+            ctx = ToolContext(self.config.cwd, self.config, self.cancel, checkpoints=self.checkpoints,
+                              update=lambda text: self.emit({"type": "tool_update", "id": call["id"], "delta": text}))
             result = run_tool(ctx, call["name"], call["args"], self.tool_names)
         event = {"type": "tool_end", "id": call["id"], "name": call["name"], "result": result.text,
                  "isError": result.is_error}
@@ -3895,9 +3900,7 @@ class Repl:
 
     def cmd_clear(self, arg):
         """start a new conversation (history cleared)"""
-        self.agent.messages[1:] = []
-        self.agent.usage = {"input": 0, "output": 0, "cacheRead": 0, "total": 0}
-        self.agent.last_usage = None
+        self.agent.clear()
         self.screen.print(self.style("conversation cleared", "gray"))
 
     cmd_c = cmd_clear

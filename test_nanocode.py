@@ -527,7 +527,7 @@ class NanocodeTestCase(unittest.TestCase):
 
     def make_client(self, **overrides):
         """A ChatClient pointed at the fake server; its events go to self.events."""
-        options = dict(base_url=self.fake.url, api_key="k", model="m", max_attempts=4)
+        options = dict(base_url=self.fake.url, api_key="k", model="m", max_attempts=4, retry_base=0.01)
         options.update(overrides)
         client = nanocode.ChatClient(nanocode.Config(**options), self.events.append)
         self.addCleanup(client.close)
@@ -1305,7 +1305,8 @@ class TestChatClient(NanocodeTestCase):
         self.assertEqual(nanocode.Config().max_attempts, 4)
         for _ in range(5):
             self.fake.enqueue_json(error_body("overloaded"), 503)
-        client = nanocode.ChatClient(nanocode.Config(base_url=self.fake.url, api_key="k", model="m"), self.events.append)
+        client = nanocode.ChatClient(nanocode.Config(base_url=self.fake.url, api_key="k", model="m", retry_base=0.01),
+                                     self.events.append)
         self.addCleanup(client.close)
         self.assertAPIError(lambda: self.stream(client), "overloaded")
         self.assertEqual(len(self.fake.posts), 4)
@@ -1332,7 +1333,7 @@ class TestChatClient(NanocodeTestCase):
             self.events.append(event)
             cancel.cancel()  # no need to wait the minute out
         self.fake.enqueue_json(error_body("slow down"), 429, headers={"Retry-After": "3600"})
-        client = nanocode.ChatClient(nanocode.Config(base_url=self.fake.url, api_key="k", model="m"), emit)
+        client = nanocode.ChatClient(nanocode.Config(base_url=self.fake.url, api_key="k", model="m", retry_base=0.01), emit)
         self.addCleanup(client.close)
         reply, _, _ = self.stream(client, cancel=cancel)
         self.assertEqual(self.assertRetryEvents(1)[0]["delayMs"], 60000)
@@ -1923,6 +1924,18 @@ class TestToolScheduling(TempDirMixin, unittest.TestCase):
         second_request = agent.client.requests[1]
         self.assertEqual(second_request[-1], {"role": "user", "content": "stop, do X instead"})
         self.assertIn({"type": "user_message", "kind": "steering", "text": "stop, do X instead"}, events)
+
+    def test_history_keeps_the_tool_names_the_provider_used(self):
+        nanocode.tool("fs.read-one", "test", readonly=True)(lambda ctx: "read it")
+        self.addCleanup(nanocode.TOOLS.pop, "fs.read-one", None)
+        agent, events = self.agent([], ["fs.read-one"])
+        wire = agent.tool_schemas[0]["function"]["name"]
+        self.assertEqual(wire, "fs_read-one")
+        agent.client.replies = [scripted_reply(calls=[("c1", wire, {})]), scripted_reply("done")]
+        agent.run("go")
+        self.assertEqual(agent.messages[2]["tool_calls"][0]["function"]["name"], "fs_read-one")
+        self.assertEqual(agent.messages[3], {"role": "tool", "tool_call_id": "c1", "content": "read it"})
+        self.assertEqual([e["name"] for e in events if e["type"] == "tool_start"], ["fs.read-one"])
 
     def test_follow_up_is_delivered_when_the_agent_would_stop(self):
         agent, events = self.agent([scripted_reply("first"), scripted_reply("second")], [])
