@@ -1232,10 +1232,18 @@ def normalize_args(t, args):
     for pname, spec in t.params.items():
         schema, optional = _param_spec(spec)
         if pname in args and args[pname] is not None:
-            kwargs[pname] = _coerce(args[pname], schema)
+            value = kwargs[pname] = _coerce(args[pname], schema)
+            if schema["type"] in ("integer", "number") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ToolError("%s must be a number, got %r" % (pname, value))
         elif not optional:
             raise ToolError("missing required argument %r; %s takes %s" % (pname, t.name, ", ".join(t.params)))
     return kwargs
+
+
+def clamp(value, low, high=None):
+    """A numeric argument (checked by normalize_args) as an int within [low, high]. Example: (0, 1) -> 1."""
+    value = max(low, int(value))
+    return value if high is None else min(value, high)
 
 
 class ToolContext:
@@ -1287,6 +1295,9 @@ MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (
          (b"GIF89a", "image/gif"), (b"%PDF", "PDF document"), (b"PK\x03\x04", "zip archive"),
          (b"\x7fELF", "ELF executable"), (b"\x1f\x8b", "gzip archive"), (b"\xfe\xed\xfa", "Mach-O binary"),
          (b"\xcf\xfa\xed\xfe", "Mach-O binary"), (b"MZ", "Windows executable"), (b"SQLite format 3", "SQLite database"))
+
+
+_BINARY_PROBE = 8192  #: a NUL in a file's first 8 KB marks it as binary
 
 
 def sniff_type(head):
@@ -1419,9 +1430,9 @@ def tool_read(ctx, path, offset=1, limit=READ_DEFAULT_LINES):
     """Return numbered lines [offset, offset+limit) of path, streaming through big files."""
     path = ctx.path(path)
     _check_readable_file(path)
-    limit = max(1, min(int(limit), 100000))
+    limit = clamp(limit, 1, 100000)
     with open(path, "rb") as f:
-        head = f.read(8192)
+        head = f.read(_BINARY_PROBE)
         kind = sniff_type(head)
         if kind and kind.startswith("image/"):
             return _read_image(ctx, path, kind)
@@ -1808,7 +1819,7 @@ def shell_argv(command):
 def tool_bash(ctx, command, timeout=BASH_DEFAULT_TIMEOUT):
     """Run command in its own process group; returns when the shell exits, even if children linger."""
     import subprocess
-    timeout = max(1, min(int(timeout), BASH_MAX_TIMEOUT))
+    timeout = clamp(timeout, 1, BASH_MAX_TIMEOUT)
     env = dict(os.environ, NANOCODE="1")
     if os.name != "posix":
         return _bash_simple(ctx, command, timeout, env)
@@ -1912,8 +1923,8 @@ def _bash_simple(ctx, command, timeout, env):
 
 SEARCH_MAX_FILE = 10 * 1024 * 1024  #: grep skips files larger than this (rg --max-filesize 10M)
 SEARCH_LINE_MAX = 500  #: grep cuts each output line to this many characters
-_BINARY_PROBE = 8192  # a NUL in the first 8 KB marks a file as binary
 _REGEX_META = frozenset(".^$*+?{}[]\\|()")
+_GLOB_META = frozenset("*?[{")
 _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would translate line ends without it
 #: grep outputMode values, with Claude Code's name for "files"
 _GREP_MODES = {"content": "content", "files": "files", "files_with_matches": "files", "count": "count"}
@@ -2102,13 +2113,6 @@ def _more(lines, extra, hint):
     return "\n".join(lines)
 
 
-def _int_arg(value, name, low):
-    """A numeric argument as an int, at least low; ToolError otherwise. Example: (0, 'limit', 1) -> 1."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ToolError("%s must be a number, got %r" % (name, value))
-    return max(low, int(value))
-
-
 def _search_root(ctx, path, files_ok=False):
     """(directory, file name or None) for a path argument; ToolError when it is missing."""
     full = ctx.path(path)
@@ -2282,11 +2286,12 @@ def _line_matcher(pattern, ignore_case):
         if needles and not any(buf.find(x, 0, n) >= 0 for x in needles):  # most files end here, uncopied
             return []
         data = bytes(memoryview(buf)[:n])
-        if folded and data.isascii():
+        ascii_data = bool(folded or (rx_bytes is not None and not exact)) and data.isascii()
+        if folded and ascii_data:
             lowered = data.lower()
             if not any(x in lowered for x in folded):
                 return []
-        if rx_bytes is not None and (exact or data.isascii()):
+        if rx_bytes is not None and (exact or ascii_data):
             return _match_lines(data, rx_bytes, b"\n", first_only)
         return _match_lines(data.decode("utf-8", "replace"), rx_text, "\n", first_only)
     return match
@@ -2303,13 +2308,12 @@ def _compile_bytes(pattern, flags):
 def _split_glob(pattern):
     """(directory, rest) of a glob, cut before its first wildcard part. Example: '/a/b/*.py' -> ('/a/b', '*.py')."""
     parts = pattern.replace(os.sep, "/").split("/")
-    i = next((k for k, p in enumerate(parts) if set(p) & set("*?[{")), len(parts) - 1)
+    i = next((k for k, p in enumerate(parts) if _GLOB_META.intersection(p)), len(parts) - 1)
     return "/".join(parts[:i]) or ("/" if pattern.startswith("/") else "."), "/".join(parts[i:])
 
 
-def _python_grep(root, target, pattern, glob, ignore_case, mode, cancel):
+def _python_grep(root, target, match, glob, mode, cancel):
     """(path, [(line number, line)]) for each file with a match, in path order, searched here."""
-    match = _line_matcher(pattern, ignore_case)
     files = [target] if target else sorted(_candidate_files(root, cancel))
     if glob and not target:
         keep = _path_matcher(glob)
@@ -2324,13 +2328,14 @@ def _python_grep(root, target, pattern, glob, ignore_case, mode, cancel):
             yield rel, hits
 
 
-def _rg_grep(rg, root, target, pattern, glob, ignore_case, cancel):
+def _rg_grep(rg, root, target, pattern, glob, ignore_case, mode, cancel):
     """(path, [(line number, line)]) pairs from ripgrep in path order; None when rg fails."""
     # --null: path\0line:text, unambiguous; --no-require-git: .gitignore counts outside git too, as in
     # the walk; --hidden searches dotfiles as the walk does, but then .git must be excluded by hand
     cmd = [rg, "--no-config", "--null", "--line-number", "--no-heading", "--with-filename", "--color", "never",
            "--hidden", "--no-require-git", "--max-filesize", "10M", "--no-messages"]
     cmd += ["--ignore-case"] if ignore_case else []
+    cmd += ["--max-count", "1"] if mode == "files" else []
     # rg's --glob overrides .gitignore; a file type is a filter within it, but sees only names
     keep = _path_matcher(glob) if glob and not target and "/" in glob else None
     if glob and not target and keep is None:
@@ -2407,18 +2412,18 @@ def tool_grep(ctx, pattern, path=".", glob="", ignoreCase=False, context=0, outp
     mode = _GREP_MODES.get(outputMode)
     if mode is None:
         raise ToolError("outputMode must be content, files or count, not %r" % outputMode)
-    limit, context = _int_arg(limit, "limit", 1), _int_arg(context, "context", 0)
-    if not glob and set(path) & set("*?[{") and not os.path.exists(ctx.path(path)):
+    limit, context = clamp(limit, 1), clamp(context, 0)
+    if not glob and _GLOB_META.intersection(path) and not os.path.exists(ctx.path(path)):
         path, glob = _split_glob(path)  # a pattern sent as path, e.g. src/*.ts
     glob = glob[2:] if glob.startswith("./") else glob
     root, target = _search_root(ctx, path, files_ok=True)
-    _line_matcher(pattern, ignoreCase)  # a bad regex fails the same way on both paths
+    match = _line_matcher(pattern, ignoreCase)  # a bad regex fails the same way on both paths
     # context lines, limits and formatting are done here for both searches, so their output is the same
     rg, results = shutil.which("rg"), None
     if rg:
-        results = _rg_grep(rg, root, target, pattern, glob, ignoreCase, ctx.cancel)
+        results = _rg_grep(rg, root, target, pattern, glob, ignoreCase, mode, ctx.cancel)
     if results is None:
-        results = _python_grep(root, target, pattern, glob, ignoreCase, mode, ctx.cancel)
+        results = _python_grep(root, target, match, glob, mode, ctx.cancel)
     return _format_grep(root, results, mode, limit, context) or "no matches"
 
 
@@ -2452,7 +2457,7 @@ def tool_glob(ctx, pattern, path="."):
 def tool_ls(ctx, path=".", limit=500):
     """The entries of one directory, sorted case-insensitively, at most limit."""
     root, _ = _search_root(ctx, path)
-    limit = _int_arg(limit, "limit", 1)
+    limit = clamp(limit, 1)
     try:
         with os.scandir(root) as it:
             names = [e.name + ("/" if e.is_dir() else "") for e in it]
@@ -2478,7 +2483,7 @@ def _parent_dirs(files):
 def tool_find(ctx, pattern, path=".", limit=1000, hidden=False):
     """Files and directories under path matching pattern, sorted by path; directories end with /."""
     root, _ = _search_root(ctx, path)
-    match, limit = _path_matcher(pattern), _int_arg(limit, "limit", 1)
+    match, limit = _path_matcher(pattern), clamp(limit, 1)
     files = _candidate_files(root, ctx.cancel, hidden)
     # directories come from the file list: ignored or empty ones are not shown
     found = sorted([f for f in files if match(f)] + [d + "/" for d in _parent_dirs(files) if match(d)])
@@ -2537,6 +2542,13 @@ def _network_error(url, exc, timeout):
         return ToolError("TLS error for %s: %s" % (url, one_line(reason, 200)))
     detail = one_line(getattr(reason, "strerror", None) or reason, 200)
     return ToolError("network unreachable: %s (%s); check the URL or your connection" % (detail, url))
+
+
+def _fetch(url, timeout, cancel, data=None, headers=None, hint="check the URL"):
+    """(body, cut, final URL, content type) of a request; at most WEB_MAX_BYTES of body are read."""
+    with _open_url(url, timeout, cancel, data, headers, hint) as resp:
+        body, cut = _read_capped(resp, WEB_MAX_BYTES, cancel, url, timeout)
+        return body, cut, resp.geturl(), resp.headers.get("Content-Type", "")
 
 
 def _read_capped(resp, limit, cancel, url, timeout):
@@ -2851,9 +2863,7 @@ def tool_webfetch(ctx, url, format="markdown", maxCharacters=WEB_MAX_CHARS, time
     if format not in ("markdown", "text", "html"):
         raise ToolError("format must be markdown, text or html")
     timeout = min(max(float(timeoutSeconds), 1.0), WEB_MAX_TIMEOUT)
-    with _open_url(url, timeout, ctx.cancel) as resp:
-        body, body_cut = _read_capped(resp, WEB_MAX_BYTES, ctx.cancel, url, timeout)
-        final_url, content_type = resp.geturl(), resp.headers.get("Content-Type", "")
+    body, body_cut, final_url, content_type = _fetch(url, timeout, ctx.cancel)
     text = render_web_body(body, content_type, final_url, format)
     if text is None:
         size = "{:,}".format(len(body)) + ("+" if body_cut else "")
@@ -2861,7 +2871,7 @@ def tool_webfetch(ctx, url, format="markdown", maxCharacters=WEB_MAX_CHARS, time
     notes = []
     if body_cut:
         notes.append("[body cut at %d MB; only the start was read]" % (WEB_MAX_BYTES >> 20))
-    limit = max(int(maxCharacters), 1)
+    limit = clamp(maxCharacters, 1)
     if len(text) > limit:
         notes.append("[cut at %s of %s characters; a larger maxCharacters shows more]"
                      % ("{:,}".format(limit), "{:,}".format(len(text))))
@@ -2917,10 +2927,8 @@ def _search_duckduckgo(ctx, query, count):
     from urllib.parse import urlencode
     base = os.environ.get("NANOCODE_DDG_URL") or DDG_URL
     url = base + ("&" if "?" in base else "?") + urlencode({"q": query})
-    with _open_url(url, WEB_TIMEOUT, ctx.cancel) as resp:
-        body, _ = _read_capped(resp, WEB_MAX_BYTES, ctx.cancel, url, WEB_TIMEOUT)
-        charset = _charset(resp.headers.get("Content-Type", ""), body)
-    html = body.decode(charset, "replace")
+    body, _, _, content_type = _fetch(url, WEB_TIMEOUT, ctx.cancel)
+    html = body.decode(_charset(content_type, body), "replace")
     results = parse_duckduckgo(html)
     if not results and "anomaly" in html:
         raise ToolError("DuckDuckGo asked for a captcha; retry later, or set EXA_API_KEY to search with Exa")
@@ -2932,8 +2940,7 @@ def _search_exa(ctx, query, count, api_key):
     url = os.environ.get("NANOCODE_EXA_URL") or EXA_URL
     body = {"query": query, "numResults": count, "contents": {"text": {"maxCharacters": SNIPPET_CHARS}}}
     headers = {"x-api-key": api_key, "Content-Type": "application/json", "Accept": "application/json"}
-    with _open_url(url, WEB_TIMEOUT, ctx.cancel, encode_json(body), headers, "check EXA_API_KEY") as resp:
-        raw, _ = _read_capped(resp, WEB_MAX_BYTES, ctx.cancel, url, WEB_TIMEOUT)
+    raw = _fetch(url, WEB_TIMEOUT, ctx.cancel, encode_json(body), headers, "check EXA_API_KEY")[0]
     try:
         items = json.loads(raw.decode("utf-8", "replace")).get("results") or []
     except (ValueError, AttributeError):
@@ -2960,7 +2967,7 @@ def tool_websearch(ctx, query, numResults=8):
     """Search with Exa when EXA_API_KEY is set, else DuckDuckGo's HTML page."""
     if not query.strip():
         raise ToolError("query is empty: say what to search for")
-    count = min(max(int(numResults), 1), 20)
+    count = clamp(numResults, 1, 20)
     api_key = os.environ.get("EXA_API_KEY", "").strip()
     if api_key:
         url, results = _search_exa(ctx, query, count, api_key)

@@ -1539,6 +1539,18 @@ class TestChatClient(NanocodeTestCase):
 class TestTools(unittest.TestCase):
     """The registry boundary: errors become results, never exceptions."""
 
+    def test_non_numbers_are_refused_the_same_way_by_every_tool(self):
+        ctx = nanocode.ToolContext(tempfile.gettempdir())
+        cases = [("read", {"path": "x", "offset": "abc"}, "offset"), ("bash", {"command": "true", "timeout": True}, "timeout"),
+                 ("grep", {"pattern": "x", "limit": "many"}, "limit"),
+                 ("webfetch", {"url": "http://127.0.0.1:9/", "timeoutSeconds": "soon"}, "timeoutSeconds"),
+                 ("websearch", {"query": "q", "numResults": [3]}, "numResults")]
+        for name, args, param in cases:
+            with self.subTest(tool=name):
+                result = nanocode.run_tool(ctx, name, args)
+                self.assertTrue(result.is_error)
+                self.assertTrue(result.text.startswith("error: %s must be a number, got " % param), result.text)
+
     def test_unknown_tool_lists_the_valid_names(self):
         ctx = nanocode.ToolContext(tempfile.gettempdir())
         cases = [("not a tool", "nosuchtool", ["read", "bash"]), ("outside the active set", "bash", ["read"])]
