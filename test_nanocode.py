@@ -578,6 +578,15 @@ class EndToEndTestCase(NanocodeTestCase):
             f.write(text)
         return path
 
+    def run_read_then_ok(self, **tool_answer_options):
+        """notes.txt in the work dir, a scripted `read` of it then "ok"; returns the events of a clean run."""
+        self.write_file("notes.txt", "hello\n")
+        self.fake.enqueue(tool_answer("read", {"path": "notes.txt"}, **tool_answer_options))
+        self.fake.enqueue(answer("ok"))
+        rc, events, err = self.run_json("go")
+        self.assertEqual(rc, 0, err)
+        return events
+
     def assertJSONLines(self, events, stderr=""):
         """Every stdout line is JSON; session first, agent_end last."""
         self.assertTrue(events, "no events on stdout; %s" % stderr[-2000:])
@@ -2643,11 +2652,7 @@ class TestAgentCore(EndToEndTestCase):
         self.assertIn("nanocode-42", self.tool_message(self.fake.posts[1], "call_1")["content"])
 
     def test_tool_calls_acted_on_when_finish_reason_is_stop(self):
-        self.write_file("notes.txt", "hello\n")
-        self.fake.enqueue(tool_answer("read", {"path": "notes.txt"}, finish="stop"))
-        self.fake.enqueue(answer("ok"))
-        rc, events, err = self.run_json("go")
-        self.assertEqual(rc, 0, err)
+        events = self.run_read_then_ok(finish="stop")
         self.assertEqual([e["name"] for e in self.of_type(events, "tool_start")], ["read"])
         self.assertEqual(len(self.fake.posts), 2)
 
@@ -2702,11 +2707,7 @@ class TestAgentCore(EndToEndTestCase):
         self.assertEqual(len(self.fake.posts), 1)
 
     def test_reasoning_content_sent_back_by_default(self):
-        self.write_file("notes.txt", "hello\n")
-        self.fake.enqueue(tool_answer("read", {"path": "notes.txt"}, reasoning="I will read the file."))
-        self.fake.enqueue(answer("ok"))
-        rc, events, err = self.run_json("go")
-        self.assertEqual(rc, 0, err)
+        events = self.run_read_then_ok(reasoning="I will read the file.")
         self.assertEqual("".join(e["delta"] for e in self.of_type(events, "reasoning_delta")), "I will read the file.")
         self.assertEqual(self.of_type(events, "message_end")[0]["reasoning"], "I will read the file.")
         assistant = [m for m in self.fake.posts[1].json["messages"] if m.get("role") == "assistant"][0]
@@ -2714,11 +2715,7 @@ class TestAgentCore(EndToEndTestCase):
 
     def test_reasoning_content_stripped_when_keep_reasoning_is_false(self):
         self.write_settings({"compat": {"keepReasoning": False}})
-        self.write_file("notes.txt", "hello\n")
-        self.fake.enqueue(tool_answer("read", {"path": "notes.txt"}, reasoning="I will read the file."))
-        self.fake.enqueue(answer("ok"))
-        rc, events, err = self.run_json("go")
-        self.assertEqual(rc, 0, err)
+        events = self.run_read_then_ok(reasoning="I will read the file.")
         assistant = [m for m in self.fake.posts[1].json["messages"] if m.get("role") == "assistant"][0]
         self.assertNotIn("reasoning_content", assistant)
         self.assertEqual(assistant["tool_calls"][0]["id"], "call_1")
