@@ -2904,6 +2904,11 @@ class TmuxSession:
         """Type literal text (no Enter)."""
         self.tmux("send-keys", "-t", "t", "-l", text)
 
+    def enter(self, text):
+        """Type a line and press Enter."""
+        self.type(text)
+        self.keys("Enter")
+
     def keys(self, *keys):
         """Press keys such as Enter, C-c, Up."""
         self.tmux("send-keys", "-t", "t", *keys)
@@ -2943,8 +2948,7 @@ class TestRepl(EndToEndTestCase):
                                                        finish_chunk("tool_calls")]))
         self.fake.enqueue(answer("all done"))
         tui = self.start()
-        tui.type("start the job")
-        tui.keys("Enter")
+        tui.enter("start the job")
         tui.wait("word3")
         tui.type("STEER-ME please")
         time.sleep(0.5)  # more words stream above the prompt meanwhile
@@ -2963,16 +2967,14 @@ class TestRepl(EndToEndTestCase):
         self.fake.enqueue(slow_text(["partial%d" % i for i in range(100)], 0.2))
         self.fake.enqueue(answer("second answer"))
         tui = self.start()
-        tui.type("long task")
-        tui.keys("Enter")
+        tui.enter("long task")
         tui.wait("partial2")
         started = time.monotonic()
         tui.keys("C-c")
         tui.wait("[interrupted]", 5)
         self.assertLess(time.monotonic() - started, 1.0)
         self.assertTrue(tui.alive())
-        tui.type("next")
-        tui.keys("Enter")
+        tui.enter("next")
         tui.wait("second answer")
         history = self.fake.posts[1].json["messages"]
         partial = [m for m in history if m["role"] == "assistant"][0]["content"]
@@ -2984,31 +2986,25 @@ class TestRepl(EndToEndTestCase):
     def test_queue_and_dequeue(self):
         self.fake.enqueue(slow_text(["w%d" % i for i in range(40)], 0.15))
         tui = self.start()
-        tui.type("go")
-        tui.keys("Enter")
+        tui.enter("go")
         tui.wait("w1")
         for line in ("/followup later please", "/steer now please", "/queue"):
-            tui.type(line)
-            tui.keys("Enter")
+            tui.enter(line)
         tui.wait("follow-up: later please")
         self.assertIn("steer: now please", tui.screen())
-        tui.type("/dequeue")
-        tui.keys("Enter")
+        tui.enter("/dequeue")
         time.sleep(6.5)  # the stream ends; nothing queued may be sent
         self.assertEqual(len(self.fake.posts), 1)
-        tui.type("/queue")
-        tui.keys("Enter")
+        tui.enter("/queue")
         tui.wait("nothing queued")
 
     def test_at_file_attachment_and_bang_command(self):
         self.write_file("notes.txt", "the secret is 42\n")
         self.fake.enqueue(answer("seen it"))
         tui = self.start()
-        tui.type("!echo shell-said-hi")
-        tui.keys("Enter")
+        tui.enter("!echo shell-said-hi")
         tui.wait("shell-said-hi")
-        tui.type("read @notes.txt please")
-        tui.keys("Enter")
+        tui.enter("read @notes.txt please")
         tui.wait("seen it")
         messages = self.fake.posts[0].json["messages"]
         texts = [message_text(m) for m in messages if m["role"] == "user"]
@@ -3020,11 +3016,9 @@ class TestRepl(EndToEndTestCase):
     def test_history_persists_across_runs(self):
         self.fake.enqueue(answer("first reply"))
         tui = self.start()
-        tui.type("remember-this-line")
-        tui.keys("Enter")
+        tui.enter("remember-this-line")
         tui.wait("first reply")
-        tui.type("/exit")
-        tui.keys("Enter")
+        tui.enter("/exit")
         self.assertTrue(wait_for(lambda: not tui.alive(), 5))
         path = os.path.join(self.home, "history")
         self.assertTrue(os.path.exists(path))
@@ -3039,19 +3033,16 @@ class TestRepl(EndToEndTestCase):
                 self.fake.reset()
                 self.fake.enqueue(answer("**bold** and `code`"))
                 tui = self.start(NO_COLOR=no_color)
-                tui.type("hi")
-                tui.keys("Enter")
+                tui.enter("hi")
                 tui.wait("bold and code")
                 self.assertEqual("\x1b[" in tui.screen(escapes=True), expect_escapes)
                 tui.kill()
 
     def test_commands_help_typo_and_exit(self):
         tui = self.start()
-        tui.type("/hlep")
-        tui.keys("Enter")
+        tui.enter("/hlep")
         tui.wait("did you mean /help?")
-        tui.type("/help")
-        tui.keys("Enter")
+        tui.enter("/help")
         tui.wait("/dequeue")
         for name in ("/clear", "/context", "/cost", "/model", "/tools", "/steer", "/followup", "/queue", "/quit"):
             self.assertIn(name, tui.screen())
@@ -3550,11 +3541,9 @@ def _capture(case, out):
                               "tmux -u -L %s attach -t t" % tui.socket], env=env)
     case.addCleanup(xterm.kill)
     tui.wait("/help for commands")
-    tui.type("make the greeting friendlier")
-    tui.keys("Enter")
+    tui.enter("make the greeting friendlier")
     tui.wait("no other file changed", 15)
-    tui.type("also add a docstring")
-    tui.keys("Enter")
+    tui.enter("also add a docstring")
     tui.wait("steering queued")
     tui.type("and a test?")
     tui.wait("output should", 10)
