@@ -107,7 +107,11 @@ _ConfigBase = record("Config", "Everything a run needs, built once by load_confi
     ("compat", Compat()),
     ("max_turns", 100),
     ("max_tokens", 0),  # 0: let the provider decide
-    ("context_window", 128000),  # tokens, for the context gauge
+    ("context_window", 128000),  # tokens: the gauge and compaction
+    ("compaction", True),  # compact automatically when the context fills up
+    ("reserve_tokens", 16384),  # compaction starts when less than max(reserve_tokens, reserve_ratio * window) is left
+    ("reserve_ratio", 0.15),
+    ("keep_recent_tokens", 20000),  # kept verbatim by a compaction (at most half the usable window)
     ("tools", ()),  # active tool names; () means none
     ("system_prompt", ""),  # replaces the built-in prompt when set
     ("append_system_prompt", ""),
@@ -126,6 +130,8 @@ _ConfigBase = record("Config", "Everything a run needs, built once by load_confi
     ("color", True),
     ("prices", {}),  # model -> {"input": $/Mtok, "output": ..., "cacheRead": ...}; never mutated
     ("notes", ()),  # one-line notices for the banner (e.g. local server found)
+    ("settings", {}),  # settings.json as read, for switching models at run time; never mutated
+    ("plain_endpoint", ("", "", "", "none")),  # (base_url, api_url, key, key source) for models of no named provider
 ))
 
 
@@ -279,30 +285,23 @@ def load_config(args, env, known_tools=()):
     home = env.get("NANOCODE_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".nanocode")
     settings = read_settings(home)
     model = args.model or env.get("MODEL") or settings.get("model") or ""
-    provider, model, spec, key, source = resolve_provider(model, settings, env)
     notes = []
-    if spec:
-        base_url, api_url = spec["baseUrl"], ""
-        compat_overrides = dict(settings.get("compat") or {}, **(spec.get("compat") or {}))
-    else:
-        base_url = args.base_url or env.get("OPENAI_BASE_URL") or settings.get("baseUrl") or ""
-        api_url = env.get("OPENAI_API_URL") or settings.get("apiUrl") or ""
-        key, source = find_api_key(env, settings, base_url or DEFAULT_BASE_URL)
-        compat_overrides = settings.get("compat") or {}
-        if not base_url and not api_url and not key:
-            local = probe_local_servers(env)
-            if local:
-                base_url, first_model, name = local
-                model = model or first_model
-                notes.append("no key or endpoint configured: using %s at %s (model %s)" % (name, base_url, model or "?"))
-        base_url = base_url or DEFAULT_BASE_URL
-    model = model or DEFAULT_MODEL
+    base_url = args.base_url or env.get("OPENAI_BASE_URL") or settings.get("baseUrl") or ""
+    api_url = env.get("OPENAI_API_URL") or settings.get("apiUrl") or ""
+    key, source = find_api_key(env, settings, base_url or DEFAULT_BASE_URL)
+    if not base_url and not api_url and not key and not resolve_provider(model, settings, env)[2]:
+        local = probe_local_servers(env)
+        if local:
+            base_url, first_model, name = local
+            model = model or first_model
+            notes.append("no key or endpoint configured: using %s at %s (model %s)" % (name, base_url, model or "?"))
     max_turns = args.max_turns if args.max_turns is not None else int(settings.get("maxTurns", 100))
-    return Config(
-        base_url=base_url, api_url=api_url, api_key=key, key_source=source, model=model,
-        provider=provider, compat=detect_compat(api_url or base_url, model, compat_overrides),
+    config = Config(
         max_turns=max_turns, max_tokens=int(settings.get("maxTokens", 0) or 0),
-        context_window=int(settings.get("contextWindow", 128000)),
+        compaction=env.get("NANOCODE_COMPACTION", str(settings.get("compaction", "1"))).lower() not in ("0", "false", "off"),
+        reserve_tokens=int(env.get("NANOCODE_COMPACTION_RESERVE_TOKENS") or settings.get("compactionReserveTokens", 16384)),
+        reserve_ratio=float(env.get("NANOCODE_COMPACTION_REMAINING_RATIO") or settings.get("compactionRemainingRatio", 0.15)),
+        keep_recent_tokens=int(env.get("NANOCODE_COMPACTION_KEEP_RECENT_TOKENS") or settings.get("compactionKeepRecentTokens", 20000)),
         tools=parse_tool_list(args.tools if args.tools is not None else settings.get("tools"), known_tools),
         system_prompt=args.system_prompt or "", append_system_prompt=args.append_system_prompt or "",
         context_files=not args.no_context_files, quiet=args.quiet, mode=args.mode,
@@ -312,7 +311,28 @@ def load_config(args, env, known_tools=()):
         idle_timeout=float(env.get("NANOCODE_IDLE_TIMEOUT") or settings.get("idleTimeout", 120)),
         show_thinking=env.get("SHOW_THINKING", "1") != "0",
         color=not env.get("NO_COLOR"), prices=settings.get("prices") or {}, notes=tuple(notes),
+        settings=settings, plain_endpoint=(base_url or DEFAULT_BASE_URL, api_url, key, source),
     )
+    return with_model(config, model or DEFAULT_MODEL, env)
+
+
+def with_model(config, model, env):
+    """config for another model: provider, endpoint, key, compat and context window recomputed,
+    settings.json overrides kept. Example: 'local/qwen3' -> the 'local' provider's endpoint."""
+    settings = config.settings
+    provider, model_id, spec, key, source = resolve_provider(model, settings, env)
+    if spec:
+        base_url, api_url = spec["baseUrl"], ""
+        overrides = dict(settings.get("compat") or {}, **(spec.get("compat") or {}))
+    else:
+        base_url, api_url, key, source = config.plain_endpoint
+        overrides = settings.get("compat") or {}
+    window = env.get("NANOCODE_CONTEXT_WINDOW_TOKENS") or (spec or {}).get("contextWindow") or settings.get("contextWindow") or 128000
+    if isinstance(window, dict):  # {"model id": tokens, "*": default}
+        window = window.get(model_id) or window.get("*") or 128000
+    return config._replace(base_url=base_url, api_url=api_url, api_key=key, key_source=source, model=model_id,
+                           provider=provider, compat=detect_compat(api_url or base_url, model_id, overrides),
+                           context_window=int(window))
 
 
 # =============================================================================
@@ -799,7 +819,7 @@ def reply_to_message(reply, compat):
     if reply.interrupted:
         text += ("\n\n" if text else "") + "[interrupted by the user]"
     msg = {"role": "assistant", "content": text or None}
-    calls = [c for c in reply.tool_calls if not reply.truncated]
+    calls = [] if reply.truncated or reply.interrupted else reply.tool_calls
     if calls:
         msg["tool_calls"] = [dict({"id": c["id"], "type": "function",
                                    "function": {"name": c["name"], "arguments": c["arguments"] or "{}"}},
@@ -1120,7 +1140,7 @@ def _connect_error(netloc, exc):
 
 
 # =============================================================================
-# 6. Tools
+# 6. Tool registry
 # =============================================================================
 # A tool is one decorated function: @tool(name, description, **params). Params
 # use a compact schema, "type" or "type?" (optional) plus a short description
@@ -1267,11 +1287,15 @@ class ToolContext:
 
 
 def run_tool(ctx, name, args, active=None):
-    """Run one tool call; the only place a tool's exception becomes an 'error:' result."""
-    names = list(active if active is not None else TOOLS)
-    t = TOOLS.get(name)
-    if t is None or name not in names:
-        return ToolResult("error: unknown tool %r; available tools: %s" % (name, ", ".join(names) or "none"), True)
+    """Run one tool call; the only place a tool's exception becomes an 'error:' result.
+
+    active: the tools that may run, a ToolRegistry or a list of names (default: every built-in).
+    """
+    tools = active if isinstance(active, ToolRegistry) else ToolRegistry(
+        TOOLS[n] for n in (TOOLS if active is None else active) if n in TOOLS)
+    t = tools.get(name)
+    if t is None:
+        return ToolResult("error: unknown tool %r; available tools: %s" % (name, ", ".join(tools.names()) or "none"), True)
     try:
         out = t.fn(ctx, **normalize_args(t, args))
     except ToolError as e:
@@ -1285,7 +1309,59 @@ def run_tool(ctx, name, args, active=None):
     return ToolResult(str(out))
 
 
-# --- files: read / write / edit ----------------------------------------------
+ToolSet = record("ToolSet", "The tools of one model request: names, wire schemas, wire name -> tool name.", (
+    ("names", ()), ("schemas", []), ("wire_names", {}),
+))
+
+
+class ToolRegistry:
+    """One session's tools: the built-ins copied in; MCP servers and skills add and remove
+    tools while it runs. The model sees a change from the next request on, because the
+    agent loop takes one snapshot() per request."""
+
+    def __init__(self, tools=()):
+        self._tools = {}
+        self._lock = threading.Lock()
+        self._snapshot = None
+        for t in tools:
+            self._tools[t.name] = t
+
+    def add(self, t):
+        """Add or replace a tool."""
+        with self._lock:
+            self._tools[t.name] = t
+            self._snapshot = None
+
+    def remove(self, name):
+        """Remove a tool; True when it was there."""
+        with self._lock:
+            self._snapshot = None
+            return self._tools.pop(name, None) is not None
+
+    def get(self, name):
+        """The Tool called name, or None."""
+        return self._tools.get(name)
+
+    def names(self):
+        """Tool names in registration order."""
+        return list(self._tools)
+
+    def snapshot(self):
+        """The ToolSet to send now (cached until the registry changes; deterministic order)."""
+        with self._lock:
+            if self._snapshot is None:
+                wire_names, schemas = {}, []
+                for name, t in self._tools.items():
+                    wire = provider_tool_name(name, wire_names)
+                    wire_names[wire] = name
+                    schemas.append(tool_schema(t, wire))
+                self._snapshot = ToolSet(tuple(self._tools), schemas, wire_names)
+            return self._snapshot
+
+
+# =============================================================================
+# 7. File tools and checkpoints
+# =============================================================================
 
 READ_DEFAULT_LINES = 2000
 READ_MAX_LINE = 2000
@@ -1465,42 +1541,114 @@ def _numbered_lines(f, path, offset, limit):
 
 
 class Checkpoints:
-    """Per-turn record of files' previous bytes and modes, so a turn's writes can be undone."""
+    """Files' previous bytes per user prompt, so /undo can put them back exactly.
 
-    def __init__(self):
-        self.turns = [{}]  # each: path -> (bytes, mode) or None when the file did not exist
+    Each prompt's record maps path -> {"before", "mode", "after"}: before is the
+    SHA-256 of the bytes ahead of the agent's first change in that prompt (None:
+    the file did not exist), after the hash of what the agent left (undo refuses
+    when the file changed since). Blobs live in a folder beside the session file,
+    or in memory when there is none.
+    """
 
-    def begin_turn(self):
-        """Start recording a new turn."""
-        if self.turns[-1]:
-            self.turns.append({})
+    def __init__(self, blob_dir=None):
+        self.blob_dir = blob_dir
+        self.prompts = []  # [{"prompt": message seq, "files": {path: record}}], oldest first
+        self.dirty = False  # changed since the session file last heard of it
+        self._memory = {}
+        self._lock = threading.Lock()
+
+    def begin_prompt(self, seq):
+        """Start recording the changes of the user prompt with this message seq."""
+        with self._lock:
+            self.prompts.append({"prompt": seq, "files": {}})
 
     def record(self, path):
-        """Remember path as it is now, once per turn, before it is changed."""
-        current = self.turns[-1]
-        if path in current:
-            return
-        try:
-            with open(path, "rb") as f:
-                current[path] = (f.read(), os.stat(path).st_mode & 0o7777)
-        except FileNotFoundError:
-            current[path] = None
+        """Remember path as it is now, once per prompt, before it is changed."""
+        with self._lock:
+            if not self.prompts:
+                self.prompts.append({"prompt": None, "files": {}})
+            files = self.prompts[-1]["files"]
+            if path in files:
+                return
+            try:
+                with open(path, "rb") as f:
+                    files[path] = {"before": self._put(f.read()), "mode": os.stat(path).st_mode & 0o7777, "after": None}
+            except FileNotFoundError:
+                files[path] = {"before": None, "mode": None, "after": None}
+            self.dirty = True
 
-    def undo(self):
-        """Restore the files of the last turn that changed any; returns their paths."""
-        while len(self.turns) > 1 and not self.turns[-1]:
-            self.turns.pop()
-        changes = self.turns.pop() if self.turns[-1] else {}
-        self.turns = self.turns or [{}]
-        if not self.turns or self.turns[-1]:
-            self.turns.append({})
-        for path, saved in changes.items():
-            if saved is None:
-                if os.path.exists(path):
-                    os.remove(path)
-            else:
-                atomic_write(path, saved[0], saved[1])
-        return sorted(changes)
+    def written(self, path, data):
+        """Note the bytes the agent left in path."""
+        with self._lock:
+            entry = self.prompts[-1]["files"].get(path) if self.prompts else None
+            if entry is not None:
+                entry["after"] = _sha256(data)
+                self.dirty = True
+
+    def modified_paths(self):
+        """Every path the agent changed in this session, in order of first change."""
+        seen = {}
+        for p in self.prompts:
+            for path in p["files"]:
+                seen.setdefault(path, True)
+        return list(seen)
+
+    def changed_outside(self, prompts):
+        """Paths of these prompts (oldest first) that no longer hold what the agent left last."""
+        expected = {}
+        for p in prompts:
+            for path, entry in p["files"].items():
+                if entry.get("after") is not None:
+                    expected[path] = entry["after"]
+        changed = []
+        for path, after in expected.items():
+            try:
+                with open(path, "rb") as f:
+                    now = _sha256(f.read())
+            except OSError:
+                now = None
+            if now != after:
+                changed.append(path)
+        return changed
+
+    def restore(self, prompts):
+        """Put back the files of these prompts (newest first, so the oldest state wins); returns the paths."""
+        restored = []
+        for p in reversed(prompts):
+            for path, entry in p["files"].items():
+                if entry["before"] is None:
+                    if os.path.lexists(path):
+                        os.remove(path)
+                else:
+                    atomic_write(path, self._get(entry["before"]), entry["mode"])
+                if path not in restored:
+                    restored.append(path)
+        return sorted(restored)
+
+    def _put(self, data):
+        digest = _sha256(data)
+        if self.blob_dir is None:
+            self._memory[digest] = data
+            return digest
+        blob = os.path.join(self.blob_dir, digest)
+        if not os.path.exists(blob):
+            os.makedirs(self.blob_dir, mode=0o700, exist_ok=True)
+            atomic_write(blob, data, 0o600)
+        return digest
+
+    def _get(self, digest):
+        if digest in self._memory:
+            return self._memory[digest]
+        try:
+            with open(os.path.join(self.blob_dir or "", digest), "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise NanocodeError("the saved copy %s is missing (%s)" % (digest[:12], e.__class__.__name__))
+
+
+def _sha256(data):
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
 
 
 def atomic_write(path, data, mode=None):
@@ -1525,9 +1673,13 @@ def atomic_write(path, data, mode=None):
         raise
 
 
-def _record(ctx, path):
+def save_file(ctx, path, data):
+    """The tools' one way to change a file: checkpoint it, write atomically, note what was left."""
     if ctx.checkpoints is not None:
         ctx.checkpoints.record(path)
+    atomic_write(path, data)
+    if ctx.checkpoints is not None:
+        ctx.checkpoints.written(path, data)
 
 
 @tool("write", "Create or overwrite a file (parent dirs are created).", path="string", content="string")
@@ -1538,8 +1690,7 @@ def tool_write(ctx, path, content):
         raise ToolError("%s is a directory; give a file path" % path)
     old = _read_small(path)
     data = content.encode("utf-8", "surrogateescape")
-    _record(ctx, path)
-    atomic_write(path, data)
+    save_file(ctx, path, data)
     lines = content.count("\n") + (1 if content and not content.endswith("\n") else 0)
     diff = file_diff(path, old, content) if old is not None else "new file %s (%d lines)" % (path, lines)
     return ToolResult("wrote %d bytes (%d lines) to %s" % (len(data), lines, path), details={"diff": diff})
@@ -1685,14 +1836,15 @@ def tool_edit(ctx, path, edits):
     text = raw[3 if bom else 0:].decode("utf-8", "surrogateescape")
     planned = plan_edits(text, edits, detect_eol(text))
     new_text = apply_edits(text, planned)
-    _record(ctx, path)
-    atomic_write(path, (codecs.BOM_UTF8 if bom else b"") + new_text.encode("utf-8", "surrogateescape"))
+    save_file(ctx, path, (codecs.BOM_UTF8 if bom else b"") + new_text.encode("utf-8", "surrogateescape"))
     diff, summary = _edit_hunks(path, text, planned)
     return ToolResult("edited %s: %d replacement(s)\n%s" % (path, len(planned), "\n".join(summary)),
                       details={"diff": diff})
 
 
-# --- bash ---------------------------------------------------------------------
+# =============================================================================
+# 8. Shell
+# =============================================================================
 
 BASH_DEFAULT_TIMEOUT, BASH_MAX_TIMEOUT = 120, 3600
 BASH_TAIL_LINES, BASH_TAIL_BYTES = 2000, 50 * 1024
@@ -1915,7 +2067,9 @@ def _bash_simple(ctx, command, timeout, env):
     return ToolResult(text + "\n[exit code %d]" % done.returncode, is_error=done.returncode != 0)
 
 
-# --- search: glob / grep / ls / find ----------------------------------------------
+# =============================================================================
+# 9. Search and .gitignore
+# =============================================================================
 # glob, grep and find share one file list: `git ls-files` inside a work tree
 # (fast, and git's own .gitignore rules), else a scandir walk that applies the
 # .gitignore files it meets. grep hands the search to ripgrep when `rg` is on
@@ -2492,7 +2646,9 @@ def tool_find(ctx, pattern, path=".", limit=1000, hidden=False):
     return _more(shown, len(found) - limit, "raise limit or narrow the pattern") or "no files found"
 
 
-# --- web: webfetch / websearch -------------------------------------------------
+# =============================================================================
+# 10. Web
+# =============================================================================
 # webfetch and websearch. Whatever a page or search result says is data, never
 # an instruction, so both wrap their output in <external-content>. The stdlib
 # HTTP modules load on first use, to keep `nanocode --version` fast.
@@ -2979,7 +3135,7 @@ def tool_websearch(ctx, query, numResults=8):
 
 
 # =============================================================================
-# 7. Context
+# 11. Context
 # =============================================================================
 
 SYSTEM_PROMPT = """You are nanocode, a coding agent working in the user's project. \
@@ -2990,7 +3146,8 @@ Be concise: short Markdown, no preamble. When you finish, say what you changed."
 
 
 def system_prompt(config, tool_names):
-    """The system message: the built-in prompt (or --system-prompt) plus facts about this run."""
+    """The system message: the built-in prompt (or --system-prompt) plus facts about this run.
+    It holds the date, never the time, so it stays byte-stable for prompt caches."""
     text = config.system_prompt or SYSTEM_PROMPT
     system = {"linux": "Linux", "darwin": "macOS", "win32": "Windows"}.get(sys.platform, sys.platform)
     facts = "\n\nWorking directory: %s\nPlatform: %s\nDate: %s" % (config.cwd, system, time.strftime("%Y-%m-%d"))
@@ -2999,58 +3156,99 @@ def system_prompt(config, tool_names):
     return text + facts + ("\n\n" + config.append_system_prompt if config.append_system_prompt else "")
 
 
+def expand_mentions(text, cwd):
+    """Attach the files (or directory listings) a message names with @path."""
+    blocks = []
+    for token in re.findall(r"(?:^|\s)@(\S+)", text):
+        path = resolve_path(cwd, token.rstrip(".,;:!?"))
+        if os.path.isdir(path):
+            body = "\n".join(sorted(n + ("/" if os.path.isdir(os.path.join(path, n)) else "") for n in os.listdir(path)))
+            blocks.append('<directory path="%s">\n%s\n</directory>' % (token, body))
+        elif os.path.isfile(path):
+            result = run_tool(ToolContext(cwd), "read", {"path": path}, ["read"])
+            blocks.append('<file path="%s">\n%s\n</file>' % (token, result.text))
+    return text + ("\n\n" + "\n\n".join(blocks) if blocks else "")
+
+
+def message_tokens(message):
+    """A message's size in tokens, estimated as characters / 4."""
+    return len(dump_json(message)) // 4 + 1
+
+
 # =============================================================================
-# 8. Agent core
+# 12. Agent core
 # =============================================================================
-# The one loop: build the request, stream it (emitting deltas), record the
-# assistant message, run its tool calls, record their results, repeat until the
-# model stops calling tools, the turn limit, an abort or an error. History only
-# grows by appending, so the request prefix stays byte-identical (prompt caches).
+# A Session holds one conversation and runs the one agent loop: build the
+# request, stream it (emitting deltas), record the assistant message, run its
+# tool calls, record their results, repeat until the model stops calling tools,
+# the turn limit, an abort or an error. History grows only through append()
+# (so the request prefix stays byte-identical for prompt caches) and changes
+# otherwise only through replace_history() (compaction, undo, resume).
 
 #: tools that only read, run concurrently when consecutive in one message
 MAX_PARALLEL_TOOLS = 8
 SKIPPED_FOR_STEERING = "skipped: the user sent a new message"
+#: seconds a cancelled tool thread gets to finish before its call is recorded as aborted and left behind
+ABANDON_AFTER = 1.0
+ALLOW = ("allow", "")
 
 
 class Inbox:
-    """Messages typed while the agent works: steering (next safe point) and follow-ups (at the end)."""
+    """What the user sent while the agent works, as (kind, text) items: "steering" and "shell"
+    are delivered at the next safe point (before a model request), "followup" when the agent
+    would otherwise stop."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self.steering, self.followups = [], []
+        self._items = []
+
+    def put(self, kind, text):
+        """Queue one item."""
+        with self._lock:
+            self._items.append((kind, text))
 
     def steer(self, text):
         """Deliver text before the next model request."""
-        with self._lock:
-            self.steering.append(text)
+        self.put("steering", text)
 
     def follow_up(self, text):
         """Deliver text when the agent would otherwise stop."""
-        with self._lock:
-            self.followups.append(text)
+        self.put("followup", text)
+
+    @property
+    def steering(self):
+        """Texts waiting for the next safe point (shell lines as !command)."""
+        return [("!" + t if k == "shell" else t) for k, t in list(self._items) if k != "followup"]
+
+    @property
+    def followups(self):
+        """Texts waiting for the end."""
+        return [t for k, t in list(self._items) if k == "followup"]
 
     def has_steering(self):
-        """True when a steering message waits."""
-        return bool(self.steering)
+        """True when something waits for the next safe point."""
+        return any(k != "followup" for k, _ in list(self._items))
 
-    def take_steering(self):
-        """Remove and return the waiting steering messages."""
+    def take(self, kinds=("steering", "shell", "followup")):
+        """Remove and return the items of these kinds, in order."""
         with self._lock:
-            taken, self.steering = self.steering, []
-        return taken
-
-    def take_followups(self):
-        """Remove and return the waiting follow-ups."""
-        with self._lock:
-            taken, self.followups = self.followups, []
+            taken = [i for i in self._items if i[0] in kinds]
+            self._items = [i for i in self._items if i[0] not in kinds]
         return taken
 
     def clear(self):
-        """Remove everything; returns (steering, followups)."""
-        with self._lock:
-            taken = (self.steering, self.followups)
-            self.steering, self.followups = [], []
-        return taken
+        """Remove everything; returns (steering texts, follow-up texts)."""
+        steering, followups = self.steering, self.followups
+        self.take()
+        return steering, followups
+
+    def __len__(self):
+        return len(self._items)
+
+
+def zero_usage():
+    """A fresh usage total."""
+    return {"input": 0, "output": 0, "cacheRead": 0, "total": 0}
 
 
 def add_usage(total, usage):
@@ -3059,63 +3257,211 @@ def add_usage(total, usage):
         total[key] += (usage or {}).get(key) or 0
 
 
-class Agent:
-    """Runs conversations; emits events to emit(event) and keeps the history."""
+class RunEvents:
+    """The event sink of one run. agent_end closes it, after which a straggling tool thread
+    emits nothing; each tool call gets exactly one tool_end, and no update after it."""
 
-    def __init__(self, config, emit, client=None):
-        self.config = config
+    def __init__(self, emit):
+        self._emit = emit
+        self._lock = threading.RLock()
+        self.open = True
+        self.ended = set()  # tool call ids with a tool_end
+
+    def __call__(self, event):
+        with self._lock:
+            if self.open:
+                self._emit(event)
+
+    def tool_update(self, call_id, text):
+        """Stream a running call's output."""
+        with self._lock:
+            if self.open and call_id not in self.ended:
+                self._emit({"type": "tool_update", "id": call_id, "delta": text})
+
+    def tool_end(self, event):
+        """Emit a call's tool_end unless it has one; True when emitted."""
+        with self._lock:
+            if not self.open or event["id"] in self.ended:
+                return False
+            self.ended.add(event["id"])
+            self._emit(event)
+            return True
+
+    def close(self, event):
+        """Emit the last event of the run."""
+        with self._lock:
+            self._emit(event)
+            self.open = False
+
+
+def allow_everything(session, call):
+    """The default before_tool hook: (verdict, text) with verdict allow, deny or ask."""
+    return ALLOW
+
+
+def user_message(content):
+    """A user message for the history."""
+    return {"role": "user", "content": content}
+
+
+class Session:
+    """One conversation: history, tools, usage, checkpoints, inbox, cancel token, client, config.
+
+    Events go to emit. append() is the only way the history grows and replace_history() the
+    only other way it changes; run() is the one agent loop. A CommandLoop owns the thread
+    that calls run(); front ends never touch a Session's history themselves.
+    """
+
+    def __init__(self, config, emit, client=None, store=None, tools=None):
         self.emit = emit
+        self.config = config
         self.client = client or ChatClient(config, emit)
-        self.tool_names = [n for n in config.tools if n in TOOLS]
-        self.wire_names = {}  # name sent to the provider -> tool name
-        self.tool_schemas = self._schemas()
-        self.messages = [{"role": "system", "content": system_prompt(config, self.tool_names)}]
+        self.tools = tools if tools is not None else ToolRegistry(TOOLS[n] for n in config.tools if n in TOOLS)
         self.inbox = Inbox()
-        self.checkpoints = Checkpoints()
         self.cancel = Cancel()
-        self.clear()
-        self.session_id = "%s-%04x" % (time.strftime("%Y%m%d-%H%M%S"), random.getrandbits(16))
+        self.before_tool = allow_everything
+        self.interactive = False  # True when a front end can answer asks; otherwise an ask is a denial
+        self._asks = {}  # ask id -> [threading.Event, answer]
+        self._counter = 0
+        self._events = RunEvents(emit)
+        self.last_end = None
+        self.start(store)
 
-    def clear(self):
-        """Forget the conversation (the system message stays) and its usage."""
-        del self.messages[1:]
-        self.usage = {"input": 0, "output": 0, "cacheRead": 0, "total": 0}
+    # -- history ------------------------------------------------------------------
+
+    def start(self, store=None):
+        """Begin an empty conversation (the system message only), written to store when given."""
+        self.reset(store)
+        self.append({"role": "system", "content": system_prompt(self.config, self.tools.names())})
+
+    def reset(self, store=None):
+        """Forget everything of the conversation; the history is empty until append or replace_history."""
+        if getattr(self, "store", None) is not None and self.store is not store:
+            self.store.close()
+        self.store = store
+        self.id = store.id if store else new_session_id()
+        self.checkpoints = Checkpoints(store.blob_dir if store else None)
+        self.messages, self._seqs, self._sizes = [], [], []
+        self._next_seq = 0
+        self.prompt_seqs = set()  # seqs of the user messages that began a prompt (what /undo removes)
+        self.usage = zero_usage()
         self.last_usage = None
+        self.context_window = context_window(self.config)
+        self._anchor = None  # (tokens the provider counted for the last request + answer, history length then)
+        self.summary = None  # the text of the last compaction summary
 
-    def _schemas(self):
-        schemas = []
-        for name in self.tool_names:
-            wire = provider_tool_name(name, self.wire_names)
-            self.wire_names[wire] = name
-            schemas.append(tool_schema(TOOLS[name], wire))
-        return schemas
+    def append(self, message, prompt=False):
+        """Add a message to the history and the session file; returns its seq."""
+        seq = self._next_seq
+        self._next_seq += 1
+        self.messages.append(message)
+        self._seqs.append(seq)
+        self._sizes.append(message_tokens(message))
+        if prompt:
+            self.prompt_seqs.add(seq)
+            self.checkpoints.begin_prompt(seq)
+        if self.store:
+            self.store.message(seq, message, prompt)
+        return seq
+
+    def replace_history(self, messages, seqs, reason, entry=None):
+        """Replace the history (compaction, undo, resume); entry goes to the session file."""
+        self.messages, self._seqs = list(messages), list(seqs)
+        self._sizes = [message_tokens(m) for m in self.messages]
+        self._anchor = None
+        if self.store and entry:
+            self.store.write(entry)
+        self.emit({"type": "history", "reason": reason, "messages": len(self.messages)})
+
+    def context_tokens(self, toolset=None):
+        """Context in use: the provider's count for the last request plus an estimate for what came since."""
+        if self._anchor and self._anchor[1] <= len(self._sizes):
+            return self._anchor[0] + sum(self._sizes[self._anchor[1]:])
+        schemas = toolset.schemas if toolset else self.tools.snapshot().schemas
+        return sum(self._sizes) + len(dump_json(schemas)) // 4
+
+    # -- configuration and events --------------------------------------------------
+
+    def reconfigure(self, config):
+        """Use config from the next request on: client, compat, prices and window follow it."""
+        self.client.close()
+        self.config = config
+        self.client = ChatClient(config, self.emit)
+        self.context_window = context_window(config)
+        if self.store:
+            self.store.write({"type": "model_change", "model": config.model, "provider": config.provider,
+                              "baseUrl": config.base_url})
 
     def session_event(self):
         """The first event of a headless run."""
-        return {"type": "session", "version": EVENT_SCHEMA_VERSION, "id": self.session_id,
-                "cwd": self.config.cwd, "model": self.config.model, "baseUrl": self.config.base_url,
-                "tools": list(self.tool_names), "nanocodeVersion": VERSION, "keySource": self.config.key_source}
+        return {"type": "session", "version": EVENT_SCHEMA_VERSION, "id": self.id, "cwd": self.config.cwd,
+                "model": self.config.model, "baseUrl": self.config.base_url, "tools": self.tools.names(),
+                "nanocodeVersion": VERSION, "keySource": self.config.key_source,
+                "path": self.store.path if self.store else None}
 
     def abort(self):
         """Stop the running turn: closes the stream and kills running commands."""
         self.cancel.cancel()
 
-    # -- the loop -------------------------------------------------------------
+    def _next_id(self, prefix):
+        self._counter += 1
+        return "%s_%d" % (prefix, self._counter)
 
-    def run(self, prompt):
-        """Run the agent on one user message until it stops; returns (and emits) agent_end."""
+    # -- asking the user -------------------------------------------------------------
+
+    def ask(self, question, call_id=None, options=("yes", "no")):
+        """Ask through the front end and wait for the answer command; None when it cannot be asked or was aborted."""
+        if not self.interactive:
+            return None
+        ask_id = self._next_id("ask")
+        waiter = self._asks[ask_id] = [threading.Event(), None]
+        self._events({"type": "ask", "id": ask_id, "question": question, "toolCallId": call_id, "options": list(options)})
+        unregister = self.cancel.on_cancel(waiter[0].set)
+        try:
+            waiter[0].wait()
+        finally:
+            unregister()
+            self._asks.pop(ask_id, None)
+        return waiter[1]
+
+    def pending_asks(self):
+        """Ids of the questions waiting for an answer."""
+        return list(self._asks)
+
+    def answer(self, value, ask_id=None):
+        """Answer a question (the oldest when ask_id is None); False when none waits."""
+        ids = [ask_id] if ask_id else self.pending_asks()[:1]
+        waiter = self._asks.get(ids[0]) if ids else None
+        if waiter is None:
+            return False
+        waiter[1] = value
+        waiter[0].set()
+        return True
+
+    # -- the loop -----------------------------------------------------------------
+
+    def run(self, prompt, cancel=None):
+        """Run the agent on one user prompt until it stops; returns (and emits) agent_end."""
         started = time.monotonic()
-        if self.cancel.is_set():
-            self.cancel = Cancel()
-        self._add_user(prompt, "prompt")
+        self.cancel = cancel or Cancel()
+        events = self._events = RunEvents(self.emit)
+        self._started = set()
         turns, stop, error, text = 0, "done", None, ""
         try:
+            if prompt is not None:
+                self.append(user_message(expand_mentions(prompt, self.config.cwd)), prompt=True)
+            else:  # input queued too late for the last run begins this one
+                self._deliver(("steering", "shell", "followup"), as_prompt=True)
             while True:
                 if self.cancel.is_set():
                     stop = "aborted"
                     break
                 if turns >= self.config.max_turns:
                     stop, error = "max_turns", "stopped after %d turns (--max-turns)" % turns
+                    break
+                self._deliver(("steering", "shell"))
+                if self.cancel.is_set():
+                    stop = "aborted"
                     break
                 turns += 1
                 reply = self._turn(turns)
@@ -3128,47 +3474,77 @@ class Agent:
                     break
                 if reply.tool_calls:
                     self._run_tool_calls(reply.tool_calls)
-                elif not self._deliver(self.inbox.take_followups(), "followup"):
+                elif not self._deliver(("steering", "shell", "followup")):
                     break
+                self._sync()
         except APIError as e:
-            stop, error = "error", str(e) + self._key_hint(e)
+            stop, error = ("aborted", None) if self.cancel.is_set() else ("error", str(e) + self._key_hint(e))
         except Exception as e:  # a bug must still end with agent_end and keep the history
             stop, error = "error", "internal error: %s: %s" % (e.__class__.__name__, e)
         if error:
-            self.emit({"type": "error", "message": error, "fatal": True})
-        end = {"type": "agent_end", "text": text, "stopReason": stop, "error": error, "turns": turns,
-               "usage": dict(self.usage), "durationMs": int((time.monotonic() - started) * 1000),
-               "messages": self.messages}
-        self.emit(end)
+            events({"type": "error", "message": error, "fatal": True})
+        self._sync()
+        end = self.last_end = {
+            "type": "agent_end", "text": text, "stopReason": stop, "error": error, "turns": turns,
+            "usage": dict(self.usage), "durationMs": int((time.monotonic() - started) * 1000),
+            "messages": self.messages}
+        events.close(end)
+        self._events = RunEvents(self.emit)
         return end
+
+    def _sync(self):
+        """End of a turn: the session file learns the checkpoints and reaches the disk."""
+        if self.store:
+            prompts = self.checkpoints.prompts
+            if self.checkpoints.dirty and prompts:
+                self.checkpoints.dirty = False
+                self.store.write({"type": "checkpoint", "prompt": prompts[-1]["prompt"], "files": prompts[-1]["files"]})
+            self.store.sync()
 
     def _turn(self, number):
         """One model request and its assistant message."""
-        self._deliver(self.inbox.take_steering(), "steering")
-        self.emit({"type": "turn_start", "turn": number})
-        self.checkpoints.begin_turn()
-        reply = self.client.stream(self.messages, self.tool_schemas, self.cancel, self._on_text, self._on_reasoning)
-        self.messages.append(reply_to_message(reply, self.config.compat))  # with the provider's tool names
+        self._events({"type": "turn_start", "turn": number})
+        toolset = self.tools.snapshot()
+        reply = self._request(toolset)
+        self.append(reply_to_message(reply, self.config.compat))  # with the provider's tool names
         for call in reply.tool_calls:
-            call["name"] = self.wire_names.get(call["name"], call["name"])
+            call["name"] = toolset.wire_names.get(call["name"], call["name"])
         usage = normalize_usage(reply.usage)
         if usage:
             add_usage(self.usage, usage)
             self.last_usage = usage
-        self.emit({"type": "message_end", "role": "assistant", "text": reply.text, "reasoning": reply.reasoning,
-                   "toolCalls": [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in reply.tool_calls],
-                   "finishReason": reply.finish_reason, "usage": usage,
-                   "interrupted": reply.interrupted, "truncated": reply.truncated})
+            self._anchor = (usage["input"] + usage["output"], len(self.messages))
+        self._events({"type": "message_end", "role": "assistant", "text": reply.text, "reasoning": reply.reasoning,
+                      "toolCalls": [{"id": c["id"], "name": c["name"], "arguments": c["args"]} for c in reply.tool_calls],
+                      "finishReason": reply.finish_reason, "usage": usage,
+                      "interrupted": reply.interrupted, "truncated": reply.truncated})
         return reply
 
+    def _request(self, toolset):
+        """Stream one reply; compacts first when the context is full, and once more on an overflow answer."""
+        if self.config.compaction and self.context_tokens(toolset) > compaction_threshold(self):
+            compact(self, "threshold")
+        try:
+            return self._stream(toolset)
+        except APIError as e:
+            if self.cancel.is_set() or not is_context_overflow(e):
+                raise
+            learn_context_window(self, str(e))
+            if not compact(self, "overflow"):
+                raise
+            return self._stream(toolset)
+
+    def _stream(self, toolset):
+        return self.client.stream(self.messages, toolset.schemas, self.cancel, self._on_text, self._on_reasoning)
+
     def _on_text(self, delta):
-        self.emit({"type": "text_delta", "delta": delta})
+        self._events({"type": "text_delta", "delta": delta})
 
     def _on_reasoning(self, delta, reclassified):
         event = {"type": "reasoning_delta", "delta": delta}
         if reclassified:
             event["reclassified"] = True  # this text was streamed as text_delta before a lone </think>
-        self.emit(event)
+        self._events(event)
 
     def _key_hint(self, error):
         """A hint when the failure is probably about the API key."""
@@ -3184,21 +3560,37 @@ class Agent:
             return "the model hit its output limit inside a tool call; the call was not run"
         return "the response was cut off before it ended; the partial text is kept"
 
-    def _add_user(self, content, kind):
-        self.messages.append({"role": "user", "content": content})
-        if kind != "prompt":
-            self.emit({"type": "user_message", "kind": kind, "text": content})
+    def _deliver(self, kinds, as_prompt=False):
+        """Add queued input of these kinds (shell lines run now); True when there was any.
+        as_prompt: the first message added begins a user prompt (for /undo)."""
+        items = self.inbox.take(kinds)
+        for kind, text in items:
+            if kind == "shell":
+                self.run_shell(text, as_prompt)
+            else:
+                self.append(user_message(expand_mentions(text, self.config.cwd)), as_prompt)
+                self._events({"type": "user_message", "kind": kind, "text": text})
+            as_prompt = False
+        return bool(items)
 
-    def _deliver(self, texts, kind):
-        """Append queued messages as user messages; True when there were any."""
-        for text in texts:
-            self._add_user(text, kind)
-        return bool(texts)
+    def run_shell(self, command, as_prompt=False):
+        """!command: run it through the bash tool (with tool events), add command and output to the history."""
+        call_id = self._next_id("shell")
+        self._events({"type": "tool_start", "id": call_id, "name": "bash", "args": {"command": command}})
+        ctx = ToolContext(self.config.cwd, self.config, self.cancel,
+                          update=lambda text: self._events.tool_update(call_id, text))
+        result = run_tool(ctx, "bash", {"command": command}, ["bash"])
+        self._events.tool_end({"type": "tool_end", "id": call_id, "name": "bash", "result": result.text,
+                               "isError": result.is_error})
+        self.append(user_message("I ran `%s` in the shell:\n```\n%s\n```" % (command, result.text)), as_prompt)
+        if self.store:
+            self.store.sync()
+        return result
 
     # -- tool calls -------------------------------------------------------------
 
     def _run_tool_calls(self, calls):
-        """Run one message's calls (read-only runs in parallel) and record results in order."""
+        """Run one message's calls (read-only ones in parallel) and record every result in order."""
         results = {}
         for batch in self._batches(calls):
             if self.cancel.is_set() or self.inbox.has_steering():
@@ -3210,24 +3602,25 @@ class Agent:
         images = []
         for call in calls:
             result = results.get(call["id"])
-            if result is None:
-                reason = "aborted" if self.cancel.is_set() else SKIPPED_FOR_STEERING
-                result = ToolResult(reason, True)
-                self.emit({"type": "tool_end", "id": call["id"], "name": call["name"], "result": reason,
-                           "isError": True})
-            self.messages.append({"role": "tool", "tool_call_id": call["id"], "content": result.text})
+            if result is None:  # never started, or abandoned after an abort
+                result = ToolResult("aborted" if self.cancel.is_set() else SKIPPED_FOR_STEERING, True)
+                if call["id"] not in self._started:
+                    self._events({"type": "tool_start", "id": call["id"], "name": call["name"], "args": call["args"]})
+                self._events.tool_end({"type": "tool_end", "id": call["id"], "name": call["name"],
+                                       "result": result.text, "isError": True})
+            self.append({"role": "tool", "tool_call_id": call["id"], "content": result.text})
             images.extend(result.images)
         if images and self.config.compat.images:
             parts = [{"type": "text", "text": "Image(s) returned by the tools above:"}]
             parts += [{"type": "image_url", "image_url": {"url": "data:%s;base64,%s" % img}} for img in images]
-            self.messages.append({"role": "user", "content": parts})
+            self.append(user_message(parts))
 
     def _batches(self, calls):
         """Group consecutive read-only calls; every other call is alone."""
         batches, previous_parallel = [], False
         for call in calls:
-            t = TOOLS.get(call["name"])
-            parallel = t is not None and t.readonly and call["name"] in self.tool_names and not call.get("error")
+            t = self.tools.get(call["name"])
+            parallel = t is not None and t.readonly and not call.get("error")
             if parallel and previous_parallel:
                 batches[-1].append(call)
             else:
@@ -3236,39 +3629,941 @@ class Agent:
         return batches
 
     def _run_parallel(self, batch, results):
+        """Run read-only calls on threads; after an abort each gets ABANDON_AFTER seconds, then is left behind."""
         gate = threading.Semaphore(MAX_PARALLEL_TOOLS)
+        done = {}
 
         def work(call):
             with gate:
-                results[call["id"]] = self._run_call(call)
+                if not self.cancel.is_set():
+                    done[call["id"]] = self._run_call(call)
         threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in batch]
         for t in threads:
             t.start()
         for t in threads:
             while t.is_alive() and not self.cancel.is_set():
                 t.join(0.05)
+        deadline = time.monotonic() + ABANDON_AFTER
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for call in batch:
+            if call["id"] in done:
+                results[call["id"]] = done[call["id"]]
 
     def _run_call(self, call):
-        """Run one call with its events; malformed arguments become a tool error for the model."""
-        self.emit({"type": "tool_start", "id": call["id"], "name": call["name"], "args": call["args"]})
+        """Run one call with its events: malformed arguments, a denial or the tool's own result."""
+        events = self._events
+        self._started.add(call["id"])
+        events({"type": "tool_start", "id": call["id"], "name": call["name"], "args": call["args"]})
         if call.get("error"):
             result = ToolResult("error: %s; resend the call with a valid JSON object" % call["error"], True)
         else:
-            ctx = ToolContext(self.config.cwd, self.config, self.cancel, checkpoints=self.checkpoints,
-                              update=lambda text: self.emit({"type": "tool_update", "id": call["id"], "delta": text}))
-            result = run_tool(ctx, call["name"], call["args"], self.tool_names)
+            result = self._check(call)
+            if result is None:
+                ctx = ToolContext(self.config.cwd, self.config, self.cancel, checkpoints=self.checkpoints,
+                                  update=lambda text: events.tool_update(call["id"], text))
+                result = run_tool(ctx, call["name"], call["args"], self.tools)
         event = {"type": "tool_end", "id": call["id"], "name": call["name"], "result": result.text,
                  "isError": result.is_error}
         if result.details:
             event["details"] = result.details
-        self.emit(event)
+        events.tool_end(event)
         return result
 
+    def _check(self, call):
+        """The before_tool hook's verdict: None to run the call, else the error result the model gets."""
+        verdict, text = self.before_tool(self, call)
+        if verdict == "allow":
+            return None
+        if verdict == "ask":
+            reply = self.ask(text or "run %s?" % format_tool_call(call["name"], call["args"]), call["id"])
+            if reply is not None and reply.strip().lower() in ("y", "yes", "a", "always", "allow"):
+                return None
+            why = "the user declined it" if reply is not None else "it needs the user's approval and nobody can answer here"
+            return ToolResult("error: %s was not run: %s" % (call["name"], why), True)
+        return ToolResult("error: %s was not run: %s" % (call["name"], text or "denied"), True)
+
 
 # =============================================================================
-# 9. Front ends
+# 13. Compaction
 # =============================================================================
-# Each front end is a sink for the agent's events: JSON lines, text progress, REPL.
+# Before every model request: when the context in use passes the window less a
+# reserve, the older part of the history is summarised by the model and
+# replaced by that summary; the recent part is kept verbatim. A provider's
+# "context too long" answer compacts and retries once (and teaches the window).
+
+COMPACTION_RESERVE_TOKENS = 16384
+COMPACTION_REMAINING_RATIO = 0.15
+COMPACTION_KEEP_RECENT_TOKENS = 20000
+SUMMARY_TOOL_OUTPUT = 2000  #: characters of each tool output the summariser sees
+SUMMARY_MARK = "<conversation-summary>"
+
+SUMMARY_PROMPT = """You summarise a coding agent's conversation so that the agent can continue \
+the work from your summary alone. Write Markdown with exactly these headings:
+## Goal
+## Constraints & Preferences
+## Progress
+### Done
+### In Progress
+### Blocked
+## Key Decisions
+## Next Steps
+## Critical Context
+## Files Read
+## Files Modified
+Be specific: names, paths, commands, numbers, errors and their fixes. Omit pleasantries. \
+When a previous summary is given, update it with the new conversation rather than \
+summarising it again; keep what still matters."""
+
+_OVERFLOW_RE = re.compile(
+    r"context[_ ]length[_ ]exceeded|maximum context length|context length|prompt is too long|too many tokens"
+    r"|exceeds? the (?:model'?s? )?context|context window|context size|input is too long|reduce the length"
+    r"|too large for the model|token limit", re.I)
+_LIMIT_RES = (re.compile(r"maximum context length is (\d+)", re.I),
+              re.compile(r"available context size \((\d+) tokens?\)", re.I),
+              re.compile(r"context (?:window|length|size) (?:of|is) (\d+)", re.I),
+              re.compile(r"(\d+) tokens? (?:context|limit|maximum)", re.I),
+              re.compile(r"n_ctx\D{0,5}(\d+)", re.I))
+
+
+def is_context_overflow(error):
+    """True for a provider answer that says the request is longer than the context."""
+    return error.status in (400, 413, 422, 500, None) and bool(_OVERFLOW_RE.search(str(error)))
+
+
+def learn_context_window(session, message):
+    """A limit named in an overflow error becomes the session's window. Example: 'maximum context length is 6000'."""
+    for rx in _LIMIT_RES:
+        m = rx.search(message)
+        if m and 256 <= int(m.group(1)) < session.context_window:
+            session.context_window = int(m.group(1))
+            return int(m.group(1))
+    return None
+
+
+def compaction_budget(session):
+    """(reserve, keep_recent) in tokens for the session's window; small windows get small shares."""
+    window, c = session.context_window, session.config
+    reserve = min(max(c.reserve_tokens, int(c.reserve_ratio * window)), window // 4)
+    keep = min(c.keep_recent_tokens, (window - reserve) // 2)
+    return reserve, keep
+
+
+def compaction_threshold(session):
+    """Context tokens above which the next request compacts first."""
+    return session.context_window - compaction_budget(session)[0]
+
+
+def find_cut(messages, sizes, keep_tokens):
+    """Index of the first message kept verbatim: about keep_tokens from the end, never a tool
+    result (a call and its results stay together), never the system message (index 0)."""
+    kept, cut = 0, len(messages)
+    while cut > 1 and kept < keep_tokens:
+        cut -= 1
+        kept += sizes[cut]
+    while cut > 1 and cut < len(messages) and messages[cut].get("role") == "tool":
+        cut -= 1  # back to the assistant message that made the call
+    return cut
+
+
+def _content_text(content):
+    if isinstance(content, list):
+        return " ".join(p.get("text", "[image]") if isinstance(p, dict) else str(p) for p in content)
+    return content or ""
+
+
+def transcript(messages, limit_chars):
+    """The messages as plain text for the summariser, tool outputs cut, at most limit_chars (the end kept)."""
+    lines = []
+    for m in messages:
+        role, text = m.get("role"), _content_text(m.get("content"))
+        if role == "tool":
+            cut = text[:SUMMARY_TOOL_OUTPUT] + ("\n[... %d more characters]" % (len(text) - SUMMARY_TOOL_OUTPUT)
+                                                if len(text) > SUMMARY_TOOL_OUTPUT else "")
+            lines.append("[tool result]\n" + cut)
+            continue
+        calls = ["%s(%s)" % ((c.get("function") or {}).get("name"), one_line((c.get("function") or {}).get("arguments") or "", 300))
+                 for c in m.get("tool_calls") or []]
+        lines.append("[%s]\n%s%s" % (role, text, ("\n[tool calls] " + "; ".join(calls)) if calls else ""))
+    text = "\n\n".join(lines)
+    return text if len(text) <= limit_chars else "[... earlier part cut ...]\n" + text[-limit_chars:]
+
+
+def summary_message(session, summary, latest_prompt):
+    """The user message that stands for the summarised part of the history."""
+    files = session.checkpoints.modified_paths()
+    parts = [SUMMARY_MARK, "The earlier part of this conversation was summarised to fit the context window.", "", summary.strip()]
+    if files:
+        parts += ["", "Files changed by the agent in this session:"] + ["- " + f for f in files]
+    if latest_prompt:
+        parts += ["", "The user's latest request, verbatim:", latest_prompt]
+    parts.append("</conversation-summary>")
+    return user_message("\n".join(parts))
+
+
+def mechanical_summary(session, dropped):
+    """A summary made without the model (when summarising fails): the user's requests and the files touched."""
+    asks = [one_line(_content_text(m.get("content")), 300) for m in dropped
+            if m.get("role") == "user" and not _content_text(m.get("content")).startswith(SUMMARY_MARK)]
+    out = ["## Goal", "(summarised mechanically: the model could not summarise)", "## Progress", "### Done"]
+    out += ["- user asked: " + a for a in asks[-20:]] or ["- (no user requests in the dropped part)"]
+    if session.summary:
+        out += ["## Critical Context", "Earlier summary:", session.summary[:4000]]
+    return "\n".join(out)
+
+
+def compact(session, reason, instructions=""):
+    """Replace the older history by a summary; returns True when the history got smaller."""
+    messages, sizes = session.messages, session._sizes
+    before = session.context_tokens()
+    reserve, keep = compaction_budget(session)
+    has_summary = len(messages) > 1 and _content_text(messages[1].get("content")).startswith(SUMMARY_MARK)
+    first = 2 if has_summary else 1
+    cut = find_cut(messages, sizes, keep)
+    if cut <= first and reason == "manual":
+        cut = find_cut(messages, sizes, 1)  # /compact by hand: summarise all but the last message
+    if cut <= first:
+        return _shrink_tool_outputs(session, reason, before)
+    dropped = messages[first:cut]
+    prompts = [m for m in messages[1:] if m.get("role") == "user"
+               and not _content_text(m.get("content")).startswith(SUMMARY_MARK)]
+    latest = _content_text(prompts[-1]["content"]) if prompts and prompts[-1] in dropped else ""
+    summary = _summarise(session, dropped, instructions, reserve)
+    if summary is None:
+        return False  # aborted
+    session.summary = summary
+    new_summary = summary_message(session, summary, latest)
+    kept_seqs = session._seqs[cut:]
+    session.replace_history([messages[0], new_summary] + messages[cut:], [session._seqs[0], None] + kept_seqs,
+                            "compaction", {"type": "compaction", "reason": reason, "message": new_summary,
+                                           "firstKept": kept_seqs[0] if kept_seqs else session._next_seq})
+    if session.context_tokens() > compaction_threshold(session):
+        _shrink_tool_outputs(session, reason, before, announce=False)
+    session.emit({"type": "compaction", "reason": reason, "tokensBefore": before, "tokensAfter": session.context_tokens()})
+    return True
+
+
+def _summarise(session, dropped, instructions, reserve):
+    """The model's summary of dropped messages (a previous summary updated), or a mechanical one on failure."""
+    budget_chars = max(2000, (session.context_window - reserve) * 4 - len(SUMMARY_PROMPT) - 4000)
+    previous = ("<previous-summary>\n%s\n</previous-summary>\n\n" % session.summary) if session.summary else ""
+    body = transcript(dropped, max(1000, budget_chars - len(previous)))
+    request = [{"role": "system", "content": SUMMARY_PROMPT},
+               user_message(previous + "<conversation>\n" + body + "\n</conversation>"
+                            + ("\n\nAlso: " + instructions if instructions else ""))]
+    try:
+        reply = session.client.stream(request, None, session.cancel, lambda t: None, lambda t, m: None)
+    except APIError as e:
+        if session.cancel.is_set():
+            return None
+        session.emit({"type": "error", "message": "summarising failed (%s); older turns were dropped instead" % one_line(str(e), 200),
+                      "fatal": False})
+        return mechanical_summary(session, dropped)
+    if reply.interrupted:
+        return None
+    add_usage(session.usage, normalize_usage(reply.usage))
+    return reply.text.strip() or mechanical_summary(session, dropped)
+
+
+def _shrink_tool_outputs(session, reason, before, announce=True):
+    """The mechanical cut: old tool outputs (all but the last 2 messages) cut to SUMMARY_TOOL_OUTPUT characters."""
+    messages, changed = list(session.messages), {}
+    for i, m in enumerate(messages[:-2]):
+        text = m.get("content")
+        if m.get("role") == "tool" and isinstance(text, str) and len(text) > SUMMARY_TOOL_OUTPUT:
+            messages[i] = dict(m, content=text[:SUMMARY_TOOL_OUTPUT] + "\n[output cut to fit the context window]")
+            if session._seqs[i] is not None:
+                changed[str(session._seqs[i])] = messages[i]
+    if messages == session.messages:
+        return False
+    session.replace_history(messages, session._seqs, "compaction", {"type": "rewrite", "messages": changed})
+    if announce:
+        session.emit({"type": "compaction", "reason": reason, "tokensBefore": before, "tokensAfter": session.context_tokens()})
+    return True
+
+
+# =============================================================================
+# 14. Session files and undo
+# =============================================================================
+# ~/.nanocode/sessions/<slug of cwd>/<UTC time>_<id>.jsonl, one JSON entry a line:
+#   {"type":"session","version":1,"id","cwd","model","created"}   first line
+#   {"type":"message","seq":N,"message":{...},"prompt":true?}     a history message
+#   {"type":"model_change","model","provider","baseUrl"}
+#   {"type":"compaction","reason","message":summary,"firstKept":seq}
+#   {"type":"rewrite","messages":{seq: message}}                   outputs cut to fit
+#   {"type":"checkpoint","prompt":seq,"files":{path: {before, mode, after}}}
+#   {"type":"undo","from":seq,"files":[paths]}
+# Blobs of checkpointed files sit in <same name>.checkpoints/ beside the file.
+
+SESSION_FILE_VERSION = 1
+INTERRUPTED_RESULT = "interrupted: nanocode stopped before this call finished; its effects are unknown"
+
+
+def new_session_id():
+    """A short random id. Example: '3f9a0c41b2d7'."""
+    return os.urandom(6).hex()
+
+
+def cwd_slug(cwd):
+    """The folder name for a working directory's sessions. Example: '/home/a/p' -> '--home-a-p--'."""
+    return "--" + re.sub(r"[^A-Za-z0-9._-]+", "-", cwd.strip("/\\"))[-120:] + "--"
+
+
+def sessions_dir(home, cwd):
+    """Where the sessions of cwd are kept."""
+    return os.path.join(home, "sessions", cwd_slug(cwd))
+
+
+class SessionStore:
+    """Appends one conversation to its JSONL file: each entry written and flushed as it exists,
+    fsync at the end of each turn. A new file appears with the first user message."""
+
+    def __init__(self, path, session_id, header=None):
+        self.path, self.id = path, session_id
+        self.blob_dir = path[:-len(".jsonl")] + ".checkpoints" if path.endswith(".jsonl") else path + ".checkpoints"
+        self._header = header  # written first when the file is created; None for an existing file
+        self._pending = []  # entries held until the first user message
+        self._fd = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def create(cls, home, cwd, model):
+        """A store for a new session of cwd (nothing is written yet)."""
+        session_id = new_session_id()
+        name = "%s_%s.jsonl" % (time.strftime("%Y-%m-%dT%H-%M-%SZ", time.gmtime()), session_id)
+        header = {"type": "session", "version": SESSION_FILE_VERSION, "id": session_id, "cwd": cwd, "model": model,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        return cls(os.path.join(sessions_dir(home, cwd), name), session_id, header)
+
+    def message(self, seq, message, prompt=False):
+        """Record a history message."""
+        entry = {"type": "message", "seq": seq, "message": message}
+        if prompt:
+            entry["prompt"] = True
+        self.write(entry, message.get("role") == "user")
+
+    def write(self, entry, starts_file=False):
+        """Append one entry (held back until the file exists, unless it is a user message)."""
+        with self._lock:
+            if self._fd is None:
+                if self._header is not None and not starts_file:
+                    self._pending.append(entry)
+                    return
+                self._open()
+            os.write(self._fd, encode_json(entry) + b"\n")
+
+    def _open(self):
+        directory = os.path.dirname(self.path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if self._header is not None:
+            os.write(self._fd, b"".join(encode_json(e) + b"\n" for e in [self._header] + self._pending))
+            self._header, self._pending = None, []
+        else:  # resuming: a torn last line must not swallow the next entry
+            size = os.fstat(self._fd).st_size
+            if size:
+                with open(self.path, "rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        os.write(self._fd, b"\n")
+
+    def sync(self):
+        """Make what was written durable."""
+        with self._lock:
+            if self._fd is not None:
+                try:
+                    os.fsync(self._fd)
+                except OSError:
+                    pass
+
+    def close(self):
+        """Sync and close the file."""
+        self.sync()
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def read_session_file(path):
+    """(header, entries, warnings) of a session file; bad lines are skipped with a warning."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    header, entries, warnings = None, [], []
+    for number, raw in enumerate(lines, 1):
+        try:
+            entry = json.loads(raw.decode("utf-8", "surrogateescape"))
+            if not isinstance(entry, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            what = "its torn last line" if number == len(lines) else "line %d (corrupt)" % number
+            warnings.append("%s: skipped %s" % (path, what))
+            continue
+        if entry.get("type") == "session" and header is None:
+            header = entry
+        else:
+            entries.append(entry)
+    if header is None:
+        raise NanocodeError("%s is not a nanocode session file (no session line)" % path)
+    return header, entries, warnings
+
+
+def rebuild_history(entries):
+    """Replay entries into what the model saw last: (messages, seqs, prompt seqs, checkpoint prompts, next seq, summary)."""
+    live, prompts, checkpoints, next_seq, summary = [], set(), {}, 0, None
+    for e in entries:
+        kind = e.get("type")
+        if kind == "message" and isinstance(e.get("message"), dict) and isinstance(e.get("seq"), int):
+            live.append((e["seq"], e["message"]))
+            next_seq = max(next_seq, e["seq"] + 1)
+            if e.get("prompt"):
+                prompts.add(e["seq"])
+        elif kind == "compaction" and isinstance(e.get("message"), dict):
+            first = e.get("firstKept", next_seq)
+            live = live[:1] + [(None, e["message"])] + [(s, m) for s, m in live[1:] if s is not None and s >= first]
+            summary = _content_text(e["message"].get("content"))
+        elif kind == "rewrite":
+            changed = {int(k): v for k, v in (e.get("messages") or {}).items()}
+            live = [(s, changed.get(s, m)) for s, m in live]
+        elif kind == "checkpoint" and isinstance(e.get("files"), dict):
+            checkpoints[e.get("prompt")] = e["files"]
+        elif kind == "undo":
+            start = e.get("from", next_seq)
+            live = [(s, m) for s, m in live if s is None or s < start]
+            prompts = set(p for p in prompts if p < start)
+            checkpoints = dict((p, f) for p, f in checkpoints.items() if p is None or p < start)
+    ordered = [{"prompt": p, "files": checkpoints[p]} for p in sorted(checkpoints, key=lambda p: -1 if p is None else p)]
+    return [m for _, m in live], [s for s, _ in live], prompts, ordered, next_seq, summary
+
+
+def repair_history(messages, seqs):
+    """Make a resumed history acceptable to every provider: a tool call without a result gets an
+    'interrupted' result right after its message's other results; a result without its call is
+    dropped. Returns (messages, seqs, number of repairs)."""
+    out, out_seqs, repairs, open_calls = [], [], 0, []
+
+    def close_open():
+        n = 0
+        for call_id in open_calls:
+            out.append({"role": "tool", "tool_call_id": call_id, "content": INTERRUPTED_RESULT})
+            out_seqs.append(None)
+            n += 1
+        del open_calls[:]
+        return n
+    for m, s in zip(messages, seqs):
+        if m.get("role") == "tool":
+            if m.get("tool_call_id") in open_calls:
+                open_calls.remove(m["tool_call_id"])
+                out.append(m)
+                out_seqs.append(s)
+            else:
+                repairs += 1
+            continue
+        repairs += close_open()
+        out.append(m)
+        out_seqs.append(s)
+        if m.get("role") == "assistant":
+            open_calls.extend(c.get("id") for c in m.get("tool_calls") or [])
+    repairs += close_open()
+    return out, out_seqs, repairs
+
+
+def load_session(session, path):
+    """Resume the conversation in path into session (history, checkpoints, usage anchor); returns warnings."""
+    header, entries, warnings = read_session_file(path)
+    messages, seqs, prompts, checkpoint_prompts, next_seq, summary = rebuild_history(entries)
+    if not messages or messages[0].get("role") != "system":
+        raise NanocodeError("%s holds no conversation" % path)
+    messages, seqs, repairs = repair_history(messages, seqs)
+    store = SessionStore(path, header.get("id") or new_session_id())
+    session.reset(store)
+    session._next_seq = next_seq
+    session.prompt_seqs = prompts
+    session.summary = summary
+    session.checkpoints.prompts = checkpoint_prompts
+    # results added for calls cut off at the end are written, so the file and the history agree
+    tail = 0
+    while tail < len(seqs) and seqs[len(seqs) - 1 - tail] is None and messages[len(seqs) - 1 - tail].get("role") == "tool":
+        tail += 1
+    head_messages, head_seqs = messages[:len(messages) - tail], seqs[:len(seqs) - tail]
+    session.replace_history(head_messages, head_seqs, "resume")
+    for m in messages[len(messages) - tail:]:
+        session.append(m)
+    if repairs:
+        warnings.append("repaired %d tool call(s) cut off when the session stopped" % repairs)
+    return warnings
+
+
+def list_sessions(home, cwd=None, limit=20):
+    """Saved sessions, newest first: dicts with path, id, modified, first prompt, prompts (turns), size."""
+    base = os.path.join(home, "sessions")
+    folders = [sessions_dir(home, cwd)] if cwd else [os.path.join(base, d) for d in _listdir(base)]
+    paths = [os.path.join(f, n) for f in folders for n in _listdir(f) if n.endswith(".jsonl")]
+    paths.sort(key=lambda p: os.path.getmtime(p), reverse=True)
+    found = []
+    for path in paths[:limit]:
+        try:
+            header, entries, _ = read_session_file(path)
+        except (OSError, NanocodeError):
+            continue
+        firsts = [e["message"] for e in entries if e.get("prompt") and isinstance(e.get("message"), dict)]
+        found.append({"path": path, "id": header.get("id", ""), "modified": os.path.getmtime(path),
+                      "first": one_line(_content_text(firsts[0].get("content")) if firsts else "", 60),
+                      "prompts": len(firsts), "size": os.path.getsize(path)})
+    return found
+
+
+def _listdir(path):
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def find_session(home, cwd, ref):
+    """The session file for an id (or its prefix), a path, or '' for the newest of cwd."""
+    if not ref:
+        found = list_sessions(home, cwd, limit=1)
+        if not found:
+            raise NanocodeError("no saved session for %s yet" % cwd)
+        return found[0]["path"]
+    if os.path.isfile(os.path.expanduser(ref)):
+        return os.path.abspath(os.path.expanduser(ref))
+    base = os.path.join(home, "sessions")
+    matches = sorted(os.path.join(base, d, n) for d in _listdir(base) for n in _listdir(os.path.join(base, d))
+                     if n.endswith(".jsonl") and n.rsplit("_", 1)[-1][:-len(".jsonl")].startswith(ref))
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise NanocodeError("no session %r: give an id from /resume or a file path" % ref)
+    raise NanocodeError("%r matches %d sessions; give more of the id" % (ref, len(matches)))
+
+
+def format_session_list(sessions):
+    """The numbered picker lines: date, turns, first prompt, id."""
+    lines = []
+    for i, s in enumerate(sessions, 1):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(s["modified"]))
+        lines.append("%2d. %s  %3d turn%s  %-60s  %s" % (i, when, s["prompts"], " " if s["prompts"] == 1 else "s",
+                                                      s["first"] or "(no prompt)", s["id"]))
+    return lines
+
+
+def undo(session, count=1, force=False):
+    """Undo the last count user prompts: their files back to the exact bytes and modes, the prompts
+    and answers out of the history. Returns a one-line report; raises NanocodeError when it cannot."""
+    live = [s for s in session._seqs if s in session.prompt_seqs]
+    if count < 1 or count > len(live):
+        raise NanocodeError("nothing to undo" if not live else "only %d prompt(s) can be undone" % len(live))
+    start = live[-count]
+    prompts = [p for p in session.checkpoints.prompts if p["prompt"] is not None and p["prompt"] >= start]
+    changed = session.checkpoints.changed_outside(prompts)
+    if changed and not force:
+        raise NanocodeError("not undone: changed since the agent wrote them: %s (/undo --force restores them anyway)"
+                            % ", ".join(changed))
+    restored = session.checkpoints.restore(prompts)
+    session.checkpoints.prompts = [p for p in session.checkpoints.prompts if p not in prompts]
+    session.prompt_seqs = set(p for p in session.prompt_seqs if p < start)
+    position = session._seqs.index(start)
+    session.replace_history(session.messages[:position], session._seqs[:position], "undo",
+                            {"type": "undo", "from": start, "files": restored})
+    if session.store:
+        session.store.sync()
+    return "undid %d prompt(s)%s" % (count, "; restored " + ", ".join(restored) if restored else "; no files to restore")
+
+
+# =============================================================================
+# 15. Command loop and slash commands
+# =============================================================================
+# Front ends submit commands to a CommandLoop and render the session's events.
+# The loop's worker thread is the only thread that runs the agent, tools or
+# anything that changes the history; messages that arrive while it works wait in
+# the session's inbox for the next safe point.
+
+SlashCommand = record("SlashCommand", "One slash command: fn(loop, arg); when is 'now' (any time) or 'idle'.", (
+    ("name", ""), ("help", ""), ("fn", None), ("when", "now"), ("aliases", ()),
+))
+SLASH_COMMANDS = {}  # name or alias -> SlashCommand
+
+
+def slash(name, help, when="now", aliases=()):
+    """Register fn(loop, arg) as /name; help is its /help line."""
+    def register(fn):
+        cmd = SlashCommand(name, help, fn, when, tuple(aliases))
+        for n in (name,) + tuple(aliases):
+            SLASH_COMMANDS[n] = cmd
+        return fn
+    return register
+
+
+def command_names():
+    """Slash command names and aliases, sorted."""
+    return sorted(SLASH_COMMANDS)
+
+
+class CommandLoop:
+    """Owns the worker thread of one session. Commands: prompt, steer, follow_up, shell, abort,
+    answer, quit, and slash lines (set_model, compact, undo, new, resume...) whose replies are
+    `info` events. Work submitted while idle starts at once with its own cancel token, so an
+    abort that lands before the work begins still stops it."""
+
+    def __init__(self, session):
+        import queue
+        self.session = session
+        self.running = True
+        self.busy = False
+        self.listing = []  # the last /resume list, for /resume N
+        self._queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._cancel = None
+        self._worker = threading.Thread(target=self._work, daemon=True)
+        self._worker.start()
+
+    # -- commands that act at once ---------------------------------------------------
+
+    def info(self, text, command=""):
+        """Reply to a command with an info event."""
+        self.session.emit({"type": "info", "command": command, "text": text})
+
+    def prompt(self, text, kind="steering"):
+        """A user message: starts a run when idle, else waits in the inbox as kind; True when queued."""
+        with self._lock:
+            if self.busy:
+                self.session.inbox.put(kind, text)
+                return True
+            self._start("prompt", text)
+            return False
+
+    def steer(self, text):
+        """Deliver at the next safe point (or start a run)."""
+        return self.prompt(text, "steering")
+
+    def follow_up(self, text):
+        """Deliver when the agent would otherwise stop (or start a run)."""
+        return self.prompt(text, "followup")
+
+    def shell(self, command):
+        """!command: run now when idle, else at the next safe point; True when queued."""
+        with self._lock:
+            if self.busy:
+                self.session.inbox.put("shell", command)
+                return True
+            self._start("shell", command)
+            return False
+
+    def abort(self):
+        """Stop the running (or just submitted) work; True when there was some."""
+        with self._lock:
+            if self.busy and self._cancel is not None:
+                self._cancel.cancel()
+                return True
+            return False
+
+    def answer(self, value, ask_id=None):
+        """Answer a question the agent asked; False when none waits."""
+        return self.session.answer(value, ask_id)
+
+    def when_idle(self, name, fn):
+        """Run fn(cancel) on the worker; refused with an info reply while the agent works."""
+        with self._lock:
+            if not self.busy:
+                self._start("call", fn)
+                return True
+        self.info("/%s waits until the agent is idle (Ctrl+C stops it)" % name, name)
+        return False
+
+    def command(self, line):
+        """Run a slash line such as '/undo 2'."""
+        name, _, arg = line.strip()[1:].partition(" ")
+        cmd = SLASH_COMMANDS.get(name)
+        if cmd is None:
+            import difflib
+            close = difflib.get_close_matches(name, command_names(), n=1)
+            hint = "; did you mean /%s?" % close[0] if close else "; /help lists commands"
+            self.session.emit({"type": "error", "message": "unknown command /%s%s" % (name, hint), "fatal": False})
+            return
+        if cmd.when == "idle":
+            self.when_idle(cmd.name, lambda cancel: cmd.fn(self, arg.strip()))
+        else:
+            cmd.fn(self, arg.strip())
+
+    def quit(self, wait=2.0):
+        """Stop the work and the worker (waiting up to wait seconds for agent_end)."""
+        self.running = False
+        self.abort()
+        self._queue.put(None)
+        self._worker.join(wait)
+
+    def wait_idle(self, timeout=None):
+        """True once no work runs or waits."""
+        return self._idle.wait(timeout)
+
+    # -- the worker --------------------------------------------------------------------
+
+    def _start(self, kind, payload):
+        self.busy = True
+        self._idle.clear()
+        self._cancel = Cancel()
+        self.session.cancel = self._cancel
+        self._queue.put((kind, payload, self._cancel))
+
+    def _work(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            kind, payload, cancel = item
+            try:
+                if kind == "prompt":
+                    self.session.run(payload, cancel)
+                elif kind == "shell":
+                    self.session.run_shell(payload)
+                else:
+                    payload(cancel)
+            except NanocodeError as e:
+                self.session.emit({"type": "error", "message": str(e), "fatal": False})
+            except Exception as e:  # a bug in a command must not kill the worker
+                self.session.emit({"type": "error", "message": "internal error: %s: %s" % (e.__class__.__name__, e),
+                                   "fatal": False})
+            self._finish(cancel)
+
+    def _finish(self, cancel):
+        """After work: input that arrived too late for it starts the next run; else idle."""
+        with self._lock:
+            if self.running and not cancel.is_set() and len(self.session.inbox):
+                self._start("prompt", None)
+                return
+            self.busy = False
+            self._idle.set()
+
+
+def open_session(config, emit, resume=None):
+    """A Session for config: new (saved unless --no-session), or resumed from resume
+    ('' for the newest of this directory, an id or a path); returns (session, warnings)."""
+    if resume is not None:
+        session = Session(config, emit)
+        path = _session_path(config, resume)
+        if os.path.exists(path):
+            return session, load_session(session, path)
+        session.start(SessionStore(path, new_session_id(), _new_header(config)))
+        return session, []
+    store = SessionStore.create(config.home, config.cwd, config.model) if config.save_session else None
+    return Session(config, emit, store=store), []
+
+
+def _session_path(config, ref):
+    if ref and (os.sep in ref or ref.endswith(".jsonl")):
+        return os.path.abspath(os.path.expanduser(ref))
+    return find_session(config.home, config.cwd, ref)
+
+
+def _new_header(config):
+    return {"type": "session", "version": SESSION_FILE_VERSION, "id": new_session_id(), "cwd": config.cwd,
+            "model": config.model, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def new_store(config):
+    """A store for a new session, or None under --no-session."""
+    return SessionStore.create(config.home, config.cwd, config.model) if config.save_session else None
+
+
+# -- the commands (front-end neutral; replies are info events) ----------------------
+
+@slash("help", "list commands")
+def cmd_help(loop, arg):
+    seen, lines = set(), []
+    for name in command_names():
+        cmd = SLASH_COMMANDS[name]
+        if cmd.name in seen:
+            continue
+        seen.add(cmd.name)
+        names = ", ".join("/" + n for n in (cmd.name,) + cmd.aliases)
+        lines.append("  %-22s %s" % (names, cmd.help))
+    lines.append("  %-22s %s" % ("!command", "run a shell command and add its output to the conversation"))
+    lines.append("  %-22s %s" % ("@path", "attach a file or directory listing to your message"))
+    loop.info("\n".join(lines), "help")
+
+
+@slash("new", "start a new conversation (a new session file)", when="idle", aliases=("clear", "c"))
+def cmd_new(loop, arg):
+    session = loop.session
+    session.start(new_store(session.config))
+    session.emit({"type": "history", "reason": "new", "messages": len(session.messages)})
+    loop.info("new conversation", "new")
+
+
+@slash("context", "what the context holds and how full it is")
+def cmd_context(loop, arg):
+    s = loop.session
+    chars = sum(len(dump_json(m)) for m in s.messages)
+    schemas = len(dump_json(s.tools.snapshot().schemas))
+    used = s.context_tokens()
+    loop.info("  messages: %d (%d chars ≈ %d tokens)\n  tool schemas: %d chars ≈ %d tokens\n"
+              "  context: ≈%d of %d tokens (%d%%); compacts above %d%s\n  last request: %s"
+              % (len(s.messages), chars, chars // 4, schemas, schemas // 4, used, s.context_window,
+                 100 * used // max(1, s.context_window), compaction_threshold(s),
+                 "" if s.config.compaction else " (automatic compaction off)",
+                 "%d tokens in, %d out" % (s.last_usage["input"], s.last_usage["output"]) if s.last_usage else "none yet"),
+              "context")
+
+
+@slash("cost", "tokens used and cost so far")
+def cmd_cost(loop, arg):
+    loop.info(status_line(loop.session), "cost")
+
+
+@slash("model", "show or switch the model (provider/model works); /model QUERY lists matching models")
+def cmd_model(loop, arg):
+    s = loop.session
+    if not arg:
+        return loop.info("model: %s at %s" % (s.config.model, s.config.base_url), "model")
+    loop.when_idle("model", lambda cancel: _switch_model(loop, arg))
+
+
+def _switch_model(loop, arg):
+    s = loop.session
+    if "/" in arg and arg.split("/", 1)[0] in (s.config.settings.get("providers") or {}):
+        return _use_model(loop, arg)
+    models = _fetch_model_list(s.config.base_url, s.config.api_key, 10) or []
+    matches = [m for m in models if arg.lower() in m.lower()]
+    if arg in models or not models:
+        _use_model(loop, arg)
+    elif len(matches) == 1:
+        _use_model(loop, matches[0])
+    else:
+        loop.info("\n".join("  " + m for m in (matches or models)[:50]) or "no models listed", "model")
+
+
+def _use_model(loop, model):
+    session = loop.session
+    session.reconfigure(with_model(session.config, model, os.environ))
+    loop.info("model: %s at %s" % (session.config.model, session.config.base_url), "model")
+
+
+@slash("tools", "list the active tools")
+def cmd_tools(loop, arg):
+    tools = loop.session.tools
+    loop.info("\n".join("  %-10s %s" % (n, tools.get(n).description) for n in tools.names()) or "no tools are active", "tools")
+
+
+@slash("steer", "MSG: deliver at the next safe point (plain input while busy does the same)")
+def cmd_steer(loop, arg):
+    _queue_message(loop, arg, "steer")
+
+
+@slash("followup", "MSG: deliver when the agent would otherwise stop")
+def cmd_followup(loop, arg):
+    _queue_message(loop, arg, "followup")
+
+
+def _queue_message(loop, text, name):
+    if not text:
+        return loop.info("usage: /%s MSG" % name, name)
+    if (loop.steer if name == "steer" else loop.follow_up)(text):
+        loop.info("↳ %s queued: %s" % ("steering" if name == "steer" else "follow-up", one_line(text, 80)), name)
+
+
+@slash("queue", "/queue MSG queues a follow-up; /queue alone lists queued messages")
+def cmd_queue(loop, arg):
+    if arg:
+        return _queue_message(loop, arg, "followup")
+    inbox = loop.session.inbox
+    lines = ["  steer: " + one_line(t, 100) for t in inbox.steering]
+    lines += ["  follow-up: " + one_line(t, 100) for t in inbox.followups]
+    loop.info("\n".join(lines) or "nothing queued", "queue")
+
+
+@slash("dequeue", "clear the queues and print their texts; /dequeue edit opens them in $EDITOR")
+def cmd_dequeue(loop, arg):
+    inbox = loop.session.inbox
+    steering, followups = inbox.clear()
+    if arg == "edit":
+        steering, followups = edit_queue(loop, steering, followups)
+        for t in steering:
+            inbox.steer(t)
+        for t in followups:
+            inbox.follow_up(t)
+        return cmd_queue(loop, "")
+    texts = steering + followups
+    loop.info("\n".join(texts) if texts else "nothing queued", "dequeue")
+
+
+def edit_queue(loop, steering, followups):
+    """Open the queues as JSON in $VISUAL/$EDITOR; returns the edited lists."""
+    import subprocess
+    import tempfile
+    fd, path = tempfile.mkstemp(suffix=".json", prefix="nanocode-queue-")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"steering": steering, "followups": followups}, f, indent=2)
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
+    try:
+        subprocess.call(editor + " " + subprocess.list2cmdline([path]), shell=True)
+        with open(path) as f:
+            data = json.load(f)
+        return list(data.get("steering") or []), list(data.get("followups") or [])
+    except (OSError, ValueError) as e:
+        loop.session.emit({"type": "error", "message": "queue not changed: %s" % e, "fatal": False})
+        return steering, followups
+    finally:
+        os.remove(path)
+
+
+@slash("compact", "[instructions]: summarise the older conversation now", when="idle")
+def cmd_compact(loop, arg):
+    if not compact(loop.session, "manual", arg):
+        loop.info("nothing to compact yet", "compact")
+
+
+@slash("undo", "[N] [--force]: undo the last N prompts: their file changes and their messages", when="idle")
+def cmd_undo(loop, arg):
+    words = arg.split()
+    force = "--force" in words
+    numbers = [w for w in words if w != "--force"]
+    if len(numbers) > 1 or (numbers and not numbers[0].isdigit()):
+        return loop.info("usage: /undo [N] [--force]", "undo")
+    loop.info(undo(loop.session, int(numbers[0]) if numbers else 1, force), "undo")
+
+
+@slash("resume", "list saved sessions of this directory; /resume N or ID continues one", when="idle")
+def cmd_resume(loop, arg):
+    s = loop.session
+    if not arg:
+        loop.listing = list_sessions(s.config.home, s.config.cwd)
+        lines = format_session_list(loop.listing)
+        return loop.info("\n".join(lines + ["/resume N continues one"]) if lines else "no saved sessions here yet", "resume")
+    if arg.isdigit() and 0 < int(arg) <= len(loop.listing):
+        path = loop.listing[int(arg) - 1]["path"]
+    else:
+        path = _session_path(s.config, arg)
+    warnings = load_session(s, path)
+    for w in warnings:
+        loop.info(w, "resume")
+    loop.info("resumed %s: %d messages" % (s.id, len(s.messages)), "resume")
+
+
+@slash("session", "this session's file, id, size and tokens")
+def cmd_session(loop, arg):
+    s = loop.session
+    path = s.store.path if s.store else None
+    size = os.path.getsize(path) if path and os.path.exists(path) else 0
+    loop.info("  id: %s\n  file: %s\n  size: %d bytes\n  messages: %d\n  %s"
+              % (s.id, path or "(not saved: --no-session)", size, len(s.messages), status_line(s)), "session")
+
+
+@slash("quit", "exit nanocode", aliases=("q", "exit"))
+def cmd_quit(loop, arg):
+    loop.running = False
+    loop.abort()
+
+
+# =============================================================================
+# 16. Front ends: headless
+# =============================================================================
+# Each front end is a sink for the session's events plus a source of commands.
 
 
 def format_tool_call(name, args, width=100):
@@ -3300,6 +4595,8 @@ class TextProgress:
         kind = event["type"]
         if kind == "error":
             self.stream.write("nanocode: error: %s\n" % event["message"])
+        elif kind == "info" and event.get("command") == "warning":
+            self.stream.write("nanocode: %s\n" % event["text"])
         elif not self.show:
             return
         elif kind == "tool_start":
@@ -3309,58 +4606,64 @@ class TextProgress:
         elif kind == "retry":
             self.stream.write("retrying in %.1fs (attempt %d/%d): %s\n" % (
                 event["delayMs"] / 1000.0, event["attempt"], event["maxAttempts"], event["error"]))
+        elif kind == "compaction":
+            self.stream.write("context compacted (%s): %d → %d tokens\n" % (event["reason"], event["tokensBefore"], event["tokensAfter"]))
         self.stream.flush()
 
 
-def run_in_worker(agent, prompt):
-    """Run agent.run(prompt) in a thread, turning SIGINT/SIGTERM into an abort; returns (end, signum)."""
-    box = {}
-
-    def work():
-        box["end"] = agent.run(prompt)
-
-    def on_signal(signum, frame):
-        box.setdefault("signal", signum)
-        agent.abort()
-
-    previous = {}
-    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
-        if sig is not None:
-            previous[sig] = signal.signal(sig, on_signal)
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.1)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return box.get("end"), box.get("signal")
-
-
-def run_headless(config, prompt):
+def run_headless(config, prompt, resume=None):
     """-p / --mode json: run one prompt, print the answer or JSON events, return the exit code."""
     json_mode = config.mode == "json"
     show = sys.stderr.isatty() and not config.quiet
     emit = json_line_sink(sys.stdout) if json_mode else TextProgress(sys.stderr, show)
-    agent = Agent(config, emit)
+    try:
+        session, warnings = open_session(config, emit, resume)
+    except NanocodeError as e:
+        sys.stderr.write("nanocode: error: %s\n" % e)
+        return 2
+    loop = CommandLoop(session)
     if not config.quiet:
-        for note in config.notes:
+        for note in list(config.notes) + warnings:
             sys.stderr.write("nanocode: %s\n" % note)
     if json_mode:
-        emit(agent.session_event())
-    end, signum = run_in_worker(agent, prompt)
-    agent.client.close()
-    PROCESS_GROUPS.kill_all()
-    if signum:
-        return 128 + signum
+        emit(session.session_event())
+    box = {}
+
+    def on_signal(signum, frame):
+        box.setdefault("signal", signum)
+        loop.abort()
+    previous = {}
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+        if sig is not None:
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        loop.prompt(prompt)
+        if box:
+            loop.abort()
+        while not loop.wait_idle(0.1):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        loop.quit()
+        session.client.close()
+        if session.store:
+            session.store.close()
+        PROCESS_GROUPS.kill_all()
+    end = session.last_end
+    if box:
+        return 128 + box["signal"]
     if not json_mode and end and end["text"]:
         sys.stdout.write(end["text"].rstrip("\n") + "\n")
         sys.stdout.flush()
     return 0 if end and end["stopReason"] == "done" else 1
 
 
-# --- the REPL: styles, Markdown stream, screen --------------------------------
+# =============================================================================
+# 17. Front ends: REPL rendering
+# =============================================================================
+# Styles, streamed Markdown, a screen that prints above the live prompt, and the
+# renderer that turns events into lines.
 
 
 class Style:
@@ -3496,14 +4799,11 @@ class Screen:
             self.out.flush()
 
 
-# --- the REPL: rendering events -----------------------------------------------
-
-
 class ReplRenderer:
     """Turns agent events into screen lines: Markdown text, dim thinking, tool lines, diffs."""
 
-    def __init__(self, screen, config, agent_ref):
-        self.screen, self.config, self.agent_ref = screen, config, agent_ref
+    def __init__(self, screen, session_ref):
+        self.screen, self.session_ref = screen, session_ref
         self.s = screen.style
         self.md = None
         self.thinking = ""
@@ -3523,7 +4823,7 @@ class ReplRenderer:
         self.md = MarkdownStream(self.s, self.screen.width())
 
     def on_reasoning_delta(self, event):
-        if not self.config.show_thinking:
+        if not self.show_thinking():
             return
         self.thinking += event["delta"]
         if "\n" in self.thinking:
@@ -3541,7 +4841,7 @@ class ReplRenderer:
             self.screen.set_live(self.md.live())
 
     def _flush_thinking(self):
-        if self.thinking and self.config.show_thinking:
+        if self.thinking and self.show_thinking():
             self.lines([self.s(self.thinking, "dim", "italic")])
         self.thinking = ""
 
@@ -3600,25 +4900,40 @@ class ReplRenderer:
         self.lines([self.s("↳ %s delivered: %s" % (label, one_line(event["text"], 80)), "magenta")])
 
     def on_agent_end(self, event):
-        agent = self.agent_ref()
-        if agent is not None:
-            self.lines([self.s(status_line(agent, self.config), "gray")])
+        session = self.session_ref()
+        if session is not None:
+            self.lines([self.s(status_line(session), "gray"), ""])
+
+    def on_info(self, event):
+        color = "magenta" if event.get("command") in ("steer", "followup", "queue") and event["text"].startswith("↳") else None
+        self.screen.print(self.s(event["text"], color) if color else event["text"])
+
+    def on_ask(self, event):
+        options = "/".join("[%s]%s" % (o[0], o[1:]) for o in event.get("options") or ("yes", "no"))
+        self.lines([self.s("? " + event["question"], "yellow", "bold") + "  " + self.s(options, "gray")])
+
+    def on_compaction(self, event):
+        self.lines([self.s("context compacted (%s): %s → %s tokens" % (event["reason"], _k(event["tokensBefore"]),
+                                                                     _k(event["tokensAfter"])), "gray")])
+
+    def show_thinking(self):
+        session = self.session_ref()
+        return session is None or session.config.show_thinking
 
 
 def context_window(config):
-    """The model's context window in tokens (settings 'contextWindow', else a guess)."""
+    """The model's context window in tokens (settings or NANOCODE_CONTEXT_WINDOW_TOKENS, else 128,000)."""
     return int(config.context_window or 128000)
 
 
-def status_line(agent, config):
-    """Tokens in/out, cache reads, context used and cost after a turn."""
-    u, last = agent.usage, agent.last_usage or {}
+def status_line(session):
+    """Tokens in/out, cache reads, context used and cost so far."""
+    u = session.usage
     parts = ["↑%s ↓%s" % (_k(u["input"]), _k(u["output"]))]
     if u["cacheRead"]:
         parts.append("cache %s" % _k(u["cacheRead"]))
-    if last:
-        parts.append("context %d%%" % (100 * (last["input"] + last["output"]) // context_window(config)))
-    cost = usage_cost(u, config)
+    parts.append("context %d%%" % (100 * session.context_tokens() // max(1, session.context_window)))
+    cost = usage_cost(u, session.config)
     if cost is not None:
         parts.append("$%.4f" % cost)
     return " · ".join(parts)
@@ -3639,7 +4954,9 @@ def usage_cost(usage, config):
             + usage["cacheRead"] * price.get("cacheRead", price.get("input", 0))) / 1e6
 
 
-# --- the REPL: input, queue, commands ------------------------------------------
+# =============================================================================
+# 18. Front ends: the REPL
+# =============================================================================
 
 
 def load_readline():
@@ -3652,21 +4969,24 @@ def load_readline():
 
 
 class Repl:
-    """The interactive loop: the main thread reads input, a worker thread runs the agent."""
+    """The interactive loop: the main thread reads input and submits commands; the command
+    loop's worker runs the agent. stdin and stdout can be injected (as cmd.Cmd takes them):
+    with a stream that is not the terminal, lines are read with readline() and no editing."""
 
-    def __init__(self, config, out=None):
-        import queue
+    def __init__(self, config, stdin=None, stdout=None, resume=None, pick=False):
         self.config = config
-        self.out = out or sys.stdout
-        self.rl = load_readline() if sys.stdin.isatty() else None
+        self.out = stdout or sys.stdout
+        self.stdin = stdin or sys.stdin
+        self.tty = self.stdin is sys.stdin and sys.stdin.isatty()
+        self.rl = load_readline() if self.tty else None
         self.style = Style(config.color and self.out.isatty())
         self.screen = Screen(self.out, self.style, self.rl)
-        self.agent = None
-        self.renderer = ReplRenderer(self.screen, config, lambda: self.agent)
-        self.agent = Agent(config, self.renderer)
-        self.work = queue.Queue()
-        self.busy = threading.Event()
-        self.running = True
+        self.session = None
+        self.renderer = ReplRenderer(self.screen, lambda: self.session)
+        self.resume, self.pick = resume, pick  # see open_session; pick: choose from a list first
+        self.session, self.warnings = open_session(config, self.renderer, resume)
+        self.session.interactive = True
+        self.loop = CommandLoop(self.session)
         self.last_interrupt = 0.0
         self.history_path = os.path.join(config.home, "history")
 
@@ -3676,10 +4996,10 @@ class Repl:
         """Run until /exit, Ctrl+D or a double Ctrl+C; returns the exit code."""
         self.setup_readline()
         self.print_banner()
-        worker = threading.Thread(target=self.worker, daemon=True)
-        worker.start()
         try:
-            while self.running:
+            if self.pick:
+                self.pick_session()
+            while self.loop.running:
                 line = self.read_line()
                 if line is None:
                     break
@@ -3690,12 +5010,12 @@ class Repl:
         return 0
 
     def shutdown(self):
-        """Stop the agent, child processes and save history."""
-        self.running = False
-        self.agent.abort()
-        self.work.put(None)
+        """Stop the agent and child processes, close the session file, save history."""
+        self.loop.quit()
         PROCESS_GROUPS.kill_all()
-        self.agent.client.close()
+        self.session.client.close()
+        if self.session.store:
+            self.session.store.close()
         self.save_history()
 
     def print_banner(self):
@@ -3704,9 +5024,22 @@ class Repl:
         host = c.base_url.split("://", 1)[-1].split("/", 1)[0]
         line = "nanocode %s · %s · %s · key: %s · %s" % (VERSION, c.model, c.provider or host, c.key_source, c.cwd)
         self.screen.print(self.style(line, "bold"))
-        for note in c.notes:
+        for note in list(c.notes) + self.warnings:
             self.screen.print(self.style(note, "yellow"))
+        if self.resume is not None:
+            self.screen.print(self.style("resumed %s: %d messages" % (self.session.id, len(self.session.messages)), "gray"))
         self.screen.print(self.style("/help for commands · Enter while working steers · Ctrl+C stops", "gray"))
+
+    def pick_session(self):
+        """-r without an id: a numbered list of this directory's sessions; the answer picks one."""
+        self.loop.command("/resume")
+        self.loop.wait_idle(10)
+        if not self.loop.listing:
+            return
+        line = self.read_line("resume which? [1-%d, Enter for a new session] " % len(self.loop.listing))
+        if line and line.strip():
+            self.loop.command("/resume " + line.strip())
+            self.loop.wait_idle(10)
 
     # -- input --------------------------------------------------------------------
 
@@ -3717,16 +5050,13 @@ class Repl:
             return mark
         return "\001\x1b[36m\002" + mark + "\001\x1b[0m\002"
 
-    def read_line(self):
+    def read_line(self, prompt=None):
         """One message: continuation lines ending in \\, Ctrl+C and Ctrl+D handled; None to exit."""
         parts = []
         while True:
-            prompt = self.prompt_text() if not parts else "  "
+            shown = prompt or (self.prompt_text() if not parts else "  ")
             try:
-                with self.screen.lock:
-                    self.screen.prompt = prompt.replace("\001", "").replace("\002", "")
-                line = input(prompt)
-                self.entered()
+                line = self.input(shown)
             except EOFError:
                 self.out.write("\n")
                 return None
@@ -3736,12 +5066,26 @@ class Repl:
                     return None
                 parts = []
                 continue
-            finally:
-                self.screen.prompt = ""
             if line.endswith("\\"):
                 parts.append(line[:-1])
                 continue
             return "\n".join(parts + [line])
+
+    def input(self, prompt):
+        """Read one line from the terminal (with readline) or the injected stream."""
+        if not self.tty:
+            line = self.stdin.readline()
+            if not line:
+                raise EOFError
+            return line.rstrip("\n")
+        try:
+            with self.screen.lock:
+                self.screen.prompt = prompt.replace("\001", "").replace("\002", "")
+            line = input(prompt)
+            self.entered()
+            return line
+        finally:
+            self.screen.prompt = ""
 
     def entered(self):
         """After Enter the cursor is below the prompt line. While the agent works, step back onto
@@ -3749,16 +5093,14 @@ class Repl:
         above it is redrawn in place rather than left behind."""
         with self.screen.lock:
             self.screen.prompt = ""
-            if (self.screen.live or self.busy.is_set()) and self.screen.tty:
+            if (self.screen.live or self.loop.busy) and self.screen.tty:
                 self.out.write("\x1b[1A")
                 self.out.flush()
 
     def on_interrupt(self):
         """Ctrl+C: abort a running turn; at an idle prompt, a second one within 1 s exits."""
-        if self.busy.is_set():
-            self.agent.abort()
-            steering, followups = self.agent.inbox.steering, self.agent.inbox.followups
-            kept = len(steering) + len(followups)
+        if self.loop.abort():
+            kept = len(self.session.inbox)
             self.screen.print(self.style("stopped" + ("; %d queued message(s) kept (/queue)" % kept if kept else ""), "yellow"))
             return False
         now = time.monotonic()
@@ -3771,80 +5113,19 @@ class Repl:
     # -- dispatch -----------------------------------------------------------------
 
     def handle(self, line):
-        """Route one input: a command, a shell line, or a message (steering while busy)."""
+        """Route one input: an answer, a command, a shell line, or a message (steering while busy)."""
         stripped = line.strip()
-        if stripped in ("exit", "quit"):
-            self.running = False
-            return
-        if stripped.startswith("/"):
-            self.command(stripped)
+        if self.session.pending_asks():
+            self.loop.answer(stripped)
+        elif stripped in ("exit", "quit"):
+            self.loop.running = False
+        elif stripped.startswith("/"):
+            self.loop.command(stripped)
         elif stripped.startswith("!"):
-            self.shell(stripped[1:].strip())
-        else:
-            self.queue_message(line, "steering", self.agent.inbox.steer)
-
-    def send(self, text):
-        """Start a run with text."""
-        self.busy.set()
-        self.work.put(text)
-
-    def worker(self):
-        """Runs prompts from the work queue; delivers follow-ups left when a run ended."""
-        while True:
-            text = self.work.get()
-            if text is None:
-                return
-            self.busy.set()
-            try:
-                self.agent.run(text)
-                while self.running and not self.agent.cancel.is_set():
-                    steering, followups = self.agent.inbox.clear()
-                    if not steering and not followups:
-                        break
-                    self.agent.run("\n\n".join(steering + followups))
-            finally:
-                self.busy.clear()
-                if self.running:
-                    self.screen.print("")
-
-    def expand(self, text):
-        """Attach files (or directory listings) named with @path."""
-        blocks = []
-        for token in re.findall(r"(?:^|\s)@(\S+)", text):
-            path = resolve_path(self.config.cwd, token.rstrip(".,;:!?"))
-            if os.path.isdir(path):
-                body = "\n".join(sorted(n + ("/" if os.path.isdir(os.path.join(path, n)) else "")
-                                        for n in os.listdir(path)))
-                blocks.append('<directory path="%s">\n%s\n</directory>' % (token, body))
-            elif os.path.isfile(path):
-                result = run_tool(ToolContext(self.config.cwd, self.config), "read", {"path": path}, list(TOOLS))
-                blocks.append('<file path="%s">\n%s\n</file>' % (token, result.text))
-                self.screen.print(self.style("attached %s" % token, "gray"))
-        return text + ("\n\n" + "\n\n".join(blocks) if blocks else "")
-
-    def shell(self, command):
-        """!command: run it, show the output, add both to the conversation as context."""
-        if not command:
-            return
-        ctx = ToolContext(self.config.cwd, self.config)
-        result = run_tool(ctx, "bash", {"command": command}, ["bash"])
-        self.screen.print(self.style(result.text, "dim"))
-        self.agent.messages.append({"role": "user", "content": "I ran `%s` in the shell:\n```\n%s\n```" % (command, result.text)})
-
-    def command(self, line):
-        """Run a slash command; suggests the closest name for a typo."""
-        name, _, arg = line[1:].partition(" ")
-        fn = getattr(self, "cmd_" + name.replace("-", "_"), None) if name else None
-        if fn is None:
-            import difflib
-            close = difflib.get_close_matches(name, command_names(), n=1)
-            hint = "; did you mean /%s?" % close[0] if close else "; /help lists commands"
-            self.screen.print(self.style("unknown command /%s%s" % (name, hint), "red"))
-            return
-        if self.busy.is_set() and name not in READONLY_COMMANDS and name not in ("steer", "queue", "followup", "dequeue", "q", "exit", "quit"):
-            self.screen.print(self.style("/%s waits until the agent is idle (Ctrl+C stops it)" % name, "yellow"))
-            return
-        fn(arg.strip())
+            if stripped[1:].strip() and self.loop.shell(stripped[1:].strip()):
+                self.screen.print(self.style("↳ queued: !%s" % one_line(stripped[1:].strip(), 80), "magenta"))
+        elif self.loop.prompt(line):
+            self.screen.print(self.style("↳ steering queued: %s" % one_line(line, 80), "magenta"))
 
     # -- history and completion ---------------------------------------------------
 
@@ -3893,148 +5174,19 @@ class Repl:
             options = []
         return options[state] if state < len(options) else None
 
-    # -- commands (the docstring is the /help line) --------------------------------
 
-    def cmd_help(self, arg):
-        """list commands"""
-        lines = []
-        for name in command_names():
-            fn = getattr(self, "cmd_" + name)
-            lines.append("  /%-10s %s" % (name, fn.__doc__))
-        lines.append("  !command    run a shell command and add its output to the conversation")
-        lines.append("  @path       attach a file or directory listing to your message")
-        self.screen.print("\n".join(lines))
-
-    def cmd_clear(self, arg):
-        """start a new conversation (history cleared)"""
-        self.agent.clear()
-        self.screen.print(self.style("conversation cleared", "gray"))
-
-    cmd_c = cmd_clear
-
-    def cmd_tools(self, arg):
-        """list the active tools"""
-        self.screen.print("\n".join("  %-10s %s" % (n, TOOLS[n].description) for n in self.agent.tool_names)
-                          or "no tools are active")
-
-    def cmd_context(self, arg):
-        """show what the context holds and how full it is"""
-        chars = sum(len(dump_json(m)) for m in self.agent.messages)
-        tools = len(dump_json(self.agent.tool_schemas))
-        last = self.agent.last_usage
-        used = "%d tokens (%d%% of %d)" % (last["input"] + last["output"], 100 * (last["input"] + last["output"]) // context_window(self.config),
-                                           context_window(self.config)) if last else "no request yet"
-        self.screen.print("  messages: %d (%d chars ≈ %d tokens)\n  tool schemas: %d chars ≈ %d tokens\n  last request: %s"
-                          % (len(self.agent.messages), chars, chars // 4, tools, tools // 4, used))
-
-    def cmd_cost(self, arg):
-        """tokens used and cost so far"""
-        self.screen.print(status_line(self.agent, self.config))
-
-    def cmd_model(self, arg):
-        """show or switch the model; /model QUERY lists the endpoint's matching models"""
-        if not arg:
-            self.screen.print("model: %s at %s" % (self.config.model, self.config.base_url))
-            return
-        models = _fetch_model_list(self.config.base_url, self.config.api_key, 10) or []
-        matches = [m for m in models if arg.lower() in m.lower()]
-        if arg in models or not models:
-            self.switch_model(arg)
-        elif len(matches) == 1:
-            self.switch_model(matches[0])
-        else:
-            self.screen.print("\n".join("  " + m for m in (matches or models)[:50]) or "no models listed")
-
-    def switch_model(self, model):
-        """Use another model from the next request on."""
-        self.config = self.config._replace(model=model,
-                              compat=detect_compat(self.config.chat_url, model, {}))
-        self.agent.config = self.agent.client.config = self.renderer.config = self.config
-        self.screen.print(self.style("model: " + model, "gray"))
-
-    def cmd_queue(self, arg):
-        """/queue MSG queues a follow-up; /queue alone lists queued messages"""
-        if arg:
-            return self.cmd_followup(arg)
-        inbox = self.agent.inbox
-        lines = ["  steer: " + one_line(t, 100) for t in inbox.steering]
-        lines += ["  follow-up: " + one_line(t, 100) for t in inbox.followups]
-        self.screen.print("\n".join(lines) or "nothing queued")
-
-    def cmd_followup(self, arg):
-        """MSG: deliver when the agent would otherwise stop"""
-        self.queue_message(arg, "follow-up", self.agent.inbox.follow_up)
-
-    def cmd_steer(self, arg):
-        """MSG: deliver at the next safe point (plain input while busy does the same)"""
-        self.queue_message(arg, "steering", self.agent.inbox.steer)
-
-    def queue_message(self, text, label, put):
-        """Queue text with put while the agent works; when it is idle, just send it."""
-        if not text.strip():
-            return self.screen.print("usage: /%s MSG" % ("steer" if label == "steering" else "followup"))
-        if not self.busy.is_set():
-            return self.send(self.expand(text))
-        put(self.expand(text))
-        self.screen.print(self.style("↳ %s queued: %s" % (label, one_line(text, 80)), "magenta"))
-
-    def cmd_dequeue(self, arg):
-        """clear the queues and print their texts; /dequeue edit opens them in $EDITOR"""
-        steering, followups = self.agent.inbox.clear()
-        if arg == "edit":
-            steering, followups = self.edit_queue(steering, followups)
-            for t in steering:
-                self.agent.inbox.steer(t)
-            for t in followups:
-                self.agent.inbox.follow_up(t)
-            return self.cmd_queue("")
-        texts = steering + followups
-        self.screen.print("\n".join(texts) if texts else "nothing queued")
-
-    def edit_queue(self, steering, followups):
-        """Open the queues as JSON in $VISUAL/$EDITOR; returns the edited lists."""
-        import subprocess
-        import tempfile
-        fd, path = tempfile.mkstemp(suffix=".json", prefix="nanocode-queue-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"steering": steering, "followups": followups}, f, indent=2)
-        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
-        try:
-            subprocess.call(editor + " " + subprocess.list2cmdline([path]), shell=True)
-            with open(path) as f:
-                data = json.load(f)
-            return list(data.get("steering") or []), list(data.get("followups") or [])
-        except (OSError, ValueError) as e:
-            self.screen.print(self.style("queue not changed: %s" % e, "red"))
-            return steering, followups
-        finally:
-            os.remove(path)
-
-    def cmd_quit(self, arg):
-        """exit nanocode"""
-        self.running = False
-        if self.busy.is_set():
-            self.agent.abort()
-
-    cmd_q = cmd_exit = cmd_quit
-
-
-#: commands that answer at once while the agent works
-READONLY_COMMANDS = ("queue", "tools", "context", "cost", "help", "jobs")
-
-
-def command_names():
-    """Slash command names, in /help order."""
-    return sorted(n[4:] for n in dir(Repl) if n.startswith("cmd_"))
-
-
-def run_repl(config):
+def run_repl(config, resume=None, pick=False):
     """The interactive REPL."""
-    return Repl(config).run()
+    try:
+        repl = Repl(config, resume=resume, pick=pick)
+    except NanocodeError as e:
+        sys.stderr.write("nanocode: error: %s\n" % e)
+        return 2
+    return repl.run()
 
 
 # =============================================================================
-# 10. CLI
+# 19. CLI
 # =============================================================================
 
 
@@ -4051,6 +5203,9 @@ def build_parser():
     p.add_argument("--model", help="model id, or provider/model for a provider in settings.json")
     p.add_argument("--base-url", help="OpenAI-compatible endpoint (…/v1)")
     p.add_argument("--tools", help="none, all, or a comma list (e.g. read,bash)")
+    p.add_argument("-c", "--continue", dest="continue_", action="store_true", help="resume the newest session of this directory")
+    p.add_argument("-r", "--resume", nargs="?", const="", metavar="ID", help="resume a session by id or path (REPL: pick from a list)")
+    p.add_argument("--session", metavar="PATH", help="use this session file (resumed when it exists)")
     p.add_argument("--no-session", action="store_true", help="do not save the session")
     p.add_argument("--system-prompt", help="replace the built-in system prompt")
     p.add_argument("--append-system-prompt", help="text added to the system prompt")
@@ -4071,6 +5226,15 @@ def read_prompt(args, stdin):
     return text
 
 
+def resume_target(args):
+    """None for a new session, '' for the newest (or the picker), else an id or path."""
+    if args.session:
+        return os.path.abspath(os.path.expanduser(args.session))
+    if args.continue_:
+        return ""
+    return args.resume
+
+
 def main(argv=None):
     """Parse flags, build the config, run a front end; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -4081,12 +5245,17 @@ def main(argv=None):
         return 2
     stdin = sys.stdin if (config.print_mode or args.prompt or not sys.stdin.isatty()) else None
     prompt = read_prompt(args, stdin)
+    target = resume_target(args)
     if config.print_mode or not sys.stdin.isatty() or prompt:
         if not prompt:
             sys.stderr.write("nanocode: error: no prompt: pass it as an argument or on stdin\n")
             return 2
-        return run_headless(config._replace(print_mode=True), prompt)
-    return run_repl(config)
+        if args.resume == "" and not args.continue_ and not args.session:
+            sys.stderr.write("nanocode: error: --resume needs a session id or path in a headless run (or use -c)\n")
+            return 2
+        return run_headless(config._replace(print_mode=True), prompt, target)
+    pick = args.resume == "" and not args.continue_ and not args.session
+    return run_repl(config, None if pick else target, pick)
 
 
 if __name__ == "__main__":

@@ -391,6 +391,25 @@ def wait_for(predicate, timeout=10.0):
         time.sleep(0.01)
 
 
+def assertToolEventContract(test, events):
+    """The event contract of every run: agent_end last, nothing after it; exactly one tool_end per
+    tool_start, none without one, no tool event for an id after its tool_end."""
+    ends = [i for i, e in enumerate(events) if e.get("type") == "agent_end"]
+    test.assertTrue(ends, "no agent_end in %s" % [e.get("type") for e in events])
+    test.assertEqual(ends[-1], len(events) - 1, "events after agent_end: %s" % events[ends[-1] + 1:])
+    started, ended = collections.Counter(), collections.Counter()
+    for e in events:
+        kind, call_id = e.get("type"), e.get("id")
+        if kind in ("tool_start", "tool_update", "tool_end"):
+            test.assertEqual(ended[call_id], 0, "%s for %s after its tool_end" % (kind, call_id))
+        if kind == "tool_start":
+            started[call_id] += 1
+        elif kind == "tool_end":
+            test.assertEqual(started[call_id], 1, "tool_end for %s without one tool_start" % call_id)
+            ended[call_id] += 1
+    test.assertEqual(started, ended, "each tool_start needs exactly one tool_end")
+
+
 # -- running nanocode.py --------------------------------------------------------
 
 def _default_sigint():
@@ -1858,24 +1877,49 @@ def _alive(pid):
 
 
 class TestCheckpoints(TempDirMixin, unittest.TestCase):
-    def test_undo_restores_bytes_mode_and_removes_new_files(self):
+    def test_restore_puts_back_bytes_and_mode_and_removes_new_files(self):
         path = self.write_file("a.sh", "v1", mode=0o700)
         store = nanocode.Checkpoints()
         ctx = nanocode.ToolContext(self.dir, checkpoints=store)
-        store.begin_turn()
+        store.begin_prompt(1)
         nanocode.run_tool(ctx, "write", {"path": "a.sh", "content": "v2"})
         os.chmod(path, 0o644)
         nanocode.run_tool(ctx, "edit", {"path": "a.sh", "edits": [{"oldText": "v2", "newText": "v3"}]})
         nanocode.run_tool(ctx, "write", {"path": "new.txt", "content": "n"})
-        store.begin_turn()
+        store.begin_prompt(5)
         nanocode.run_tool(ctx, "write", {"path": "a.sh", "content": "v4"})
-        self.assertEqual(store.undo(), [path])
+        first, second = store.prompts
+        self.assertEqual(store.changed_outside([first, second]), [])
+        self.assertEqual(store.restore([second]), [path])
         self.assertEqual(self.read_bytes("a.sh"), b"v3")
-        self.assertEqual(sorted(store.undo()), [path, os.path.join(self.dir, "new.txt")])
+        self.assertEqual(store.changed_outside([first]), [], "v3 is what the agent left in the first prompt")
+        self.assertEqual(store.restore([first]), sorted([path, os.path.join(self.dir, "new.txt")]))
         self.assertEqual(self.read_bytes("a.sh"), b"v1")
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o700)
         self.assertFalse(os.path.exists(os.path.join(self.dir, "new.txt")))
-        self.assertEqual(store.undo(), [])
+
+    def test_a_file_changed_after_the_agent_is_reported(self):
+        self.write_file("a.txt", "v1")
+        store = nanocode.Checkpoints()
+        store.begin_prompt(1)
+        nanocode.run_tool(nanocode.ToolContext(self.dir, checkpoints=store), "write", {"path": "a.txt", "content": "v2"})
+        self.write_file("a.txt", "user's change")
+        self.assertEqual(store.changed_outside(store.prompts), [os.path.join(self.dir, "a.txt")])
+
+    def test_blobs_live_in_the_folder_given(self):
+        self.write_file("a.txt", "original bytes")
+        blobs = os.path.join(self.dir, "blobs")
+        store = nanocode.Checkpoints(blobs)
+        store.begin_prompt(1)
+        nanocode.run_tool(nanocode.ToolContext(self.dir, checkpoints=store), "write", {"path": "a.txt", "content": "new"})
+        (name,) = os.listdir(blobs)
+        with open(os.path.join(blobs, name), "rb") as f:
+            self.assertEqual(f.read(), b"original bytes")
+        self.assertEqual(os.stat(os.path.join(blobs, name)).st_mode & 0o777, 0o600)
+        restored = nanocode.Checkpoints(blobs)  # a later process reads the same folder
+        restored.prompts = store.prompts
+        restored.restore(store.prompts)
+        self.assertEqual(self.read_bytes("a.txt"), b"original bytes")
 
 
 class ScriptedClient:
@@ -1919,7 +1963,7 @@ class TestToolScheduling(TempDirMixin, unittest.TestCase):
     def agent(self, replies, names):
         config = nanocode.Config(cwd=self.dir, tools=tuple(names))
         events = []
-        return nanocode.Agent(config, events.append, client=ScriptedClient(replies)), events
+        return nanocode.Session(config, events.append, client=ScriptedClient(replies)), events
 
     def test_read_only_calls_overlap_and_mutating_calls_do_not(self):
         calls = [("r1", "slow_read", {"key": "r1"}), ("r2", "slow_read", {"key": "r2"}), ("r3", "slow_read", {"key": "r3"}),
@@ -1950,7 +1994,7 @@ class TestToolScheduling(TempDirMixin, unittest.TestCase):
         nanocode.tool("fs.read-one", "test", readonly=True)(lambda ctx: "read it")
         self.addCleanup(nanocode.TOOLS.pop, "fs.read-one", None)
         agent, events = self.agent([], ["fs.read-one"])
-        wire = agent.tool_schemas[0]["function"]["name"]
+        wire = agent.tools.snapshot().schemas[0]["function"]["name"]
         self.assertEqual(wire, "fs_read-one")
         agent.client.replies = [scripted_reply(calls=[("c1", wire, {})]), scripted_reply("done")]
         agent.run("go")
@@ -1965,7 +2009,7 @@ class TestToolScheduling(TempDirMixin, unittest.TestCase):
         self.assertEqual(end["text"], "second")
         self.assertEqual(agent.client.requests[1][-1], {"role": "user", "content": "and then?"})
 
-    def test_abort_records_aborted_results_for_unfinished_calls(self):
+    def test_abort_keeps_finished_results_and_records_the_rest_as_aborted(self):
         calls = [("r1", "slow_read", {"key": "r1"}), ("r2", "slow_read", {"key": "r2"}), ("w1", "slow_write", {"key": "w1"})]
         agent, events = self.agent([scripted_reply(calls=calls)], ["slow_read", "slow_write"])
         threading.Timer(0.1, agent.abort).start()
@@ -1973,7 +2017,9 @@ class TestToolScheduling(TempDirMixin, unittest.TestCase):
         self.assertEqual(end["stopReason"], "aborted")
         tool_msgs = [m for m in agent.messages if m["role"] == "tool"]
         self.assertEqual([m["tool_call_id"] for m in tool_msgs], ["r1", "r2", "w1"])
-        self.assertEqual([m["content"] for m in tool_msgs], ["aborted"] * 3)
+        # the reads finished within the grace period: their real results are kept; the write never started
+        self.assertEqual([m["content"] for m in tool_msgs], ["ok r1", "ok r2", "aborted"])
+        assertToolEventContract(self, events)
 
 
 # -- search tools ---------------------------------------------------------------------
@@ -3249,7 +3295,7 @@ def bench_loop_overhead(rows, turns=2000):
     nanocode.tool("noop", "does nothing", readonly=False)(lambda ctx: "ok")
     try:
         replies = [scripted_reply(calls=[("c%d" % i, "noop", {})]) for i in range(turns)] + [scripted_reply("done")]
-        agent = nanocode.Agent(nanocode.Config(tools=("noop",), max_turns=turns + 5), lambda e: None,
+        agent = nanocode.Session(nanocode.Config(tools=("noop",), max_turns=turns + 5), lambda e: None,
                                client=_FastScriptedClient(replies))
         start = time.perf_counter()
         end = agent.run("go")
@@ -3286,7 +3332,7 @@ def bench_connections(rows, fake, home):
 
 def bench_prompt_size(rows):
     config = nanocode.Config(tools=tuple(nanocode.TOOLS), cwd="/home/user/project")
-    agent = nanocode.Agent(config, lambda e: None)
+    agent = nanocode.Session(config, lambda e: None)
     system = len(agent.messages[0]["content"])
     rows.append(("system prompt", "%d chars" % system, "", "~%d tokens" % (system // 4), "-"))
     total = system
