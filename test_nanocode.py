@@ -237,8 +237,9 @@ class _FakeHandler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.fake._record(self, raw)
-        self._play(self.server.fake._next_reply())
+        fake = self.server.fake
+        request = fake._record(self, raw)
+        self._play(fake.responder(request) if fake.responder else fake._next_reply())
 
     def _play(self, r):
         fake = self.server.fake
@@ -303,6 +304,7 @@ class FakeLLM:
         self.requests = []
         self.connections = 0
         self.models = ["local-model"]
+        self.responder = None  # request -> FakeReply, instead of the script (for long generated runs)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.server = _FakeServer(("127.0.0.1", 0), _FakeHandler)
@@ -352,8 +354,10 @@ class FakeLLM:
 
     def _record(self, handler, body):
         headers = {k.lower(): v for k, v in handler.headers.items()}
+        request = Request(handler.command, handler.path, headers, body, handler.connection_number)
         with self._lock:
-            self.requests.append(Request(handler.command, handler.path, headers, body, handler.connection_number))
+            self.requests.append(request)
+        return request
 
     def _next_reply(self):
         with self._lock:
