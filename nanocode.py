@@ -3312,10 +3312,10 @@ class Session:
     that calls run(); front ends never touch a Session's history themselves.
     """
 
-    def __init__(self, config, emit, client=None, store=None, tools=None):
-        self.emit = emit
+    def __init__(self, config, sink, client=None, store=None, tools=None):
+        self.sink = sink  # where events go; a front end may swap it
         self.config = config
-        self.client = client or ChatClient(config, emit)
+        self.client = client or ChatClient(config, self.emit)
         self.tools = tools if tools is not None else ToolRegistry(TOOLS[n] for n in config.tools if n in TOOLS)
         self.inbox = Inbox()
         self.cancel = Cancel()
@@ -3323,9 +3323,13 @@ class Session:
         self.interactive = False  # True when a front end can answer asks; otherwise an ask is a denial
         self._asks = {}  # ask id -> [threading.Event, answer]
         self._counter = 0
-        self._events = RunEvents(emit)
+        self._events = RunEvents(self.emit)
         self.last_end = None
         self.start(store)
+
+    def emit(self, event):
+        """Send an event to the front end."""
+        self.sink(event)
 
     # -- history ------------------------------------------------------------------
 
@@ -3927,13 +3931,13 @@ class SessionStore:
         self._lock = threading.Lock()
 
     @classmethod
-    def create(cls, home, cwd, model):
-        """A store for a new session of cwd (nothing is written yet)."""
+    def create(cls, home, cwd, model, path=None):
+        """A store for a new session of cwd, at path or in cwd's sessions folder (nothing is written yet)."""
         session_id = new_session_id()
         name = "%s_%s.jsonl" % (time.strftime("%Y-%m-%dT%H-%M-%SZ", time.gmtime()), session_id)
         header = {"type": "session", "version": SESSION_FILE_VERSION, "id": session_id, "cwd": cwd, "model": model,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        return cls(os.path.join(sessions_dir(home, cwd), name), session_id, header)
+        return cls(path or os.path.join(sessions_dir(home, cwd), name), session_id, header)
 
     def message(self, seq, message, prompt=False):
         """Record a history message."""
@@ -4348,22 +4352,20 @@ def open_session(config, emit, resume=None):
         session = Session(config, emit)
         path = _session_path(config, resume)
         if os.path.exists(path):
-            return session, load_session(session, path)
-        session.start(SessionStore(path, new_session_id(), _new_header(config)))
+            warnings = load_session(session, path)
+            if not config.save_session:  # read it, write nothing
+                session.store.close()
+                session.store = None
+            return session, warnings
+        session.start(SessionStore.create(config.home, config.cwd, config.model, path))
         return session, []
-    store = SessionStore.create(config.home, config.cwd, config.model) if config.save_session else None
-    return Session(config, emit, store=store), []
+    return Session(config, emit, store=new_store(config)), []
 
 
 def _session_path(config, ref):
     if ref and (os.sep in ref or ref.endswith(".jsonl")):
         return os.path.abspath(os.path.expanduser(ref))
     return find_session(config.home, config.cwd, ref)
-
-
-def _new_header(config):
-    return {"type": "session", "version": SESSION_FILE_VERSION, "id": new_session_id(), "cwd": config.cwd,
-            "model": config.model, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def new_store(config):
@@ -4616,17 +4618,21 @@ def run_headless(config, prompt, resume=None):
     json_mode = config.mode == "json"
     show = sys.stderr.isatty() and not config.quiet
     emit = json_line_sink(sys.stdout) if json_mode else TextProgress(sys.stderr, show)
+    held = []  # events of opening (a resume's history event) follow the session event
     try:
-        session, warnings = open_session(config, emit, resume)
+        session, warnings = open_session(config, held.append, resume)
     except NanocodeError as e:
         sys.stderr.write("nanocode: error: %s\n" % e)
         return 2
+    session.sink = emit
     loop = CommandLoop(session)
     if not config.quiet:
         for note in list(config.notes) + warnings:
             sys.stderr.write("nanocode: %s\n" % note)
     if json_mode:
         emit(session.session_event())
+    for event in held:
+        emit(event)
     box = {}
 
     def on_signal(signum, frame):

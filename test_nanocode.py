@@ -3257,16 +3257,65 @@ def _bench_env(fake, home):
 
 
 def bench_print_mode_latency(rows, fake, home):
+    latency = _launch_to_request(fake, home, ["--no-session"])
+    bare = _time_command([sys.executable, "-c", "pass"], runs=5)
+    _row(rows, "-p: launch to request at server", latency, "ms", "<= 60 ms", bare, "(python3 -c pass exits)")
+
+
+def _launch_to_request(fake, home, args, runs=5):
+    """Median ms from starting nanocode.py -p with args to its chat request at the fake server."""
     times = []
-    for _ in range(5):
+    for _ in range(runs):
         fake.reset()
         fake.enqueue(answer("ok"))
         start = time.monotonic()
-        subprocess.run([sys.executable, NANOCODE, "-p", "--no-session", "hi"], env=_bench_env(fake, home),
+        subprocess.run([sys.executable, NANOCODE, "-p"] + args + ["hi"], env=_bench_env(fake, home),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         times.append((fake.posts[0].time - start) * 1000)
-    bare = _time_command([sys.executable, "-c", "pass"], runs=5)
-    _row(rows, "-p: launch to request at server", _median(times), "ms", "<= 60 ms", bare, "(python3 -c pass exits)")
+    return _median(times)
+
+
+def write_long_session(path, messages=2000):
+    """A session file of a long tool-using conversation (about 2 KB a tool result)."""
+    store = nanocode.SessionStore(path, "bench", {"type": "session", "version": 1, "id": "bench", "cwd": "/",
+                                                  "model": "m", "created": "2026-01-01T00:00:00Z"})
+    store.message(0, {"role": "system", "content": "system prompt"})
+    seq = 1
+    store.message(seq, {"role": "user", "content": "start"}, prompt=True)
+    while seq < messages:
+        seq += 1
+        call = {"id": "c%d" % seq, "type": "function", "function": {"name": "read", "arguments": '{"path":"f%d.py"}' % seq}}
+        store.message(seq, {"role": "assistant", "content": None, "tool_calls": [call]})
+        seq += 1
+        store.message(seq, {"role": "tool", "tool_call_id": "c%d" % (seq - 1), "content": "x = 1\n" * 300})
+    store.close()
+
+
+def bench_resume(rows, fake, home):
+    path = os.path.join(home, "long.jsonl")
+    write_long_session(path)
+    fresh = _launch_to_request(fake, home, ["--no-session"])
+    resumed = _launch_to_request(fake, home, ["--session", path, "--no-session"])
+    size = os.path.getsize(path) / 1e6
+    _row(rows, "resume 2,000 messages (%.1f MB): to request" % size, resumed, "ms", "<= fresh + 150 ms", fresh,
+         "(fresh start)")
+    _row(rows, "  resume cost above a fresh start", resumed - fresh, "ms", "<= 150 ms")
+
+
+def bench_prefix_property(rows, fake, home, turns=20):
+    """A scripted 20-turn session: is every request an exact prefix of the next one?"""
+    fake.reset()
+    for i in range(turns - 1):
+        fake.enqueue(tool_answer("bash", {"command": "echo %d" % i}, call_id="call_%d" % i))
+    fake.enqueue(answer("done"))
+    subprocess.run([sys.executable, NANOCODE, "-p", "--no-session", "--max-turns", str(turns + 1), "go"],
+                   env=_bench_env(fake, home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   stdin=subprocess.DEVNULL, cwd=home)
+    bodies = [p.json for p in fake.posts]
+    pairs = list(zip(bodies, bodies[1:]))
+    prefix = sum(1 for a, b in pairs if json.dumps(b["messages"][:len(a["messages"])]) == json.dumps(a["messages"])
+                 and a.get("tools") == b.get("tools"))
+    _row(rows, "requests that extend the previous one", "%d/%d" % (prefix, len(pairs)), "pairs", "all", None)
 
 
 def bench_stream_rate(rows, fake, count=200000):
@@ -3520,6 +3569,8 @@ def run_benchmarks():
         try:
             bench_cold_start(rows)
             bench_print_mode_latency(rows, fake, tmp)
+            bench_resume(rows, fake, tmp)
+            bench_prefix_property(rows, fake, tmp)
             bench_stream_rate(rows, fake)
             bench_loop_overhead(rows)
             bench_connections(rows, fake, tmp)
