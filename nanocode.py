@@ -7,15 +7,24 @@ OpenAI-compatible /chat/completions endpoint and works on code with tools.
 
 Table of contents (each section opens with a numbered banner):
     1. Imports and constants
-    2. Configuration         Config, settings.json, keys, providers, local probe
+    2. Configuration         Config, settings.json, keys, providers, local probe, with_model
     3. Utilities             pure helpers: JSON, text, paths
     4. Events                the event vocabulary, cancel tokens, sinks
     5. Streaming client      SSE framing, chunk assembly, retries, one connection
-    6. Tools                 registry, argument coercion, the built-in tools
-    7. Context               system prompt
-    8. Agent core            the one turn loop, steering and follow-up queues
-    9. Front ends            headless text / JSON, the REPL
-   10. CLI                   flags, main()
+    6. Tool registry         the @tool decorator, argument coercion, run_tool, ToolRegistry
+    7. File tools            read / write / edit, atomic writes, Checkpoints (for /undo)
+    8. Shell                 bash: process groups, bounded output capture
+    9. Search                glob / grep / ls / find over one .gitignore-aware file list
+   10. Web                   webfetch (HTML to Markdown), websearch
+   11. Context               system prompt, @path mentions, token estimates
+   12. Agent core            Session: history, the one agent loop, tool calls, before_tool hook
+   13. Compaction            thresholds, the cut, the summary, overflow recovery
+   14. Session files         JSONL store, resume and repair, the session list, undo
+   15. Command loop          CommandLoop (the worker), the slash-command table
+   16. Front ends: headless  -p text and --mode json
+   17. Front ends: rendering styles, streamed Markdown, Screen, ReplRenderer
+   18. Front ends: the REPL  input, Ctrl+C, dispatch, readline
+   19. CLI                   flags, main()
 """
 
 # =============================================================================
@@ -3594,8 +3603,9 @@ class Session:
     # -- tool calls -------------------------------------------------------------
 
     def _run_tool_calls(self, calls):
-        """Run one message's calls (read-only ones in parallel) and record every result in order."""
-        results = {}
+        """Run one message's calls (read-only ones in parallel); each batch's results are recorded in
+        call order as soon as the batch ends, so a crash loses only the calls still running."""
+        results, images, done = {}, [], 0
         for batch in self._batches(calls):
             if self.cancel.is_set() or self.inbox.has_steering():
                 break
@@ -3603,10 +3613,20 @@ class Session:
                 self._run_parallel(batch, results)
             else:
                 results[batch[0]["id"]] = self._run_call(batch[0])
+            images += self._record_results(batch, results)
+            done += len(batch)
+        images += self._record_results(calls[done:], results)
+        if images and self.config.compat.images:
+            parts = [{"type": "text", "text": "Image(s) returned by the tools above:"}]
+            parts += [{"type": "image_url", "image_url": {"url": "data:%s;base64,%s" % img}} for img in images]
+            self.append(user_message(parts))
+
+    def _record_results(self, calls, results):
+        """Append the calls' results in order (never started or abandoned ones as aborted / skipped); returns their images."""
         images = []
         for call in calls:
             result = results.get(call["id"])
-            if result is None:  # never started, or abandoned after an abort
+            if result is None:
                 result = ToolResult("aborted" if self.cancel.is_set() else SKIPPED_FOR_STEERING, True)
                 if call["id"] not in self._started:
                     self._events({"type": "tool_start", "id": call["id"], "name": call["name"], "args": call["args"]})
@@ -3614,10 +3634,7 @@ class Session:
                                        "result": result.text, "isError": True})
             self.append({"role": "tool", "tool_call_id": call["id"], "content": result.text})
             images.extend(result.images)
-        if images and self.config.compat.images:
-            parts = [{"type": "text", "text": "Image(s) returned by the tools above:"}]
-            parts += [{"type": "image_url", "image_url": {"url": "data:%s;base64,%s" % img}} for img in images]
-            self.append(user_message(parts))
+        return images
 
     def _batches(self, calls):
         """Group consecutive read-only calls; every other call is alone."""
@@ -4378,8 +4395,7 @@ def new_store(config):
 @slash("help", "list commands")
 def cmd_help(loop, arg):
     seen, lines = set(), []
-    for name in command_names():
-        cmd = SLASH_COMMANDS[name]
+    for cmd in SLASH_COMMANDS.values():  # registration order
         if cmd.name in seen:
             continue
         seen.add(cmd.name)
