@@ -3542,7 +3542,8 @@ class Session:
         except APIError as e:
             if self.cancel.is_set() or not is_context_overflow(e):
                 raise
-            learn_context_window(self, str(e))
+            if learn_context_window(self, str(e)) is None:  # no number given: less than what was sent
+                self.context_window = max(1024, min(self.context_window, self.context_tokens(toolset) * 9 // 10))
             if not compact(self, "overflow"):
                 raise
             return self._stream(toolset)
@@ -3739,10 +3740,13 @@ summarising it again; keep what still matters."""
 _OVERFLOW_RE = re.compile(
     r"context[_ ]length[_ ]exceeded|maximum context length|context length|prompt is too long|too many tokens"
     r"|exceeds? the (?:model'?s? )?context|context window|context size|input is too long|reduce the length"
-    r"|too large for the model|token limit", re.I)
+    r"|too large for the model|token limit|maximum number of tokens", re.I)
 _LIMIT_RES = (re.compile(r"maximum context length is (\d+)", re.I),
               re.compile(r"available context size \((\d+) tokens?\)", re.I),
               re.compile(r"context (?:window|length|size) (?:of|is) (\d+)", re.I),
+              re.compile(r"tokens? > (\d+)(?: tokens?)? maximum", re.I),
+              re.compile(r"(\d+) maximum context length", re.I),
+              re.compile(r"tokens allowed \((\d+)\)", re.I),
               re.compile(r"(\d+) tokens? (?:context|limit|maximum)", re.I),
               re.compile(r"n_ctx\D{0,5}(\d+)", re.I))
 
@@ -3841,8 +3845,8 @@ def compact(session, reason, instructions=""):
     has_summary = len(messages) > 1 and _content_text(messages[1].get("content")).startswith(SUMMARY_MARK)
     first = 2 if has_summary else 1
     cut = find_cut(messages, sizes, keep)
-    if cut <= first and reason == "manual":
-        cut = find_cut(messages, sizes, 1)  # /compact by hand: summarise all but the last message
+    if cut <= first and reason in ("manual", "overflow"):
+        cut = find_cut(messages, sizes, 1)  # by hand or when the provider refused: all but the last message
     if cut <= first:
         return _shrink_tool_outputs(session, reason, before)
     dropped = messages[first:cut]
@@ -3887,14 +3891,19 @@ def _summarise(session, dropped, instructions, reserve):
 
 
 def _shrink_tool_outputs(session, reason, before, announce=True):
-    """The mechanical cut: old tool outputs (all but the last 2 messages) cut to SUMMARY_TOOL_OUTPUT characters."""
+    """The mechanical cut: old tool outputs (all but the last 2 messages) cut to SUMMARY_TOOL_OUTPUT
+    characters; if that is not enough, every tool output cut to a third of the usable window."""
+    limit = max(SUMMARY_TOOL_OUTPUT, compaction_threshold(session) * 4 // 3)
     messages, changed = list(session.messages), {}
-    for i, m in enumerate(messages[:-2]):
-        text = m.get("content")
-        if m.get("role") == "tool" and isinstance(text, str) and len(text) > SUMMARY_TOOL_OUTPUT:
-            messages[i] = dict(m, content=text[:SUMMARY_TOOL_OUTPUT] + "\n[output cut to fit the context window]")
-            if session._seqs[i] is not None:
-                changed[str(session._seqs[i])] = messages[i]
+    for spare, size in ((2, SUMMARY_TOOL_OUTPUT), (0, limit)):
+        for i, m in enumerate(messages[:len(messages) - spare]):
+            text = m.get("content")
+            if m.get("role") == "tool" and isinstance(text, str) and len(text) > size:
+                messages[i] = dict(m, content=text[:size] + "\n[output cut to fit the context window]")
+                if session._seqs[i] is not None:
+                    changed[str(session._seqs[i])] = messages[i]
+        if sum(message_tokens(m) for m in messages) <= compaction_threshold(session):
+            break
     if messages == session.messages:
         return False
     session.replace_history(messages, session._seqs, "compaction", {"type": "rewrite", "messages": changed})

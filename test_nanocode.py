@@ -216,6 +216,7 @@ class Request:
 
 class _FakeHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so connection reuse is visible
+    disable_nagle_algorithm = True  # small replies leave at once (no 40 ms delayed-ACK stalls)
     timeout = 30  # an idle kept-alive connection ends its thread eventually
 
     def setup(self):
