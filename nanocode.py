@@ -408,6 +408,16 @@ def resolve_path(cwd, path):
     return os.path.normpath(os.path.join(cwd, os.path.expanduser(str(path))))
 
 
+def make_private_dirs(path):
+    """Create path and its missing parents with mode 0700 (os.makedirs gives parents the umask's mode)."""
+    if path and not os.path.isdir(path):
+        make_private_dirs(os.path.dirname(path))
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+
+
 def tail_lines(text, max_lines, max_bytes):
     """The end of text within both limits; returns (tail, was_cut)."""
     cut = False
@@ -1641,7 +1651,7 @@ class Checkpoints:
             return digest
         blob = os.path.join(self.blob_dir, digest)
         if not os.path.exists(blob):
-            os.makedirs(self.blob_dir, mode=0o700, exist_ok=True)
+            make_private_dirs(self.blob_dir)
             atomic_write(blob, data, 0o600)
         return digest
 
@@ -3506,13 +3516,17 @@ class Session:
         return end
 
     def _sync(self):
-        """End of a turn: the session file learns the checkpoints and reaches the disk."""
+        """End of a turn: the session file reaches the disk."""
+        self._save_checkpoints()
         if self.store:
-            prompts = self.checkpoints.prompts
-            if self.checkpoints.dirty and prompts:
-                self.checkpoints.dirty = False
-                self.store.write({"type": "checkpoint", "prompt": prompts[-1]["prompt"], "files": prompts[-1]["files"]})
             self.store.sync()
+
+    def _save_checkpoints(self):
+        """Tell the session file which files this prompt changed (after each tool batch, so a crash keeps /undo)."""
+        prompts = self.checkpoints.prompts
+        if self.store and self.checkpoints.dirty and prompts:
+            self.checkpoints.dirty = False
+            self.store.write({"type": "checkpoint", "prompt": prompts[-1]["prompt"], "files": prompts[-1]["files"]})
 
     def _turn(self, number):
         """One model request and its assistant message."""
@@ -3635,6 +3649,7 @@ class Session:
                                        "result": result.text, "isError": True})
             self.append({"role": "tool", "tool_call_id": call["id"], "content": result.text})
             images.extend(result.images)
+        self._save_checkpoints()
         return images
 
     def _batches(self, calls):
@@ -3983,8 +3998,7 @@ class SessionStore:
             os.write(self._fd, encode_json(entry) + b"\n")
 
     def _open(self):
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        make_private_dirs(os.path.dirname(self.path))
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         if self._header is not None:
             os.write(self._fd, b"".join(encode_json(e) + b"\n" for e in [self._header] + self._pending))

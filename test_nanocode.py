@@ -1933,9 +1933,11 @@ class ScriptedClient:
     def __init__(self, replies):
         self.replies = list(replies)
         self.requests = []
+        self.tools_sent = []  # the tool names of each request
 
     def stream(self, messages, tools, cancel, on_text, on_reasoning):
         self.requests.append(copy.deepcopy(messages))
+        self.tools_sent.append([t["function"]["name"] for t in tools or ()])
         return self.replies.pop(0)
 
     def close(self):
@@ -2006,6 +2008,30 @@ class TestToolScheduling(TempDirMixin, unittest.TestCase):
         self.assertEqual(agent.messages[2]["tool_calls"][0]["function"]["name"], "fs_read-one")
         self.assertEqual(agent.messages[3], {"role": "tool", "tool_call_id": "c1", "content": "read it"})
         self.assertEqual([e["name"] for e in events if e["type"] == "tool_start"], ["fs.read-one"])
+
+    def test_tools_added_or_removed_while_running_reach_the_model_at_the_next_request(self):
+        agent, events = self.agent([], ["slow_write"])
+
+        def add_late(ctx):
+            agent.tools.add(nanocode.Tool("late", "added at run time", {}, lambda ctx: "late ran", True))
+            return "added"
+
+        def remove_late(ctx):
+            agent.tools.remove("late")
+            return "removed"
+        agent.tools.add(nanocode.Tool("adder", "adds a tool", {}, add_late))
+        agent.tools.add(nanocode.Tool("remover", "removes it", {}, remove_late))
+        agent.client.replies = [scripted_reply(calls=[("c1", "adder", {})]), scripted_reply(calls=[("c2", "late", {}), ("c3", "remover", {})]),
+                                scripted_reply(calls=[("c4", "late", {})]), scripted_reply("done")]
+        self.assertEqual(agent.run("go")["stopReason"], "done")
+        sent = agent.client.tools_sent
+        self.assertEqual(sent[0], ["slow_write", "adder", "remover"])
+        self.assertEqual(sent[1], ["slow_write", "adder", "remover", "late"])
+        self.assertEqual(sent[2], ["slow_write", "adder", "remover"])
+        results = {m["tool_call_id"]: m["content"] for m in agent.messages if m["role"] == "tool"}
+        self.assertEqual(results["c2"], "late ran")
+        self.assertIn("unknown tool 'late'", results["c4"])
+        self.assertEqual(nanocode.TOOLS.get("late"), None, "the built-in table is not touched")
 
     def test_follow_up_is_delivered_when_the_agent_would_stop(self):
         agent, events = self.agent([scripted_reply("first"), scripted_reply("second")], [])
