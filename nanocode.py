@@ -140,7 +140,7 @@ _ConfigBase = record("Config", "Everything a run needs, built once by load_confi
     ("prices", {}),  # model -> {"input": $/Mtok, "output": ..., "cacheRead": ...}; never mutated
     ("notes", ()),  # one-line notices for the banner (e.g. local server found)
     ("settings", {}),  # settings.json as read, for switching models at run time; never mutated
-    ("plain_endpoint", ("", "", "", "none")),  # (base_url, api_url, key, key source) for models of no named provider
+    ("plain_endpoint", None),  # (base_url, api_url, key, key source) for models of no named provider; None: this config's
 ))
 
 
@@ -334,7 +334,8 @@ def with_model(config, model, env):
         base_url, api_url = spec["baseUrl"], ""
         overrides = dict(settings.get("compat") or {}, **(spec.get("compat") or {}))
     else:
-        base_url, api_url, key, source = config.plain_endpoint
+        base_url, api_url, key, source = config.plain_endpoint or (config.base_url, config.api_url, config.api_key,
+                                                                     config.key_source)
         overrides = settings.get("compat") or {}
     window = env.get("NANOCODE_CONTEXT_WINDOW_TOKENS") or (spec or {}).get("contextWindow") or settings.get("contextWindow") or 128000
     if isinstance(window, dict):  # {"model id": tokens, "*": default}
@@ -479,6 +480,16 @@ class Cancel:
     def wait(self, seconds):
         """Sleep up to seconds; True when cancelled meanwhile."""
         return self._event.wait(seconds)
+
+
+def call_cancellable(fn, cancel, poll=0.05):
+    """fn() on a daemon thread; its result, or None as soon as cancel is set (the thread is left to finish)."""
+    box = {}
+    worker = threading.Thread(target=lambda: box.setdefault("value", fn()), daemon=True)
+    worker.start()
+    while worker.is_alive() and not cancel.is_set():
+        worker.join(poll)
+    return None if cancel.is_set() else box.get("value")
 
 
 def json_line_sink(stream):
@@ -3245,8 +3256,8 @@ class Inbox:
         return [t for k, t in list(self._items) if k == "followup"]
 
     def has_steering(self):
-        """True when something waits for the next safe point."""
-        return any(k != "followup" for k, _ in list(self._items))
+        """True when a steering message waits (it skips the tool calls not yet started; a shell line does not)."""
+        return any(k == "steering" for k, _ in list(self._items))
 
     def take(self, kinds=("steering", "shell", "followup")):
         """Remove and return the items of these kinds, in order."""
@@ -4264,6 +4275,7 @@ class CommandLoop:
         self._idle = threading.Event()
         self._idle.set()
         self._cancel = None
+        self._late = False  # input arrived after an abort, before the worker was idle
         self._worker = threading.Thread(target=self._work, daemon=True)
         self._worker.start()
 
@@ -4275,12 +4287,17 @@ class CommandLoop:
 
     def prompt(self, text, kind="steering"):
         """A user message: starts a run when idle, else waits in the inbox as kind; True when queued."""
+        return self._submit("prompt", kind, text)
+
+    def _submit(self, work, kind, text):
         with self._lock:
-            if self.busy:
-                self.session.inbox.put(kind, text)
-                return True
-            self._start("prompt", text)
-            return False
+            if not self.busy:
+                self._start(work, text)
+                return False
+            self.session.inbox.put(kind, text)
+            if self._cancel is not None and self._cancel.is_set():
+                self._late = True  # typed after Ctrl+C while the work winds down: it starts the next run
+            return True
 
     def steer(self, text):
         """Deliver at the next safe point (or start a run)."""
@@ -4292,12 +4309,7 @@ class CommandLoop:
 
     def shell(self, command):
         """!command: run now when idle, else at the next safe point; True when queued."""
-        with self._lock:
-            if self.busy:
-                self.session.inbox.put("shell", command)
-                return True
-            self._start("shell", command)
-            return False
+        return self._submit("shell", "shell", command)
 
     def abort(self):
         """Stop the running (or just submitted) work; True when there was some."""
@@ -4378,7 +4390,8 @@ class CommandLoop:
     def _finish(self, cancel):
         """After work: input that arrived too late for it starts the next run; else idle."""
         with self._lock:
-            if self.running and not cancel.is_set() and len(self.session.inbox):
+            late, self._late = self._late, False
+            if self.running and (late or not cancel.is_set()) and len(self.session.inbox):
                 self._start("prompt", None)
                 return
             self.busy = False
@@ -4462,14 +4475,17 @@ def cmd_model(loop, arg):
     s = loop.session
     if not arg:
         return loop.info("model: %s at %s" % (s.config.model, s.config.base_url), "model")
-    loop.when_idle("model", lambda cancel: _switch_model(loop, arg))
+    loop.when_idle("model", lambda cancel: _switch_model(loop, arg, cancel))
 
 
-def _switch_model(loop, arg):
+def _switch_model(loop, arg, cancel):
     s = loop.session
     if "/" in arg and arg.split("/", 1)[0] in (s.config.settings.get("providers") or {}):
         return _use_model(loop, arg)
-    models = _fetch_model_list(s.config.base_url, s.config.api_key, 10) or []
+    target = with_model(s.config, arg, os.environ)  # the endpoint the model would be on
+    models = call_cancellable(lambda: _fetch_model_list(target.base_url, target.api_key, 10), cancel) or []
+    if cancel.is_set():
+        return loop.info("model unchanged: %s" % s.config.model, "model")
     matches = [m for m in models if arg.lower() in m.lower()]
     if arg in models or not models:
         _use_model(loop, arg)
@@ -5004,6 +5020,36 @@ def usage_cost(usage, config):
 # =============================================================================
 
 
+def wake_main_thread_on_signals():
+    """Make Ctrl+C reach a readline prompt at once. readline waits in select() and sees a signal only
+    when that select is interrupted, which it is not when the signal lands on another thread or
+    just before the select: a watcher thread reads the signal wake-up pipe and pokes the main
+    thread with a no-op SIGUSR1 (twice, 20 ms and 250 ms later), which interrupts the select so
+    Python runs the pending handler. POSIX only; elsewhere nothing changes."""
+    if not hasattr(signal, "pthread_kill") or not hasattr(signal, "SIGUSR1"):
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    main = threading.main_thread().ident
+    wanted = set(int(s) for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", signal.SIGTERM)))
+
+    def watch():
+        while True:
+            data = os.read(r, 64)
+            if not data:
+                return
+            if wanted.intersection(data):
+                for pause in (0.02, 0.23):
+                    time.sleep(pause)
+                    try:
+                        signal.pthread_kill(main, signal.SIGUSR1)
+                    except (OSError, ValueError):
+                        return
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def load_readline():
     """The readline module (GNU or libedit), or None (Windows, or not built)."""
     try:
@@ -5040,6 +5086,8 @@ class Repl:
     def run(self):
         """Run until /exit, Ctrl+D or a double Ctrl+C; returns the exit code."""
         self.setup_readline()
+        if self.tty:
+            wake_main_thread_on_signals()
         self.print_banner()
         try:
             if self.pick:
@@ -5048,8 +5096,12 @@ class Repl:
                 line = self.read_line()
                 if line is None:
                     break
-                if line.strip():
-                    self.handle(line)
+                try:
+                    if line.strip():
+                        self.handle(line)
+                except KeyboardInterrupt:  # Ctrl+C while the line was being handled
+                    if self.on_interrupt():
+                        break
         finally:
             self.shutdown()
         return 0
