@@ -1299,12 +1299,13 @@ def clamp(value, low, high=None):
 class ToolContext:
     """What a running tool may touch: cwd, config, cancel token, update sink, checkpoints."""
 
-    def __init__(self, cwd, config=None, cancel=None, update=None, checkpoints=None):
+    def __init__(self, cwd, config=None, cancel=None, update=None, checkpoints=None, files=None):
         self.cwd = cwd
         self.config = config
         self.cancel = cancel or Cancel()
         self._update = update
         self.checkpoints = checkpoints
+        self.files = files  # what the model has seen of each file (read before write), or None: no checks
 
     def path(self, p):
         """Resolve a path argument against the working directory."""
@@ -3219,7 +3220,7 @@ def message_tokens(message):
 MAX_PARALLEL_TOOLS = 8
 SKIPPED_FOR_STEERING = "skipped: the user sent a new message"
 #: seconds a cancelled tool thread gets to finish before its call is recorded as aborted and left behind
-ABANDON_AFTER = 1.0
+ABANDON_AFTER = 0.5
 ALLOW = ("allow", "")
 
 
@@ -3375,6 +3376,7 @@ class Session:
         self.store = store
         self.id = store.id if store else new_session_id()
         self.checkpoints = Checkpoints(store.blob_dir if store else None)
+        self.files = None  # the read-before-write tracker handed to tools (None: no checks)
         self.messages, self._seqs, self._sizes = [], [], []
         self._next_seq = 0
         self.prompt_seqs = set()  # seqs of the user messages that began a prompt (what /undo removes)
@@ -3635,10 +3637,7 @@ class Session:
         for batch in self._batches(calls):
             if self.cancel.is_set() or self.inbox.has_steering():
                 break
-            if len(batch) > 1:
-                self._run_parallel(batch, results)
-            else:
-                results[batch[0]["id"]] = self._run_call(batch[0])
+            self._run_batch(batch, results)
             images += self._record_results(batch, results)
             done += len(batch)
         images += self._record_results(calls[done:], results)
@@ -3676,8 +3675,10 @@ class Session:
             previous_parallel = parallel
         return batches
 
-    def _run_parallel(self, batch, results):
-        """Run read-only calls on threads; after an abort each gets ABANDON_AFTER seconds, then is left behind."""
+    def _run_batch(self, batch, results):
+        """Run a batch's calls on threads (together; a batch of several holds only read-only calls).
+        The loop waits for them, unless aborted: then each gets ABANDON_AFTER seconds, and one that
+        ignores the abort (a blocked read, a stuck library call) is left behind, recorded as aborted."""
         gate = threading.Semaphore(MAX_PARALLEL_TOOLS)
         done = {}
 
@@ -3709,7 +3710,7 @@ class Session:
             result = self._check(call)
             if result is None:
                 ctx = ToolContext(self.config.cwd, self.config, self.cancel, checkpoints=self.checkpoints,
-                                  update=lambda text: events.tool_update(call["id"], text))
+                                  update=lambda text: events.tool_update(call["id"], text), files=self.files)
                 result = run_tool(ctx, call["name"], call["args"], self.tools)
         event = {"type": "tool_end", "id": call["id"], "name": call["name"], "result": result.text,
                  "isError": result.is_error}
