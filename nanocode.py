@@ -540,6 +540,8 @@ class SSEDecoder:
     def __init__(self):
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self._partial = ""  # text after the last line end
+        self._pieces = []  # pieces of a line still without its end (joined once, so a 30 MB line is linear)
+        self._started = False  # a leading byte-order mark is dropped, as the event-stream rules say
         self._skip_lf = False  # the last feed ended in CR; a leading LF belongs to it
         self._data = []
         self._kind = "message"
@@ -547,12 +549,21 @@ class SSEDecoder:
     def feed(self, chunk):
         """Parse the bytes of one read; return the events they complete."""
         text = self._utf8.decode(chunk)
+        if not self._started and text:
+            self._started = True
+            text = text[1:] if text[0] == "\ufeff" else text
         if self._skip_lf and text[:1] == "\n":
             text = text[1:]
         self._skip_lf = False
         if not text:
             return []
         self._skip_lf = text[-1] == "\r"
+        if "\n" not in text and "\r" not in text:
+            self._pieces.append(text)
+            return []
+        if self._pieces:
+            self._partial += "".join(self._pieces)
+            self._pieces = []
         lines = _LINE_END_RE.split(self._partial + text)
         self._partial = lines.pop()
         events = []
@@ -563,8 +574,8 @@ class SSEDecoder:
     def close(self):
         """End of stream: the unterminated line and pending event are flushed."""
         events = []
-        tail = self._partial + self._utf8.decode(b"", True)
-        self._partial = ""
+        tail = self._partial + "".join(self._pieces) + self._utf8.decode(b"", True)
+        self._partial, self._pieces = "", []
         if tail:
             self._line(tail, events)
         self._line("", events)
@@ -687,12 +698,13 @@ class ChunkAssembler:
                 self._content(part)
             elif isinstance(part, dict):
                 if part.get("type") in ("thinking", "reasoning"):
-                    text = part.get("thinking") or part.get("reasoning") or part.get("text") or ""
+                    text = _part_text(part.get("thinking") or part.get("reasoning") or part.get("text"))
                     if text:
                         self._reasoning_field_seen = True
                         self._emit_reasoning(text)
                 elif isinstance(part.get("text"), str) and part["text"]:
                     self._content(part["text"])
+            # any other shape (images, citations, unknown parts) is skipped, never fatal
 
     # -- text and <think> tags --------------------------------------------------
 
@@ -811,13 +823,27 @@ class ChunkAssembler:
                 self._emit_text(pending)
         reply = self.reply
         reply.text, reply.reasoning = "".join(self._text), "".join(self._reasoning)
+        seen = set()
         for call in reply.tool_calls:
             call["arguments"] = "".join(call.pop("parts"))
             call["args"], call["error"] = parse_tool_arguments(call["arguments"])
             call["id"] = call["id"] or synthesize_tool_id(self._id_style)
+            while call["id"] in seen:  # two calls with one id would share one result: the later gets a new id
+                call["id"] = synthesize_tool_id(self._id_style)
+            seen.add(call["id"])
         if reply.finish_reason == "length" and any(c["error"] for c in reply.tool_calls):
             reply.truncated = True
         return reply
+
+
+def _part_text(value):
+    """The text of a content part's value: a string, or a list of parts (Mistral nests thinking parts)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "".join(_part_text(v.get("text") or v.get("thinking")) if isinstance(v, dict) else _part_text(v)
+                       for v in value)
+    return ""
 
 
 def parse_tool_arguments(raw):
@@ -923,6 +949,7 @@ class ChatClient:
         self.include_usage = config.compat.include_usage
         self.connections_opened = 0
         self._conn = None
+        self._live_sock = None  # the socket the current response reads from (http.client may hand it over)
         self._url = None  # the parsed chat URL, split once
 
     def close(self):
@@ -1007,6 +1034,7 @@ class ChatClient:
         conn = self._conn
         if conn is not None:
             _shutdown(conn.sock)
+        _shutdown(self._live_sock)  # with Connection: close the response owns the socket, not conn
 
     def _send(self, body, cancel):
         """POST the body; a kept-alive connection the server closed is reopened once, silently."""
@@ -1022,8 +1050,12 @@ class ChatClient:
                     conn.connect()  # under the connect timeout; then the idle timeout rules
                 conn.sock.settimeout(self.config.idle_timeout)
                 conn.request("POST", path, body=body, headers=self._headers())
+                self._live_sock = conn.sock
+                if cancel.is_set():  # an abort that came while sending found no socket to close yet
+                    raise APIError("aborted")
                 return conn.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+            except (http.client.RemoteDisconnected, http.client.ImproperConnectionState, BrokenPipeError,
+                    ConnectionResetError) as e:
                 self.close()
                 if fresh:
                     raise APIError("connection to %s failed: %s" % (netloc, e), retryable=True)
@@ -1046,18 +1078,24 @@ class ChatClient:
             self._read_stream(resp, assembler, cancel)
         except socket.timeout:
             self.close()
-            raise APIError("no data from the provider for %gs; the request was abandoned" % self.config.idle_timeout)
+            message = "no data from the provider for %gs" % self.config.idle_timeout
+            if not assembler.got_output:
+                raise APIError(message + "; the request was abandoned")
+            assembler.reply.truncated, assembler.reply.error = True, message  # the partial answer is kept
         except APIError:
             self.close()
             raise
         finally:
             unregister()
+            self._live_sock = None
         if resp.will_close:
             self.close()
+        else:
+            resp.close()  # a response left open makes the next request on this connection fail
         return assembler.finish()
 
     def _status_error(self, resp):
-        raw = resp.read(1 << 20)
+        raw = _decoded(resp, resp.read(1 << 20))
         try:
             message = error_message_from(json.loads(raw.decode("utf-8", "replace")))
         except ValueError:
@@ -1072,22 +1110,34 @@ class ChatClient:
         decoder, first = SSEDecoder(), True
         ctype = (resp.getheader("Content-Type") or "").lower()
         reply = assembler.reply
+        read = _body_reader(resp)
+        last_data = time.monotonic()  # keep-alive comments alone do not keep a stream alive forever
         try:
             while True:
-                data = resp.read1(65536)
+                data = read()
                 if not data:
                     break
-                if first and (ctype.startswith("application/json") or data.lstrip()[:1] == b"{"):
-                    return self._read_json_body(data + resp.read(), assembler)
+                if first:
+                    head = data.lstrip()[:1]
+                    if ctype.startswith("text/html") or head == b"<":
+                        raise APIError("the endpoint answered with an HTML page (%s) instead of an event stream: "
+                                       "check the base URL" % summarize_body(data, 120))
+                    if ctype.startswith("application/json") or head == b"{":
+                        return self._read_json_body(data + _read_limited(read, MAX_JSON_BODY - len(data)), assembler)
                 first = False
-                for kind, payload in decoder.feed(data):
+                events = decoder.feed(data)
+                for kind, payload in events:
                     self._event(kind, payload, assembler)
                     if reply.done:
                         self._drain(resp)
                         return
+                if events:
+                    last_data = time.monotonic()
+                elif time.monotonic() - last_data > self.config.idle_timeout:
+                    raise socket_timeout("no events, only keep-alive comments")
             for kind, payload in decoder.close():
                 self._event(kind, payload, assembler)
-        except (OSError, http.client.HTTPException, ValueError) as e:
+        except (OSError, http.client.HTTPException, ValueError, EOFError) as e:
             if cancel.is_set():
                 reply.interrupted = True
                 self.close()
@@ -1137,15 +1187,69 @@ class ChatClient:
         assembler.add(chunk_from_completion(data))
         assembler.reply.done = True
 
-    def _drain(self, resp):
-        """Read what follows [DONE] so the connection can be reused; close it when that stalls."""
+    def _drain(self, resp, budget=1.0):
+        """Read what follows [DONE] so the connection can be reused; close it when that takes longer than budget."""
+        deadline = time.monotonic() + budget
         try:
             if self._conn is not None and self._conn.sock is not None:
-                self._conn.sock.settimeout(1.0)
+                self._conn.sock.settimeout(budget)
             while resp.read1(65536):
-                pass
+                if time.monotonic() > deadline:  # a server that keeps sending after [DONE]
+                    self.close()
+                    return
         except Exception:  # a stalled or odd tail only costs the connection, never the reply
             self.close()
+
+
+MAX_JSON_BODY = 16 << 20  #: a non-streamed answer larger than this is refused, not read whole
+
+
+def socket_timeout(why):
+    """A socket.timeout (the idle-timeout path) for a stream that sends nothing useful."""
+    import socket
+    return socket.timeout(why)
+
+
+def _body_reader(resp):
+    """A read() for the response body that undoes a gzip or deflate Content-Encoding (never asked for)."""
+    encoding = (resp.getheader("Content-Encoding") or "").lower()
+    if encoding not in ("gzip", "deflate", "x-gzip"):
+        return lambda: resp.read1(65536)
+    import zlib
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS)
+
+    def read():
+        while True:
+            data = resp.read1(65536)
+            if not data:
+                return inflater.flush()
+            out = inflater.decompress(data)
+            if out:
+                return out
+    return read
+
+
+def _read_limited(read, limit):
+    """The rest of a body through read(); more than limit bytes is refused."""
+    parts, size = [], 0
+    while size <= limit:
+        data = read()
+        if not data:
+            return b"".join(parts)
+        parts.append(data)
+        size += len(data)
+    raise APIError("the provider's answer is larger than %d MB; refused" % (MAX_JSON_BODY >> 20))
+
+
+def _decoded(resp, raw):
+    """An error body, gunzipped when the server compressed it."""
+    if (resp.getheader("Content-Encoding") or "").lower() in ("gzip", "x-gzip"):
+        import zlib
+        try:
+            return zlib.decompress(raw, 16 + zlib.MAX_WBITS)
+        except zlib.error:
+            return b"(a gzip-compressed body that could not be decoded)"
+    return raw
 
 
 def _shutdown(sock):
@@ -3599,7 +3703,7 @@ class Session:
     def _incomplete_reason(reply):
         if reply.truncated and reply.finish_reason == "length":
             return "the model hit its output limit inside a tool call; the call was not run"
-        return "the response was cut off before it ended; the partial text is kept"
+        return "%s; the partial text is kept" % (reply.error or "the response was cut off before it ended")
 
     def _deliver(self, kinds, as_prompt=False):
         """Add queued input of these kinds (shell lines run now); True when there was any.

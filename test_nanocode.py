@@ -813,6 +813,15 @@ def decode_sse(data, splits=None):
     return events + decoder.close()
 
 
+def feed_in_pieces(data, size=65536):
+    """All events of data fed to one SSEDecoder in reads of size bytes."""
+    decoder = nanocode.SSEDecoder()
+    events = []
+    for i in range(0, len(data), size):
+        events += decoder.feed(data[i:i + size])
+    return events + decoder.close()
+
+
 def assemble(chunks, id_style=""):
     """Run chunk dicts through a ChunkAssembler; returns (reply, texts, reasonings)."""
     texts, reasonings = [], []
@@ -851,6 +860,18 @@ SSE_CASES = [
 
 class TestSSEDecoder(unittest.TestCase):
     """Event-stream framing, fed whole, byte by byte, and split at every point."""
+
+    def test_a_leading_byte_order_mark_is_dropped(self):
+        self.assertEqual(decode_sse(b"\xef\xbb\xbfdata: a\n\n"), [("message", "a")])
+        self.assertEqual(decode_sse(b"\xef\xbb\xbfdata: a\n\n", [1, 2, 3]), [("message", "a")])
+        self.assertEqual(decode_sse(b"data: \xef\xbb\xbfa\n\n"), [("message", "\ufeffa")], "only the stream's first one")
+
+    def test_one_huge_event_is_parsed_in_linear_time(self):
+        payload = "x" * (10 << 20)
+        start = time.monotonic()
+        events = feed_in_pieces(("data: %s\n\n" % payload).encode())
+        self.assertEqual(events, [("message", payload)])
+        self.assertLess(time.monotonic() - start, 3.0, "10 MB took 9.6 s when every read re-split the buffer")
 
     def test_framing_whole(self):
         for name, data, expected in SSE_CASES:
@@ -981,6 +1002,22 @@ REASONING_CASES = [
 
 class TestChunkAssembler(unittest.TestCase):
     """Chunks lacking anything, tool-call assembly, reasoning and usage, on the pure assembler."""
+
+    def test_content_parts_of_any_shape_never_crash(self):
+        parts = [{"type": "thinking", "thinking": [{"type": "text", "text": "nested "}, {"type": "text", "text": "thought"}]},
+                 {"type": "image_url", "image_url": {"url": "x"}}, {"type": "unknown", "weird": [1, {"a": None}]}, 7, None,
+                 {"type": "text", "text": "answer"}]
+        reply, texts, reasonings = assemble([chunk({"content": parts})])
+        self.assertEqual(reply.text, "answer")
+        self.assertEqual(reply.reasoning, "nested thought")
+
+    def test_two_calls_with_one_id_get_distinct_ids(self):
+        reply, _, _ = assemble([tool_chunk(tool_delta(0, "dup", "read", '{"path":"a"}'), tool_delta(1, "dup", "read", '{"path":"b"}')),
+                                finish_chunk("tool_calls")])
+        ids = [c["id"] for c in reply.tool_calls]
+        self.assertEqual(ids[0], "dup")
+        self.assertEqual(len(set(ids)), 2)
+        self.assertEqual([c["args"]["path"] for c in reply.tool_calls], ["a", "b"])
 
     def test_sparse_chunks(self):
         for name, chunks, text, reasoning, finish in SPARSE_CHUNK_CASES:
@@ -1425,18 +1462,81 @@ class TestChatClient(NanocodeTestCase):
         self.assertEqual(len(self.fake.posts), 2)
 
     def test_idle_timeout_ends_the_request_with_a_clear_error(self):
+        self.fake.enqueue(answer(), stall=5.0)
+        start = time.monotonic()
+        err = self.assertAPIError(lambda: self.stream(self.make_client(idle_timeout=0.5)))
+        self.assertRegex(str(err), r"(?i)no (data|answer)|idle|timed out")
+        self.assertLess(time.monotonic() - start, 4.0)
+
+    def test_idle_timeout_mid_answer_keeps_the_partial_text(self):
         cases = [
-            ("stall before the headers", dict(body=answer(), stall=5.0)),
-            ("stall mid-stream", dict(body=[sse_event(text_chunk("Hel")), 5.0, sse(text_chunk("lo"))])),
+            ("silence", [sse_event(text_chunk("Hel")), 5.0, sse(text_chunk("lo"))]),
+            ("keep-alive comments only", [sse_event(text_chunk("Hel"))] + [b": keep-alive\n\n", 0.1] * 50),
         ]
-        for name, options in cases:
+        for name, body in cases:
             with self.subTest(case=name):
                 self.fake.reset()
-                self.fake.enqueue(**options)
+                self.fake.enqueue(body)
                 start = time.monotonic()
-                err = self.assertAPIError(lambda: self.stream(self.make_client(idle_timeout=0.5)))
-                self.assertRegex(str(err), r"(?i)no (data|answer)|idle|timed out")
+                reply, texts, _ = self.stream(self.make_client(idle_timeout=0.5))
+                self.assertEqual(reply.text, "Hel")
+                self.assertTrue(reply.truncated)
+                self.assertIn("no data from the provider for 0.5s", reply.error)
                 self.assertLess(time.monotonic() - start, 4.0)
+
+    # -- hostile servers (issue 8 §3) --
+
+    def test_content_length_framed_streams_work_request_after_request(self):
+        for _ in range(3):
+            self.fake.enqueue(sse(text_chunk("Hi"), finish_chunk()), framing="length")
+        client = self.make_client()
+        for _ in range(3):
+            reply, _, _ = self.stream(client)
+            self.assertEqual(reply.text, "Hi")
+        self.assertEqual(len(self.fake.posts), 3)
+
+    def test_abort_stops_a_connection_close_stream(self):
+        self.fake.enqueue([sse_event(text_chunk("first "))] + [5.0, sse_event(text_chunk("late "))] * 3, framing="close")
+        client, cancel = self.make_client(), nanocode.Cancel()
+        texts = []
+
+        def on_text(text):
+            texts.append(text)
+            cancel.cancel()  # Ctrl+C as soon as text arrives
+        start = time.monotonic()
+        reply = client.stream([user("hi")], None, cancel, on_text, lambda t, m: None)
+        self.assertLess(time.monotonic() - start, 3.0, "the socket the response reads from was not closed")
+        self.assertTrue(reply.interrupted)
+        self.assertEqual(reply.text, "first ")
+
+    def test_an_html_page_with_status_200_is_named_once_and_not_retried(self):
+        page = b"<!DOCTYPE html><html><head><title>Sign in to the Wi-Fi</title></head><body>x</body></html>"
+        for ctype in ("text/html; charset=utf-8", "text/event-stream"):
+            with self.subTest(content_type=ctype):
+                self.fake.reset()
+                self.fake.enqueue(page, content_type=ctype)
+                err = self.assertAPIError(lambda: self.stream(), "HTML page", "Sign in to the Wi-Fi", "base URL")
+                self.assertFalse(err.retryable)
+                self.assertEqual(len(self.fake.posts), 1)
+
+    def test_a_gzip_encoded_stream_is_decoded(self):
+        import gzip
+        self.fake.enqueue(gzip.compress(sse(text_chunk("zipped "), text_chunk("answer"), finish_chunk())),
+                          headers={"Content-Encoding": "gzip"})
+        reply, _, _ = self.stream()
+        self.assertEqual(reply.text, "zipped answer")
+
+    def test_bytes_after_done_forever_do_not_hold_the_answer(self):
+        self.fake.enqueue([sse(text_chunk("done"), finish_chunk())] + [b": still here\n\n", 0.2] * 100)
+        start = time.monotonic()
+        reply, _, _ = self.stream()
+        self.assertEqual(reply.text, "done")
+        self.assertLess(time.monotonic() - start, 5.0)
+
+    def test_a_huge_json_answer_is_refused_not_read_whole(self):
+        self.fake.enqueue_json({"choices": [{"message": {"content": "x" * 5000}}]})
+        with mock.patch.object(nanocode, "MAX_JSON_BODY", 1000):
+            self.assertAPIError(lambda: self.stream(), "larger than")
 
     # -- request hygiene --
 
