@@ -140,6 +140,7 @@ _ConfigBase = record("Config", "Everything a run needs, built once by load_confi
     ("prices", {}),  # model -> {"input": $/Mtok, "output": ..., "cacheRead": ...}; never mutated
     ("notes", ()),  # one-line notices for the banner (e.g. local server found)
     ("settings", {}),  # settings.json as read, for switching models at run time; never mutated
+    ("missing_key", False),  # nothing configured and no local server: requests fail at once, saying so
     ("plain_endpoint", None),  # (base_url, api_url, key, key source) for models of no named provider; None: this config's
 ))
 
@@ -170,6 +171,7 @@ def read_settings(home):
         raise ConfigError("cannot read %s: %s; fix or remove the file" % (path, e))
     if not isinstance(data, dict):
         raise ConfigError("%s must hold a JSON object" % path)
+    data["__path__"] = path  # for error messages; never written back
     return data
 
 
@@ -204,14 +206,22 @@ def read_opencode_key(env):
     return ""
 
 
-def find_api_key(env, settings, base_url):
-    """Return (key, source) from the environment, settings or OpenCode's auth file."""
+def url_host(url):
+    """The host of a URL. Example: 'https://u:p@api.x.com:8443/v1' -> 'api.x.com'."""
+    return url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1].rsplit(":", 1)[0].lower()
+
+
+def find_api_key(env, settings, url, explicit=True):
+    """(key, source) for the endpoint url. Keys go only where they belong: OPENCODE_* variables and
+    OpenCode's auth.json only to opencode.ai; OPENAI_API_KEY and settings apiKey only to an
+    endpoint the user configured (never to the default one by accident)."""
+    opencode = url_host(url) == "opencode.ai" or url_host(url).endswith(".opencode.ai")
     for name in KEY_ENV_VARS:
-        if env.get(name):
+        if env.get(name) and (opencode if name.startswith("OPENCODE") else explicit):
             return env[name], "$" + name
     if settings.get("apiKey"):
-        return settings["apiKey"], "settings.json"
-    if "opencode.ai" in base_url:
+        return _setting(settings, "apiKey", str, ""), "settings.json"
+    if opencode:
         key = read_opencode_key(env)
         if key:
             return key, "opencode auth.json"
@@ -261,7 +271,7 @@ def _fetch_model_list(base_url, api_key, timeout):
 
 def resolve_provider(model, settings, env):
     """Split 'local/qwen3' into a named provider's settings and the model id."""
-    providers = settings.get("providers") or {}
+    providers = _setting(settings, "providers", dict, {}) or {}
     if "/" in model and model.split("/", 1)[0] in providers:
         name, model_id = model.split("/", 1)
         spec = providers[name]
@@ -289,38 +299,80 @@ def parse_tool_list(value, known):
     return names
 
 
+SETTING_TYPES = {int: "a whole number", float: "a number", bool: "true or false", str: "a string",
+                 dict: "an object", list: "a list"}
+
+
+def _setting(settings, key, kind, default):
+    """settings[key] checked against kind; a wrong type is a ConfigError naming the file and key."""
+    value = settings.get(key, default)
+    if value is None or value is default:
+        return value
+    ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        ok, value = True, float(value)
+    if not ok:
+        raise ConfigError("%s: %r must be %s, not %s" % (settings.get("__path__", "settings.json"), key,
+                                                         SETTING_TYPES[kind], one_line(dump_json(value), 60)))
+    return value
+
+
+def _number(env, settings, env_name, key, kind, default):
+    """A number from the environment (env_name) or settings (key), checked."""
+    text = env.get(env_name)
+    if text:
+        try:
+            return kind(text)
+        except ValueError:
+            raise ConfigError("$%s must be %s, not %r" % (env_name, SETTING_TYPES[kind], text))
+    return _setting(settings, key, kind, default) if key else default
+
+
+def no_key_message(env):
+    """What to do when there is no key for the default endpoint."""
+    extra = " ($OPENAI_API_KEY is set, but it is sent only to an endpoint you configure: set OPENAI_BASE_URL)" \
+        if env.get("OPENAI_API_KEY") else ""
+    return ("no API key found: set OPENCODE_API_KEY for %s, or OPENAI_BASE_URL and OPENAI_API_KEY for another "
+            "endpoint, or start a local model server%s" % (url_host(DEFAULT_BASE_URL), extra))
+
+
 def load_config(args, env, known_tools=()):
     """Build the one Config from parsed flags, the environment and settings.json."""
     home = env.get("NANOCODE_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".nanocode")
     settings = read_settings(home)
-    model = args.model or env.get("MODEL") or settings.get("model") or ""
+    model = args.model or env.get("MODEL") or _setting(settings, "model", str, "") or ""
     notes = []
-    base_url = args.base_url or env.get("OPENAI_BASE_URL") or settings.get("baseUrl") or ""
-    api_url = env.get("OPENAI_API_URL") or settings.get("apiUrl") or ""
-    key, source = find_api_key(env, settings, base_url or DEFAULT_BASE_URL)
+    base_url = args.base_url or env.get("OPENAI_BASE_URL") or _setting(settings, "baseUrl", str, "")
+    api_url = env.get("OPENAI_API_URL") or _setting(settings, "apiUrl", str, "")
+    key, source = find_api_key(env, settings, api_url or base_url or DEFAULT_BASE_URL, bool(base_url or api_url))
+    missing_key = False
     if not base_url and not api_url and not key and not resolve_provider(model, settings, env)[2]:
         local = probe_local_servers(env)
         if local:
             base_url, first_model, name = local
             model = model or first_model
             notes.append("no key or endpoint configured: using %s at %s (model %s)" % (name, base_url, model or "?"))
-    max_turns = args.max_turns if args.max_turns is not None else int(settings.get("maxTurns", 100))
+        else:
+            missing_key = True
+            notes.append(no_key_message(env))
+    max_turns = args.max_turns if args.max_turns is not None else _setting(settings, "maxTurns", int, 100)
     config = Config(
-        max_turns=max_turns, max_tokens=int(settings.get("maxTokens", 0) or 0),
-        compaction=env.get("NANOCODE_COMPACTION", str(settings.get("compaction", "1"))).lower() not in ("0", "false", "off"),
-        reserve_tokens=int(env.get("NANOCODE_COMPACTION_RESERVE_TOKENS") or settings.get("compactionReserveTokens", 16384)),
-        reserve_ratio=float(env.get("NANOCODE_COMPACTION_REMAINING_RATIO") or settings.get("compactionRemainingRatio", 0.15)),
-        keep_recent_tokens=int(env.get("NANOCODE_COMPACTION_KEEP_RECENT_TOKENS") or settings.get("compactionKeepRecentTokens", 20000)),
-        tools=parse_tool_list(args.tools if args.tools is not None else settings.get("tools"), known_tools),
+        max_turns=max_turns, max_tokens=_setting(settings, "maxTokens", int, 0) or 0,
+        compaction=env.get("NANOCODE_COMPACTION", str(_setting(settings, "compaction", bool, True))).lower()
+        not in ("0", "false", "off"),
+        reserve_tokens=_number(env, settings, "NANOCODE_COMPACTION_RESERVE_TOKENS", "compactionReserveTokens", int, 16384),
+        reserve_ratio=_number(env, settings, "NANOCODE_COMPACTION_REMAINING_RATIO", "compactionRemainingRatio", float, 0.15),
+        keep_recent_tokens=_number(env, settings, "NANOCODE_COMPACTION_KEEP_RECENT_TOKENS", "compactionKeepRecentTokens", int, 20000),
+        tools=parse_tool_list(args.tools if args.tools is not None else _setting(settings, "tools", str, None), known_tools),
         system_prompt=args.system_prompt or "", append_system_prompt=args.append_system_prompt or "",
         context_files=not args.no_context_files, quiet=args.quiet, mode=args.mode,
         print_mode=args.print or args.mode == "json", save_session=not args.no_session,
-        cwd=os.getcwd(), home=home, max_attempts=int(settings.get("maxAttempts", 4)),
-        retry_base=float(env.get("NANOCODE_RETRY_BASE_MS") or 1000) / 1000.0,
-        idle_timeout=float(env.get("NANOCODE_IDLE_TIMEOUT") or settings.get("idleTimeout", 120)),
+        cwd=os.getcwd(), home=home, max_attempts=_setting(settings, "maxAttempts", int, 4),
+        retry_base=_number(env, {}, "NANOCODE_RETRY_BASE_MS", "", float, 1000) / 1000.0,
+        idle_timeout=_number(env, settings, "NANOCODE_IDLE_TIMEOUT", "idleTimeout", float, 120),
         show_thinking=env.get("SHOW_THINKING", "1") != "0",
-        color=not env.get("NO_COLOR"), prices=settings.get("prices") or {}, notes=tuple(notes),
-        settings=settings, plain_endpoint=(base_url or DEFAULT_BASE_URL, api_url, key, source),
+        color=not env.get("NO_COLOR"), prices=_setting(settings, "prices", dict, {}), notes=tuple(notes),
+        settings=settings, plain_endpoint=(base_url or DEFAULT_BASE_URL, api_url, key, source), missing_key=missing_key,
     )
     return with_model(config, model or DEFAULT_MODEL, env)
 
@@ -332,14 +384,16 @@ def with_model(config, model, env):
     provider, model_id, spec, key, source = resolve_provider(model, settings, env)
     if spec:
         base_url, api_url = spec["baseUrl"], ""
-        overrides = dict(settings.get("compat") or {}, **(spec.get("compat") or {}))
+        overrides = dict(_setting(settings, "compat", dict, {}) or {}, **(_setting(spec, "compat", dict, {}) or {}))
     else:
         base_url, api_url, key, source = config.plain_endpoint or (config.base_url, config.api_url, config.api_key,
                                                                      config.key_source)
-        overrides = settings.get("compat") or {}
-    window = env.get("NANOCODE_CONTEXT_WINDOW_TOKENS") or (spec or {}).get("contextWindow") or settings.get("contextWindow") or 128000
+        overrides = _setting(settings, "compat", dict, {}) or {}
+    window = (spec or {}).get("contextWindow") or settings.get("contextWindow") or 128000
     if isinstance(window, dict):  # {"model id": tokens, "*": default}
         window = window.get(model_id) or window.get("*") or 128000
+    window = _number(env, {"contextWindow": window, "__path__": settings.get("__path__")},
+                     "NANOCODE_CONTEXT_WINDOW_TOKENS", "contextWindow", int, 128000)
     return config._replace(base_url=base_url, api_url=api_url, api_key=key, key_source=source, model=model_id,
                            provider=provider, compat=detect_compat(api_url or base_url, model_id, overrides),
                            context_window=int(window))
@@ -402,6 +456,58 @@ def error_message_from(data):
         code = err.get("code") or err.get("type")
         return "%s (%s)" % (msg, code) if code and str(code) not in str(msg) else str(msg)
     return str(err)
+
+
+_URL_CREDENTIALS_RE = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def display_url(url):
+    """A URL without the credentials it may carry. Example: 'https://u:pw@h/v1' -> 'https://***@h/v1'."""
+    return _URL_CREDENTIALS_RE.sub("***@", url or "")
+
+
+def secrets_of(config):
+    """The strings nanocode must never print for config: the API key and URL passwords."""
+    found = [config.api_key] if config.api_key and len(config.api_key) >= 6 else []
+    for url in (config.base_url, config.api_url):
+        m = _URL_CREDENTIALS_RE.search(url or "")
+        if m:
+            found.append(m.group(0)[:-1])
+    return found
+
+
+def redact(text, secrets):
+    """text with every secret replaced by ***."""
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+_SGR_RE = re.compile("\x1b\\[[0-9;:]*m")
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text):
+    """Text safe to show on a terminal: colour codes dropped, every other control character shown
+    as ^X or <XX>, so a page or a command's output cannot move the cursor, retitle the window or
+    hide a link's target. Example: 'a\\x1b]0;owned\\x07' -> 'a^[]0;owned^G'."""
+    if not _CONTROL_RE.search(text):
+        return text
+    text = _SGR_RE.sub("", text).replace("\r\n", "\n").replace("\r", "\n")
+    return _CONTROL_RE.sub(lambda m: "^" + chr(ord(m.group()) + 64) if m.group() < " " else
+                           "^?" if m.group() == "\x7f" else "<%02X>" % ord(m.group()), text)
+
+
+def visible_event(value):
+    """An event with every string made visible(), recursively."""
+    if isinstance(value, str):
+        return visible(value)
+    if isinstance(value, dict):
+        return {k: visible_event(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [visible_event(v) for v in value]
+    return value
 
 
 def resolve_path(cwd, path):
@@ -492,19 +598,38 @@ def call_cancellable(fn, cancel, poll=0.05):
     return None if cancel.is_set() else box.get("value")
 
 
-def json_line_sink(stream):
-    """A sink that writes each event as one JSON line and flushes."""
+def json_line_sink(stream, on_closed=None):
+    """A sink that writes each event as one JSON line and flushes. When the reader has gone
+    (a closed pipe), on_closed() is called once and later events are dropped."""
     lock = threading.Lock()
+    closed = []
 
     def emit(event):
         line = json.dumps(event, ensure_ascii=False) + "\n"
         with lock:
+            if closed:
+                return
             try:
-                stream.write(line)
-            except UnicodeEncodeError:
-                stream.write(_SURROGATE_RE.sub("\ufffd", line))
-            stream.flush()
+                try:
+                    stream.write(line)
+                except UnicodeEncodeError:
+                    stream.write(_SURROGATE_RE.sub("\ufffd", line))
+                stream.flush()
+            except (BrokenPipeError, ValueError):  # the parent closed our stdout
+                closed.append(True)
+                silence_stdout()
+                if on_closed:
+                    on_closed()
     return emit
+
+
+def silence_stdout():
+    """Point stdout at /dev/null, so a reader that went away (`| head -1`) costs no traceback at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 # =============================================================================
@@ -971,6 +1096,8 @@ class ChatClient:
 
     def stream(self, messages, tools, cancel, on_text, on_reasoning):
         """Send the history and return the assembled Reply, retrying transient failures."""
+        if self.config.missing_key:
+            raise APIError(no_key_message(os.environ))
         attempt, usage_retried = 1, False
         while True:
             assembler = ChunkAssembler(on_text, on_reasoning, self.config.compat.tool_id_style)
@@ -3326,6 +3453,8 @@ SKIPPED_FOR_STEERING = "skipped: the user sent a new message"
 #: seconds a cancelled tool thread gets to finish before its call is recorded as aborted and left behind
 ABANDON_AFTER = 0.5
 ALLOW = ("allow", "")
+#: event type -> the field that may carry text from a provider or the environment
+REDACTED_FIELDS = {"error": "message", "retry": "error", "info": "text", "agent_end": "error"}
 
 
 class Inbox:
@@ -3463,7 +3592,12 @@ class Session:
         self.start(store)
 
     def emit(self, event):
-        """Send an event to the front end."""
+        """Send an event to the front end (keys and URL passwords redacted from what can echo them)."""
+        field = REDACTED_FIELDS.get(event.get("type"))
+        if field and isinstance(event.get(field), str):
+            secrets = secrets_of(self.config)
+            if secrets:
+                event = dict(event, **{field: redact(event[field], secrets)})
         self.sink(event)
 
     # -- history ------------------------------------------------------------------
@@ -3535,7 +3669,8 @@ class Session:
     def session_event(self):
         """The first event of a headless run."""
         return {"type": "session", "version": EVENT_SCHEMA_VERSION, "id": self.id, "cwd": self.config.cwd,
-                "model": self.config.model, "baseUrl": self.config.base_url, "tools": self.tools.names(),
+                "model": self.config.model, "baseUrl": display_url(self.config.api_url or self.config.base_url),
+                "tools": self.tools.names(),
                 "nanocodeVersion": VERSION, "keySource": self.config.key_source,
                 "path": self.store.path if self.store else None}
 
@@ -3693,6 +3828,8 @@ class Session:
 
     def _key_hint(self, error):
         """A hint when the failure is probably about the API key."""
+        if self.config.missing_key:
+            return ""
         if self.config.key_source == "none" and not self.config.base_url.startswith("http://127."):
             return " (no API key found: set OPENCODE_API_KEY or OPENAI_API_KEY, or start a local model server)"
         if error.status in (401, 403):
@@ -4755,6 +4892,8 @@ class TextProgress:
 
     def __call__(self, event):
         kind = event["type"]
+        if kind in ("error", "info", "tool_start", "tool_end", "retry"):
+            event = visible_event(event)
         if kind == "error":
             self.stream.write("nanocode: error: %s\n" % event["message"])
         elif kind == "info" and event.get("command") == "warning":
@@ -4777,7 +4916,8 @@ def run_headless(config, prompt, resume=None):
     """-p / --mode json: run one prompt, print the answer or JSON events, return the exit code."""
     json_mode = config.mode == "json"
     show = sys.stderr.isatty() and not config.quiet
-    emit = json_line_sink(sys.stdout) if json_mode else TextProgress(sys.stderr, show)
+    box = {}
+    emit = json_line_sink(sys.stdout, lambda: box["loop"].abort()) if json_mode else TextProgress(sys.stderr, show)
     held = []  # events of opening (a resume's history event) follow the session event
     try:
         session, warnings = open_session(config, held.append, resume)
@@ -4785,26 +4925,24 @@ def run_headless(config, prompt, resume=None):
         sys.stderr.write("nanocode: error: %s\n" % e)
         return 2
     session.sink = emit
-    loop = CommandLoop(session)
-    if not config.quiet:
+    loop = box["loop"] = CommandLoop(session)
+    if not config.quiet and not config.missing_key:  # a missing key is said once, as the run's error
         for note in list(config.notes) + warnings:
             sys.stderr.write("nanocode: %s\n" % note)
     if json_mode:
         emit(session.session_event())
     for event in held:
         emit(event)
-    box = {}
-
     def on_signal(signum, frame):
         box.setdefault("signal", signum)
         loop.abort()
     previous = {}
-    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None)):
+    for sig in (signal.SIGINT, getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
         if sig is not None:
             previous[sig] = signal.signal(sig, on_signal)
     try:
         loop.prompt(prompt)
-        if box:
+        if "signal" in box:
             loop.abort()
         while not loop.wait_idle(0.1):
             pass
@@ -4817,10 +4955,11 @@ def run_headless(config, prompt, resume=None):
             session.store.close()
         PROCESS_GROUPS.kill_all()
     end = session.last_end
-    if box:
+    if "signal" in box:
         return 128 + box["signal"]
     if not json_mode and end and end["text"]:
-        sys.stdout.write(end["text"].rstrip("\n") + "\n")
+        text = end["text"].rstrip("\n")
+        sys.stdout.write((visible(text) if sys.stdout.isatty() else text) + "\n")
         sys.stdout.flush()
     return 0 if end and end["stopReason"] == "done" else 1
 
@@ -4978,7 +5117,7 @@ class ReplRenderer:
     def __call__(self, event):
         handler = getattr(self, "on_" + event["type"], None)
         if handler:
-            handler(event)
+            handler(visible_event(event) if event["type"] != "agent_end" else event)
 
     def lines(self, lines):
         """Print several lines in one go."""
@@ -5125,6 +5264,10 @@ def usage_cost(usage, config):
 # =============================================================================
 
 
+def _exit_on_signal(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def wake_main_thread_on_signals():
     """Make Ctrl+C reach a readline prompt at once. readline waits in select() and sees a signal only
     when that select is interrupted, which it is not when the signal lands on another thread or
@@ -5193,6 +5336,9 @@ class Repl:
         self.setup_readline()
         if self.tty:
             wake_main_thread_on_signals()
+        for name in ("SIGTERM", "SIGHUP"):  # a closed terminal or a kill: agent_end, children stopped, files closed
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), _exit_on_signal)
         self.print_banner()
         try:
             if self.pick:
@@ -5223,7 +5369,7 @@ class Repl:
     def print_banner(self):
         """One line: model, provider, key source, cwd, and what was found."""
         c = self.config
-        host = c.base_url.split("://", 1)[-1].split("/", 1)[0]
+        host = url_host(c.api_url or c.base_url)
         line = "nanocode %s · %s · %s · key: %s · %s" % (VERSION, c.model, c.provider or host, c.key_source, c.cwd)
         self.screen.print(self.style(line, "bold"))
         for note in list(c.notes) + self.warnings:
@@ -5460,5 +5606,19 @@ def main(argv=None):
     return run_repl(config, None if pick else target, pick)
 
 
+def run_main():
+    """main() for the command line: a closed stdout (`| head -1`) ends quietly, never with a traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    if code == 1 or code == 130:
+        silence_stdout()
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main())

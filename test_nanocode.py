@@ -672,6 +672,51 @@ class TestConfiguration(NanocodeTestCase):
             nanocode.detect_compat("http://x/v1", "m", {"keepReasonin": False})
         self.assertIn("keepReasoning", str(cm.exception))
 
+    def test_keys_go_only_to_the_endpoint_they_are_for(self):
+        auth = os.path.join(self.tmp, ".local", "share", "opencode")
+        os.makedirs(auth)
+        with open(os.path.join(auth, "auth.json"), "w") as f:
+            json.dump({"opencode-go": {"type": "api", "key": "from-auth-json"}}, f)
+        env0 = {"HOME": self.tmp}
+        cases = [  # (case, env, url, explicit, expected source)
+            ("OpenCode key to OpenCode", {"OPENCODE_API_KEY": "oc"}, nanocode.DEFAULT_BASE_URL, False, "$OPENCODE_API_KEY"),
+            ("OpenCode key never elsewhere", {"OPENCODE_API_KEY": "oc"}, "https://api.openai.com/v1", True, "none"),
+            ("OpenAI key where configured, not the OpenCode key",
+             {"OPENCODE_API_KEY": "oc", "OPENAI_API_KEY": "oa"}, "https://api.openai.com/v1", True, "$OPENAI_API_KEY"),
+            ("OpenAI key not to the default endpoint", {"OPENAI_API_KEY": "oa"}, nanocode.DEFAULT_BASE_URL, False, "opencode auth.json"),
+            ("auth.json only for OpenCode", {}, "http://evil.example/v1/chat/completions", True, "none"),
+            ("auth.json for OpenCode", {}, nanocode.DEFAULT_BASE_URL, False, "opencode auth.json"),
+        ]
+        for name, env, url, explicit, source in cases:
+            with self.subTest(case=name):
+                self.assertEqual(nanocode.find_api_key(dict(env0, **env), {}, url, explicit)[1], source)
+
+    def test_openai_api_url_alone_never_gets_the_opencode_key(self):
+        args = nanocode.build_parser().parse_args([])
+        env = {"HOME": self.tmp, "NANOCODE_DIR": self.home, "OPENCODE_API_KEY": "oc-secret",
+               "OPENAI_API_URL": "http://127.0.0.1:9/v1/chat/completions"}
+        config = nanocode.load_config(args, env)
+        self.assertEqual((config.api_key, config.key_source), ("", "none"))
+
+    def test_settings_of_the_wrong_type_name_the_file_and_key(self):
+        cases = [({"maxTurns": "abc"}, "'maxTurns' must be a whole number"), ({"maxTurns": True}, "'maxTurns' must be a whole number"),
+                 ({"idleTimeout": "soon"}, "'idleTimeout' must be a number"), ({"providers": []}, "'providers' must be an object"),
+                 ({"compat": "x"}, "'compat' must be an object"), ({"model": 7}, "'model' must be a string"),
+                 ({"contextWindow": "big"}, "'contextWindow' must be a whole number"), ({"prices": 3}, "'prices' must be an object")]
+        args = nanocode.build_parser().parse_args([])
+        for settings, needle in cases:
+            with self.subTest(settings=settings):
+                with open(os.path.join(self.home, "settings.json"), "w") as f:
+                    json.dump(settings, f)
+                with self.assertRaises(nanocode.ConfigError) as cm:
+                    nanocode.load_config(args, {"HOME": self.tmp, "NANOCODE_DIR": self.home, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+                self.assertIn(needle, str(cm.exception))
+                self.assertIn(os.path.join(self.home, "settings.json"), str(cm.exception))
+        os.remove(os.path.join(self.home, "settings.json"))
+        with self.assertRaises(nanocode.ConfigError) as cm:
+            nanocode.load_config(args, {"HOME": self.tmp, "NANOCODE_DIR": self.home, "NANOCODE_IDLE_TIMEOUT": "abc"})
+        self.assertIn("$NANOCODE_IDLE_TIMEOUT must be a number", str(cm.exception))
+
     def test_parse_tool_list(self):
         known = ("read", "write", "edit", "bash")
         cases = [("all", known), (None, known), ("none", ()), ("read,bash", ("read", "bash")), (" read , bash ", ("read", "bash"))]
@@ -756,6 +801,32 @@ class TestUtilities(unittest.TestCase):
         for name, data, needle in cases:
             with self.subTest(case=name):
                 self.assertIn(needle, nanocode.error_message_from(data))
+
+
+class TestTerminalSafety(unittest.TestCase):
+    #: (case, text from a model, a page or a command, what the terminal gets)
+    CASES = [
+        ("plain text untouched", "héllo\n\tworld", "héllo\n\tworld"),
+        ("window title", "a\x1b]0;owned\x07b", "a^[]0;owned^Gb"),
+        ("clear screen", "\x1b[2J\x1b[Hfake prompt $ ", "^[[2J^[[Hfake prompt $ "),
+        ("hidden link target shown", "\x1b]8;;http://evil/\x1b\\click\x1b]8;;\x1b\\", "^[]8;;http://evil/^[\\click^[]8;;^[\\"),
+        ("colour dropped", "\x1b[31mred\x1b[0m", "red"),
+        ("carriage returns become lines", "50%\r100%\r\n", "50%\n100%\n"),
+        ("C1 controls", "a\x9b31mb\x85", "a<9B>31mb<85>"),
+        ("backspace and bell", "x\x08\x07", "x^H^G"),
+    ]
+
+    def test_visible(self):
+        for name, text, shown in self.CASES:
+            with self.subTest(case=name):
+                self.assertEqual(nanocode.visible(text), shown)
+                self.assertNotIn("\x1b", nanocode.visible(text))
+
+    def test_redaction_of_keys_and_url_passwords(self):
+        config = nanocode.Config(api_key="sk-live-123456", base_url="https://bob:hunter2@proxy.example/v1")
+        secrets = nanocode.secrets_of(config)
+        self.assertEqual(nanocode.redact("bad key sk-live-123456 for bob:hunter2", secrets), "bad key *** for ***")
+        self.assertEqual(nanocode.display_url(config.base_url), "https://***@proxy.example/v1")
 
 
 # =============================================================================
@@ -5031,6 +5102,40 @@ class TestHeadless(EndToEndTestCase):
         self.assertEqual(rc, 1)
         self.assertIn("no API key found", err)
 
+    def test_no_key_and_no_local_server_fails_at_once_without_contacting_anything(self):
+        start = time.monotonic()
+        rc, out, err, _ = self.run_nanocode(["-p", "hi"], env={"OPENAI_BASE_URL": None, "OPENAI_API_KEY": None,
+                                                                "NANOCODE_PROBE_PORTS": str(closed_port())})
+        self.assertEqual(rc, 1)
+        self.assertIn("no API key found", err)
+        self.assertEqual(err.count("no API key found"), 1, err)
+        self.assertLess(time.monotonic() - start, 5.0, "it retried the default endpoint first")
+
+    def test_a_provider_error_that_echoes_the_key_is_redacted(self):
+        self.fake.enqueue_json(error_body("Incorrect API key provided: test-key. You can find your key at ..."), status=401)
+        rc, events, err = self.run_json("hi")
+        text = json.dumps(events) + err
+        self.assertNotIn("test-key", text)
+        self.assertIn("Incorrect API key provided: ***", self.of_type(events, "error")[0]["message"])
+
+    def test_bash_children_do_not_see_the_api_key(self):
+        self.fake.enqueue(tool_answer("bash", {"command": "env"}))
+        self.fake.enqueue(answer("ok"))
+        rc, events, err = self.run_json("show env", env={"OPENCODE_API_KEY": "oc-secret-1"})
+        self.assertEqual(rc, 0, err)
+        result = self.of_type(events, "tool_end")[0]["result"]
+        self.assertIn("NANOCODE=1", result)
+        self.assertNotIn("test-key", result)
+        self.assertNotIn("oc-secret-1", result)
+
+    def test_a_closed_stdout_ends_quietly(self):
+        self.fake.enqueue(sse(*[text_chunk("word%d " % i) for i in range(20000)]))
+        proc = subprocess.run("%s %s --mode json --no-session hi | head -c 100 >/dev/null" % (shlex.quote(sys.executable), shlex.quote(NANOCODE)),
+                              shell=True, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=self.nanocode_env(),
+                              cwd=self.cwd, timeout=60)
+        self.assertNotIn(b"Traceback", proc.stderr)
+        self.assertNotIn(b"BrokenPipe", proc.stderr)
+
     def test_print_mode_writes_the_answer_to_stdout(self):
         cases = [("-p", ["-p"]), ("--print --quiet", ["--print", "--quiet"])]
         for name, flags in cases:
@@ -5181,6 +5286,16 @@ class TestReplRenderer(unittest.TestCase):
         self.assertIn("  id: abc\n", text)
         self.assertIn("? run bash(command=rm -r build)?  [y]es/[n]o", text)
         self.assertIn("context compacted (threshold): 120.0k → 9.0k tokens", text)
+
+    def test_control_sequences_from_the_model_or_tools_are_shown_not_obeyed(self):
+        text = self.render({"type": "turn_start", "turn": 1},
+                           {"type": "text_delta", "delta": "hi \x1b]0;pwned\x07 there\n"},
+                           {"type": "tool_start", "id": "c1", "name": "bash", "args": {"command": "printf '\x1b[2J'"}},
+                           {"type": "tool_update", "id": "c1", "delta": "\x1b[2J\x1b[Hgotcha\n"},
+                           {"type": "tool_end", "id": "c1", "name": "bash", "result": "\x1b]8;;http://evil\x1b\\x", "isError": False})
+        self.assertNotIn("\x1b", text)
+        self.assertIn("^[]0;pwned^G", text)
+        self.assertIn("^[[2J^[[Hgotcha", text)
 
     def test_a_diff_is_shown_with_the_tool_result_and_cut_at_its_limit(self):
         diff = "\n".join(["--- a", "+++ a", "@@ -1 +1 @@"] + ["-old %d\n+new %d" % (i, i) for i in range(30)])
@@ -5549,6 +5664,12 @@ class TestCLI(EndToEndTestCase):
         events = parse_event_lines(reader.rest())
         self.assertJSONLines(events, proc.stderr.read().decode("utf-8", "replace"))
         return rc, events, elapsed
+
+    def test_sighup_mid_stream_exits_129_with_agent_end(self):
+        rc, events, elapsed = self._interrupt(signal.SIGHUP)
+        self.assertEqual(rc, 129)
+        self.assertAgentEnd(events, "aborted")
+        self.assertLess(elapsed, 5.0)
 
     def test_sigint_mid_stream_exits_130(self):
         rc, events, elapsed = self._interrupt(signal.SIGINT)
