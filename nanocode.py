@@ -2110,40 +2110,86 @@ def tool_edit(ctx, path, edits):
 
 BASH_DEFAULT_TIMEOUT, BASH_MAX_TIMEOUT = 120, 3600
 BASH_TAIL_LINES, BASH_TAIL_BYTES = 2000, 50 * 1024
+#: a command's saved log keeps its last BASH_LOG_CAP bytes; the last BASH_LOG_KEEP logs stay, all go at exit
+BASH_LOG_CAP, BASH_LOG_KEEP = 50 * 1024 * 1024, 20
+#: set in the environment of every process a bash call starts, to find those that leave its group
+RUN_MARKER_VAR = "NANOCODE_RUN"
+#: variables nanocode reads secrets from besides KEY_ENV_VARS and the providers' apiKeyEnv
+SECRET_ENV_VARS = ("EXA_API_KEY",)
 _KILL_GRACE = 2.0
 
 
+def child_environment(config, extra=None):
+    """os.environ for a child process, less the variables nanocode reads keys from, plus extra.
+
+    Removed: KEY_ENV_VARS, SECRET_ENV_VARS and every provider's apiKeyEnv in settings.json, unless
+    named in its "passEnv" list. config may be None (then only the fixed names are removed).
+    """
+    settings = getattr(config, "settings", None)
+    settings = settings if isinstance(settings, dict) else {}
+    names = set(KEY_ENV_VARS) | set(SECRET_ENV_VARS)
+    providers = settings.get("providers")
+    for spec in (providers.values() if isinstance(providers, dict) else ()):
+        if isinstance(spec, dict) and isinstance(spec.get("apiKeyEnv"), str):
+            names.add(spec["apiKeyEnv"])
+    passed = settings.get("passEnv")
+    passed = [n for n in passed if isinstance(n, str)] if isinstance(passed, (list, tuple)) else []
+
+    def fold(name):  # Windows variable names ignore case
+        return name.upper() if os.name == "nt" else name
+
+    hidden = set(fold(n) for n in names) - set(fold(n) for n in passed)
+    env = dict((k, v) for k, v in os.environ.items() if fold(k) not in hidden)
+    env.update(extra or {})
+    return env
+
+
 class ProcessGroups:
-    """Process groups started by bash; background children live until nanocode exits."""
+    """Process groups started by bash, each with its run marker; background children live until nanocode exits."""
 
     def __init__(self):
-        self._pgids = set()
+        self._groups = {}  # pgid -> run marker (or None)
         self._lock = threading.Lock()
+        self._count = 0
 
-    def add(self, pgid):
-        """Track a group for cleanup at exit."""
+    def new_marker(self):
+        """A value for RUN_MARKER_VAR unique to one bash call: '<nanocode pid>-<n>'."""
         with self._lock:
-            self._pgids.add(pgid)
+            self._count += 1
+            return "%d-%d" % (os.getpid(), self._count)
+
+    def add(self, pgid, marker=None):
+        """Track a group, and the processes carrying its marker, for cleanup at exit."""
+        with self._lock:
+            self._groups[pgid] = marker
 
     def kill(self, pgid, grace=_KILL_GRACE):
-        """SIGTERM the group now and SIGKILL it after grace seconds, without blocking."""
-        if not _signal_group(pgid, signal.SIGTERM):
+        """SIGTERM the group and its marked processes now, SIGKILL them after grace seconds, without blocking."""
+        with self._lock:
+            markers = [self._groups[pgid]] if self._groups.get(pgid) else []
+        if not _signal_run(pgid, markers, signal.SIGTERM):
             return
-        timer = threading.Timer(grace, _signal_group, (pgid, getattr(signal, "SIGKILL", signal.SIGTERM)))
+        timer = threading.Timer(grace, _signal_run, (pgid, markers, getattr(signal, "SIGKILL", signal.SIGTERM)))
         timer.daemon = True
         timer.start()
 
     def kill_all(self):
-        """Terminate every tracked group (called at exit)."""
+        """Terminate every tracked group and marked process, and delete the saved logs (called at exit)."""
         with self._lock:
-            pgids, self._pgids = list(self._pgids), set()
-        alive = [p for p in pgids if _signal_group(p, signal.SIGTERM)]
+            groups, self._groups = self._groups, {}
+        markers = [m for m in groups.values() if m]
+        alive = [p for p in groups if _signal_group(p, signal.SIGTERM)]
+        marked = [p for p in find_marked(markers) if _signal_pid(p, signal.SIGTERM)]
         deadline = time.monotonic() + 0.5
-        while alive and time.monotonic() < deadline:
+        while (alive or marked) and time.monotonic() < deadline:
             time.sleep(0.02)
             alive = [p for p in alive if _signal_group(p, 0)]
+            marked = [p for p in marked if _signal_pid(p, 0)]
         for p in alive:
             _signal_group(p, getattr(signal, "SIGKILL", signal.SIGTERM))
+        for p in find_marked(markers) if marked else ():
+            _signal_pid(p, getattr(signal, "SIGKILL", signal.SIGTERM))
+        BASH_LOGS.remove_all()
 
 
 PROCESS_GROUPS = ProcessGroups()
@@ -2158,16 +2204,128 @@ def _signal_group(pgid, sig):
         return False
 
 
+def _signal_pid(pid, sig):
+    """Send sig to one process; False when it no longer exists."""
+    try:
+        os.kill(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError, OSError):
+        return False
+
+
+def _signal_run(pgid, markers, sig):
+    """Signal a group and every process carrying one of markers; True when any was there."""
+    hit = _signal_group(pgid, sig)
+    for pid in find_marked(markers):
+        hit = _signal_pid(pid, sig) or hit
+    return hit
+
+
+def _marker_scan_available():
+    """True where find_marked can see other processes' environments (Linux /proc)."""
+    return os.path.exists("/proc/self/environ")
+
+
+def find_marked(markers):
+    """Pids of processes whose environment sets RUN_MARKER_VAR to one of markers; [] without /proc."""
+    wanted = set(("%s=%s" % (RUN_MARKER_VAR, m)).encode("utf-8") for m in markers)
+    if not wanted:
+        return []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    me, found = os.getpid(), []
+    for name in names:
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open("/proc/%s/environ" % name, "rb") as f:
+                env = f.read()
+        except OSError:  # gone, or another user's
+            continue
+        if not wanted.isdisjoint(env.split(b"\0")):
+            found.append(int(name))
+    return found
+
+
+class BashLogs:
+    """Temp files holding saved command output: the last BASH_LOG_KEEP finished ones are kept, all go at exit."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open = set()  # being written
+        self._done = []  # finished, oldest first
+
+    def create(self):
+        """(fd, path) of a new temp file, tracked until removed."""
+        import tempfile
+        fd, path = tempfile.mkstemp(prefix="nanocode-bash-", suffix=".log")
+        with self._lock:
+            self._open.add(path)
+        return fd, path
+
+    def finished(self, path):
+        """path is a complete log: keep it, and delete the oldest beyond BASH_LOG_KEEP."""
+        with self._lock:
+            self._open.discard(path)
+            self._done.append(path)
+            cut = max(0, len(self._done) - max(0, BASH_LOG_KEEP))
+            old, self._done = self._done[:cut], self._done[cut:]
+        for p in old:
+            _unlink(p)
+
+    def remove(self, path):
+        """Delete one tracked file."""
+        with self._lock:
+            self._open.discard(path)
+            if path in self._done:
+                self._done.remove(path)
+        _unlink(path)
+
+    def remove_all(self):
+        """Delete every log (at exit)."""
+        with self._lock:
+            paths, self._open, self._done = list(self._open) + self._done, set(), []
+        for p in paths:
+            _unlink(p)
+
+
+def _unlink(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+BASH_LOGS = BashLogs()
+
+
+def _register_log_cleanup():
+    import atexit  # the logs go at exit even when no front end calls PROCESS_GROUPS.kill_all()
+    atexit.register(BASH_LOGS.remove_all)
+
+
+_register_log_cleanup()
+
+
 class OutputCapture:
-    """Command output: a bounded tail in memory, everything in a temp file once it grows."""
+    """Command output: a bounded tail in memory; once it grows, a temp file holding the last BASH_LOG_CAP bytes.
+
+    The file rotates between two segments of BASH_LOG_CAP bytes; result() joins their end into one log
+    that opens with "[first N bytes dropped]" when anything was.
+    """
 
     def __init__(self, update, keep=4 * BASH_TAIL_BYTES):
         self._update = update
         self._keep = keep
         self._tail = bytearray()
-        self._file = None
+        self._file = None  # the segment being written
+        self._size = 0  # bytes in it
+        self._older = None  # the previous, full segment
         self.path = None
         self.total = 0
+        self.dropped = 0  # bytes at the start that the saved log lacks
         self._pending, self._pending_size, self._skipped = [], 0, 0
         self._last_flush = 0.0
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -2178,7 +2336,7 @@ class OutputCapture:
         if self._file is None and self.total > self._keep:
             self._spill()
         if self._file is not None:
-            self._file.write(data)
+            self._write(data)
         self._tail += data
         if len(self._tail) > 2 * self._keep:
             del self._tail[:len(self._tail) - self._keep]
@@ -2192,10 +2350,49 @@ class OutputCapture:
             self.flush_updates()
 
     def _spill(self):
-        import tempfile
-        fd, self.path = tempfile.mkstemp(prefix="nanocode-bash-", suffix=".log")
-        self._file = os.fdopen(fd, "wb")
-        self._file.write(bytes(self._tail))
+        self._open_segment()
+        self._write(bytes(self._tail))
+
+    def _open_segment(self):
+        fd, self.path = BASH_LOGS.create()
+        self._file, self._size = os.fdopen(fd, "wb"), 0
+
+    def _write(self, data):
+        self._file.write(data)
+        self._size += len(data)
+        if self._size >= BASH_LOG_CAP:  # full: the older segment goes, a fresh one starts
+            self._file.close()
+            if self._older:
+                BASH_LOGS.remove(self._older)
+            self._older = self.path
+            self._open_segment()
+
+    def _finish_log(self):
+        """Close the file; after a rotation, join the last BASH_LOG_CAP bytes into one new log."""
+        self._file.close()
+        self._file = None
+        if self._older is None:
+            BASH_LOGS.finished(self.path)
+            return
+        older, current = self._older, self.path
+        self._older = None
+        self.dropped = self.total - BASH_LOG_CAP
+        fd, self.path = BASH_LOGS.create()
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(("[first %d bytes dropped]\n" % self.dropped).encode("ascii"))
+                with open(older, "rb") as f:
+                    f.seek(max(0, os.fstat(f.fileno()).st_size - (BASH_LOG_CAP - self._size)))
+                    shutil.copyfileobj(f, out)
+                with open(current, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        except OSError:  # e.g. deleted by an exit under way: no log then
+            BASH_LOGS.remove(self.path)
+            self.path = None
+        BASH_LOGS.remove(older)
+        BASH_LOGS.remove(current)
+        if self.path:
+            BASH_LOGS.finished(self.path)
 
     def flush_updates(self):
         """Send pending output as one update, at most 16 KB of it."""
@@ -2210,13 +2407,13 @@ class OutputCapture:
         self._update(("[... %d bytes ...]\n" % skipped if skipped else "") + text)
 
     def result(self):
-        """(tail text, full-log path or None) with the tail cut to the model's limits."""
+        """(tail text, saved-log path or None) with the tail cut to the model's limits."""
         self.flush_updates()
         text, cut = tail_lines(bytes(self._tail).decode("utf-8", "replace"), BASH_TAIL_LINES, BASH_TAIL_BYTES)
-        if cut and self._file is None:
+        if cut and self._file is None and self.path is None:
             self._spill()
         if self._file is not None:
-            self._file.close()
+            self._finish_log()
         return text, (self.path if cut or self.total > len(text.encode("utf-8")) else None)
 
 
@@ -2234,12 +2431,13 @@ def tool_bash(ctx, command, timeout=BASH_DEFAULT_TIMEOUT):
     """Run command in its own process group; returns when the shell exits, even if children linger."""
     import subprocess
     timeout = clamp(timeout, 1, BASH_MAX_TIMEOUT)
-    env = dict(os.environ, NANOCODE="1")
+    marker = PROCESS_GROUPS.new_marker()
+    env = child_environment(ctx.config, {"NANOCODE": "1", RUN_MARKER_VAR: marker})
     if os.name != "posix":
         return _bash_simple(ctx, command, timeout, env)
     proc = subprocess.Popen(shell_argv(command), cwd=ctx.cwd, env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    PROCESS_GROUPS.add(proc.pid)
+    PROCESS_GROUPS.add(proc.pid, marker)
     capture = OutputCapture(ctx.update)
     unregister = ctx.cancel.on_cancel(lambda: PROCESS_GROUPS.kill(proc.pid))
     try:
@@ -2250,7 +2448,8 @@ def tool_bash(ctx, command, timeout=BASH_DEFAULT_TIMEOUT):
         state = "aborted"
     if state != "exited":
         PROCESS_GROUPS.kill(proc.pid)
-        _drain_in_background(proc.stdout)
+        if not proc.stdout.closed:
+            _drain_in_background(proc.stdout)
     return _bash_result(proc, capture, state, timeout)
 
 
@@ -2262,10 +2461,9 @@ def _pump_output(proc, capture, deadline, cancel):
         ready = select.select([fd], [], [], 0.05)[0]
         if ready:
             data = os.read(fd, 65536)
-            if not data:
-                proc.wait()
+            if not data:  # every writer closed the output, which need not mean the shell is done
                 proc.stdout.close()
-                return "exited"
+                return _wait_after_eof(proc, deadline, cancel)
             capture.add(data)
         if proc.poll() is not None:
             _drain_briefly(fd, capture)
@@ -2275,6 +2473,17 @@ def _pump_output(proc, capture, deadline, cancel):
             return "aborted"
         if time.monotonic() > deadline:
             return "timeout"
+
+
+def _wait_after_eof(proc, deadline, cancel):
+    """Wait for a shell that closed its output, but only until the deadline or an abort."""
+    while proc.poll() is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return "timeout"
+        if cancel.wait(min(0.05, remaining)):
+            return "aborted"
+    return "exited"
 
 
 def _drain_briefly(fd, capture, budget=0.25):
@@ -2310,7 +2519,13 @@ def _bash_result(proc, capture, state, timeout):
         notes.append("[aborted by the user]")
     else:
         notes.append("[exit code %d]" % proc.returncode)
-    if log:
+    if state != "exited" and not _marker_scan_available():
+        notes.append("[background processes that left the process group (setsid, daemons) may be left running]")
+    if log and capture.dropped:
+        notes.append("[output cut to the last %d lines / %d KB; output was %d bytes, the last %d saved "
+                     "(first %d bytes dropped): %s]" % (BASH_TAIL_LINES, BASH_TAIL_BYTES // 1024, capture.total,
+                                                       capture.total - capture.dropped, capture.dropped, log))
+    elif log:
         notes.append("[output cut to the last %d lines / %d KB; full output (%d bytes): %s]"
                      % (BASH_TAIL_LINES, BASH_TAIL_BYTES // 1024, capture.total, log))
     body = (text.rstrip("\n") + "\n" if text.strip() else "") + "\n".join(notes)

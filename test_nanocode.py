@@ -2083,25 +2083,176 @@ class TestBashTool(TempDirMixin, unittest.TestCase):
         self.assertGreaterEqual(len(updates), 2)
 
     def test_huge_output_keeps_memory_bounded_and_saves_the_log(self):
-        code = ("import resource, sys; sys.path.insert(0, %r); import nanocode\n"
+        code = ("import os, resource, sys; sys.path.insert(0, %r); import nanocode\n"
                 "r = nanocode.run_tool(nanocode.ToolContext(%r), 'bash', "
                 "{'command': 'yes 0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz012345678 | head -c 100000000'})\n"
                 "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nprint(r.text.splitlines()[-1])\n"
+                "path = r.text.rsplit(' ', 1)[-1][:-1]\nprint(os.path.getsize(path))\n"
+                "print(open(path, 'rb').readline().decode().strip())\n"
                 % (HERE, self.dir))
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.split("\n")
-        maxrss_kb, note = int(out[0]), out[1]
+        maxrss_kb, note, size, first_line = int(out[0]), out[1], int(out[2]), out[3]
         self.assertLess(maxrss_kb, 100 * 1024)
-        log = re.search(r"full output \((\d+) bytes\): (\S+)\]", note)
+        cap = nanocode.BASH_LOG_CAP
+        log = re.search(r"output was (\d+) bytes, the last (\d+) saved \(first (\d+) bytes dropped\): (\S+)\]", note)
         self.assertIsNotNone(log, note)
-        self.assertEqual(int(log.group(1)), 100000000)
-        self.assertEqual(os.path.getsize(log.group(2)), 100000000)
-        os.remove(log.group(2))
+        self.assertEqual([int(g) for g in log.groups()[:3]], [100000000, cap, 100000000 - cap])
+        self.assertEqual(first_line, "[first %d bytes dropped]" % (100000000 - cap))
+        self.assertEqual(size, len(first_line) + 1 + cap)
+        self.assertFalse(os.path.exists(log.group(4)))  # deleted when the process exited
 
     def test_tail_is_capped_for_the_model(self):
         r = call_tool(self.dir, "bash", {"command": "seq 1 5000"})
         lines = r.text.split("\n")
         self.assertEqual(lines[0], "3001")
         self.assertIn("full output", lines[-1])
+
+
+    # --- issue 8: saved logs are capped, few, and temporary
+    def log_dir(self):
+        """Point the saved logs into a folder of this test's own."""
+        tmp = os.path.join(self.dir, "tmp")
+        os.mkdir(tmp)
+        patcher = mock.patch.object(tempfile, "tempdir", tmp)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.addCleanup(nanocode.BASH_LOGS.remove_all)
+        return tmp
+
+    def saved_log(self, result):
+        m = re.search(r": (\S+)\]$", result.text)
+        self.assertIsNotNone(m, result.text)
+        return m.group(1)
+
+    def test_saved_log_keeps_only_the_last_bytes(self):
+        tmp = self.log_dir()
+        cap = 100000
+        with mock.patch.object(nanocode, "BASH_LOG_CAP", cap):
+            r = call_tool(self.dir, "bash", {"command": "seq 1 300000"})
+        full = "".join("%d\n" % i for i in range(1, 300001)).encode()
+        dropped = len(full) - cap
+        self.assertIn("output was %d bytes, the last %d saved (first %d bytes dropped)" % (len(full), cap, dropped), r.text)
+        path = self.saved_log(r)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"[first %d bytes dropped]\n" % dropped + full[-cap:])
+        self.assertEqual(os.listdir(tmp), [os.path.basename(path)])  # the rotated halves are gone
+
+    def test_only_the_last_logs_are_kept_and_all_go_at_exit(self):
+        tmp = self.log_dir()
+        with mock.patch.object(nanocode, "BASH_LOG_KEEP", 3):
+            paths = [self.saved_log(call_tool(self.dir, "bash", {"command": "seq %d 5000" % i})) for i in range(1, 6)]
+        self.assertEqual([os.path.exists(p) for p in paths], [False, False, True, True, True])
+        self.assertEqual(sorted(os.listdir(tmp)), sorted(os.path.basename(p) for p in paths[2:]))
+        nanocode.PROCESS_GROUPS.kill_all()
+        self.assertEqual(os.listdir(tmp), [])
+
+    def test_logs_are_deleted_when_the_process_exits(self):
+        code = ("import sys; sys.path.insert(0, %r); import nanocode\n"
+                "print(nanocode.run_tool(nanocode.ToolContext(%r), 'bash', {'command': 'seq 1 5000'}).text)\n"
+                % (HERE, self.dir))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+        path = re.search(r"full output \(\d+ bytes\): (\S+)\]", out)
+        self.assertIsNotNone(path, out)
+        self.assertFalse(os.path.exists(path.group(1)))
+
+    # --- issue 8: the timeout holds after the output closes
+    def test_timeout_holds_when_the_command_closes_its_output(self):
+        start = time.monotonic()
+        r = call_tool(self.dir, "bash", {"command": "exec >&- 2>&-; sleep 40", "timeout": 2})
+        self.assertLess(time.monotonic() - start, 20)
+        self.assertTrue(r.is_error)
+        self.assertIn("timed out after 2s", r.text)
+
+    # --- issue 8: processes that leave the group are found by their marker
+    def escaped_sleeper(self, pidfile, then):
+        """A command starting `sleep 300` in a session of its own, waiting for its pid, then running then."""
+        if not shutil.which("setsid") or not nanocode._marker_scan_available():
+            self.skipTest("needs setsid and /proc")
+        return ("setsid sh -c 'echo $$ > %s; exec sleep 300' >/dev/null 2>&1 &\n"
+                "while [ ! -s %s ]; do sleep 0.05; done\n%s" % (pidfile, pidfile, then))
+
+    def read_pid(self, pidfile):
+        with open(pidfile) as f:
+            pid = int(f.read())
+        self.addCleanup(_signal_quietly, pid)
+        return pid
+
+    def assert_dies(self, pid):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+        self.assertFalse(_alive(pid))
+
+    def test_timeout_kills_processes_that_left_the_group(self):
+        pidfile = os.path.join(self.dir, "escaped.pid")
+        r = call_tool(self.dir, "bash", {"command": self.escaped_sleeper(pidfile, "sleep 30"), "timeout": 3})
+        self.assertIn("timed out after 3s", r.text)
+        self.assertNotIn("may be left running", r.text)
+        self.assert_dies(self.read_pid(pidfile))
+
+    def test_exit_kills_processes_that_left_the_group(self):
+        pidfile = os.path.join(self.dir, "daemon.pid")
+        # a double fork as daemons do: the sleeper's parent is gone before the command ends
+        r = call_tool(self.dir, "bash", {"command": self.escaped_sleeper(pidfile, "echo started").replace(
+            "setsid sh", "(setsid sh", 1).replace("2>&1 &", "2>&1 &)", 1)})
+        self.assertIn("started", r.text)
+        pid = self.read_pid(pidfile)
+        self.assertTrue(_alive(pid))  # a server the user asked for runs on until nanocode exits
+        nanocode.PROCESS_GROUPS.kill_all()
+        self.assert_dies(pid)
+
+    def test_every_process_carries_its_own_marker(self):
+        a = call_tool(self.dir, "bash", {"command": "echo $NANOCODE_RUN"}).text.split("\n")[0]
+        b = call_tool(self.dir, "bash", {"command": "echo $NANOCODE_RUN"}).text.split("\n")[0]
+        self.assertRegex(a, r"^%d-\d+$" % os.getpid())
+        self.assertNotEqual(a, b)
+
+    def test_without_proc_the_result_warns_of_leftovers(self):
+        with mock.patch.object(nanocode, "_marker_scan_available", return_value=False):
+            r = call_tool(self.dir, "bash", {"command": "sleep 30", "timeout": 1})
+            done = call_tool(self.dir, "bash", {"command": "true"})
+        self.assertIn("background processes that left the process group (setsid, daemons) may be left running", r.text)
+        self.assertEqual(done.text, "[exit code 0]")
+
+    # --- issue 8: no secrets in child environments
+    SECRETS = {"OPENAI_API_KEY": "sk-openai-secret", "OPENCODE_API_KEY": "oc-secret", "EXA_API_KEY": "exa-secret",
+               "MY_PROVIDER_TOKEN": "provider-secret", "SHARED_TOKEN": "shared-ok", "HARMLESS_VAR": "harmless-ok"}
+    SETTINGS = {"providers": {"mine": {"baseUrl": "http://x/v1", "apiKeyEnv": "MY_PROVIDER_TOKEN"},
+                              "shared": {"baseUrl": "http://y/v1", "apiKeyEnv": "SHARED_TOKEN"},
+                              "odd": "not a dict"},
+                "passEnv": ["SHARED_TOKEN"]}
+
+    def test_child_environment_drops_the_keys_nanocode_reads(self):
+        config = nanocode.Config(settings=self.SETTINGS)
+        with mock.patch.dict(os.environ, self.SECRETS):
+            env = nanocode.child_environment(config, {"EXTRA": "1"})
+            bare = nanocode.child_environment(None)
+            broken = nanocode.child_environment(nanocode.Config(settings={"providers": [1], "passEnv": "x"}))
+        self.assertEqual({k: env.get(k) for k in self.SECRETS},
+                         {"OPENAI_API_KEY": None, "OPENCODE_API_KEY": None, "EXA_API_KEY": None,
+                          "MY_PROVIDER_TOKEN": None, "SHARED_TOKEN": "shared-ok", "HARMLESS_VAR": "harmless-ok"})
+        self.assertEqual(env["EXTRA"], "1")
+        self.assertEqual(env["PATH"], os.environ["PATH"])
+        for e in (bare, broken):
+            self.assertEqual(sorted(k for k in self.SECRETS if k in e), ["HARMLESS_VAR", "MY_PROVIDER_TOKEN", "SHARED_TOKEN"])
+
+    def test_bash_does_not_see_api_keys(self):
+        with mock.patch.dict(os.environ, self.SECRETS):
+            r = call_tool(self.dir, "bash", {"command": "env"}, nanocode.Config(settings=self.SETTINGS))
+            bare = call_tool(self.dir, "bash", {"command": "env"})
+        for secret in ("sk-openai-secret", "oc-secret", "exa-secret", "provider-secret"):
+            self.assertNotIn(secret, r.text)
+        self.assertIn("SHARED_TOKEN=shared-ok", r.text)
+        self.assertIn("HARMLESS_VAR=harmless-ok", r.text)
+        self.assertNotIn("sk-openai-secret", bare.text)
+        self.assertNotIn("exa-secret", bare.text)
+
+
+def _signal_quietly(pid, sig=signal.SIGKILL):
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
 
 
 def _alive(pid):
