@@ -5552,7 +5552,7 @@ class Repl:
         if self.tty:
             wake_main_thread_on_signals()
         for name in ("SIGTERM", "SIGHUP"):  # a closed terminal or a kill: agent_end, children stopped, files closed
-            if hasattr(signal, name):
+            if hasattr(signal, name) and threading.current_thread() is threading.main_thread():
                 signal.signal(getattr(signal, name), _exit_on_signal)
         self.print_banner()
         try:
