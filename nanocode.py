@@ -1812,8 +1812,9 @@ class Checkpoints:
     or in memory when there is none.
     """
 
-    def __init__(self, blob_dir=None):
+    def __init__(self, blob_dir=None, writable=True):
         self.blob_dir = blob_dir
+        self.writable = writable  # False: blobs are read from blob_dir, new ones kept in memory (--no-session)
         self.prompts = []  # [{"prompt": message seq, "files": {path: record}}], oldest first
         self.dirty = False  # changed since the session file last heard of it
         self._memory = {}
@@ -1889,7 +1890,7 @@ class Checkpoints:
 
     def _put(self, data):
         digest = _sha256(data)
-        if self.blob_dir is None:
+        if self.blob_dir is None or not self.writable:
             self._memory[digest] = data
             return digest
         blob = os.path.join(self.blob_dir, digest)
@@ -3647,6 +3648,12 @@ def expand_mentions(text, cwd):
     return text + ("\n\n" + "\n\n".join(blocks) if blocks else "")
 
 
+def is_user_text(message):
+    """True for a message the user wrote (not a summary, not images from tools)."""
+    return message.get("role") == "user" and isinstance(message.get("content"), str) \
+        and not message["content"].startswith(SUMMARY_MARK)
+
+
 def message_tokens(message):
     """A message's size in tokens, estimated as characters / 4."""
     return len(dump_json(message)) // 4 + 1
@@ -3704,6 +3711,10 @@ class Inbox:
         """Texts waiting for the end."""
         return [t for k, t in list(self._items) if k == "followup"]
 
+    def has_messages(self):
+        """True when a steering message or follow-up waits (not only shell lines)."""
+        return any(k != "shell" for k, _ in list(self._items))
+
     def has_steering(self):
         """True when a steering message waits (it skips the tool calls not yet started; a shell line does not)."""
         return any(k == "steering" for k, _ in list(self._items))
@@ -3716,10 +3727,11 @@ class Inbox:
         return taken
 
     def clear(self):
-        """Remove everything; returns (steering texts, follow-up texts)."""
-        steering, followups = self.steering, self.followups
-        self.take()
-        return steering, followups
+        """Remove everything at once; returns (steering texts, follow-up texts), shell lines as !command."""
+        with self._lock:
+            items, self._items = self._items, []
+        return ([("!" + t if k == "shell" else t) for k, t in items if k != "followup"],
+                [t for k, t in items if k == "followup"])
 
     def __len__(self):
         return len(self._items)
@@ -3813,7 +3825,12 @@ class Session:
             secrets = secrets_of(self.config)
             if secrets:
                 event = dict(event, **{field: redact(event[field], secrets)})
-        self.sink(event)
+        try:
+            self.sink(event)
+        except Exception as e:  # a front end that cannot show an event must not stop the agent halfway
+            self._sink_errors = getattr(self, "_sink_errors", 0) + 1
+            if self._sink_errors == 1:
+                sys.stderr.write("nanocode: a front end failed to show an event: %s: %s\n" % (e.__class__.__name__, e))
 
     # -- history ------------------------------------------------------------------
 
@@ -3827,6 +3844,8 @@ class Session:
         if getattr(self, "store", None) is not None and self.store is not store:
             self.store.close()
         self.store = store
+        if store is not None:
+            store.on_error = lambda message: self.emit({"type": "error", "message": message, "fatal": False})
         self.id = store.id if store else new_session_id()
         self.checkpoints = Checkpoints(store.blob_dir if store else None)
         self.files = None  # the read-before-write tracker handed to tools (None: no checks)
@@ -3838,11 +3857,14 @@ class Session:
         self.context_window = context_window(self.config)
         self._anchor = None  # (tokens the provider counted for the last request + answer, history length then)
         self.summary = None  # the text of the last compaction summary
+        self.latest_user = ""  # the user's latest message, kept verbatim through compactions
 
     def append(self, message, prompt=False):
         """Add a message to the history and the session file; returns its seq."""
         seq = self._next_seq
         self._next_seq += 1
+        if is_user_text(message):
+            self.latest_user = message["content"]
         self.messages.append(message)
         self._seqs.append(seq)
         self._sizes.append(message_tokens(message))
@@ -3899,20 +3921,21 @@ class Session:
 
     # -- asking the user -------------------------------------------------------------
 
-    def ask(self, question, call_id=None, options=("yes", "no")):
+    def ask(self, question, call_id=None, options=("yes", "no"), events=None, cancel=None):
         """Ask through the front end and wait for the answer command; None when it cannot be asked or was aborted."""
-        if not self.interactive:
+        events, cancel = events or self._events, cancel or self.cancel
+        if not self.interactive or cancel.is_set() or not events.open:
             return None
         ask_id = self._next_id("ask")
         waiter = self._asks[ask_id] = [threading.Event(), None]
-        self._events({"type": "ask", "id": ask_id, "question": question, "toolCallId": call_id, "options": list(options)})
-        unregister = self.cancel.on_cancel(waiter[0].set)
+        events({"type": "ask", "id": ask_id, "question": question, "toolCallId": call_id, "options": list(options)})
+        unregister = cancel.on_cancel(waiter[0].set)
         try:
             waiter[0].wait()
         finally:
             unregister()
             self._asks.pop(ask_id, None)
-        return waiter[1]
+        return None if cancel.is_set() else waiter[1]
 
     def pending_asks(self):
         """Ids of the questions waiting for an answer."""
@@ -3971,6 +3994,8 @@ class Session:
             stop, error = ("aborted", None) if self.cancel.is_set() else ("error", str(e) + self._key_hint(e))
         except Exception as e:  # a bug must still end with agent_end and keep the history
             stop, error = "error", "internal error: %s: %s" % (e.__class__.__name__, e)
+        if stop != "done":
+            self._close_open_calls()
         if error:
             events({"type": "error", "message": error, "fatal": True})
         self._sync()
@@ -3981,6 +4006,21 @@ class Session:
         events.close(end)
         self._events = RunEvents(self.emit)
         return end
+
+    def _close_open_calls(self):
+        """After an error or abort: every tool call of the last assistant message gets a result, so the
+        history stays one that providers accept."""
+        for i in range(len(self.messages) - 1, 0, -1):
+            message = self.messages[i]
+            if message.get("role") == "assistant":
+                answered = set(m.get("tool_call_id") for m in self.messages[i + 1:] if m.get("role") == "tool")
+                for call in message.get("tool_calls") or []:
+                    if call.get("id") not in answered:
+                        self.append({"role": "tool", "tool_call_id": call.get("id"),
+                                     "content": "error: the run stopped before this call finished"})
+                return
+            if message.get("role") == "user" and not isinstance(message.get("content"), list):
+                return
 
     def _sync(self):
         """End of a turn: the session file reaches the disk."""
@@ -4058,8 +4098,9 @@ class Session:
         return "%s; the partial text is kept" % (reply.error or "the response was cut off before it ended")
 
     def _deliver(self, kinds, as_prompt=False):
-        """Add queued input of these kinds (shell lines run now); True when there was any.
-        as_prompt: the first message added begins a user prompt (for /undo)."""
+        """Add queued input of these kinds (shell lines run now); True when a message for the model
+        was among it (shell output alone asks for no answer). as_prompt: the first message added
+        begins a user prompt (for /undo)."""
         items = self.inbox.take(kinds)
         for kind, text in items:
             if kind == "shell":
@@ -4068,7 +4109,11 @@ class Session:
                 self.append(user_message(expand_mentions(text, self.config.cwd)), as_prompt)
                 self._events({"type": "user_message", "kind": kind, "text": text})
             as_prompt = False
-        return bool(items)
+        return any(kind != "shell" for kind, _ in items)
+
+    def run_queued_shell(self):
+        """Run the shell lines that were queued while the agent worked (nothing else waits)."""
+        self._deliver(("shell",))
 
     def run_shell(self, command, as_prompt=False):
         """!command: run it through the bash tool (with tool events), add command and output to the history."""
@@ -4156,18 +4201,25 @@ class Session:
                 results[call["id"]] = done[call["id"]]
 
     def _run_call(self, call):
-        """Run one call with its events: malformed arguments, a denial or the tool's own result."""
-        events = self._events
+        """Run one call with its events: malformed arguments, a denial or the tool's own result. The run's
+        events and cancel token are taken once, so a call left behind after an abort can neither ask nor
+        run its tool after agent_end."""
+        events, cancel = self._events, self.cancel
         self._started.add(call["id"])
         events({"type": "tool_start", "id": call["id"], "name": call["name"], "args": call["args"]})
-        if call.get("error"):
-            result = ToolResult("error: %s; resend the call with a valid JSON object" % call["error"], True)
-        else:
-            result = self._check(call)
-            if result is None:
-                ctx = ToolContext(self.config.cwd, self.config, self.cancel, checkpoints=self.checkpoints,
-                                  update=lambda text: events.tool_update(call["id"], text), files=self.files)
-                result = run_tool(ctx, call["name"], call["args"], self.tools)
+        try:
+            if call.get("error"):
+                result = ToolResult("error: %s; resend the call with a valid JSON object" % call["error"], True)
+            else:
+                result = self._check(call, events, cancel)
+                if result is None and cancel.is_set():
+                    result = ToolResult("aborted", True)
+                elif result is None:
+                    ctx = ToolContext(self.config.cwd, self.config, cancel, checkpoints=self.checkpoints,
+                                      update=lambda text: events.tool_update(call["id"], text), files=self.files)
+                    result = run_tool(ctx, call["name"], call["args"], self.tools)
+        except Exception as e:  # a hook or bookkeeping bug: the model gets an error, the run goes on
+            result = ToolResult("error: internal error before %s ran: %s: %s" % (call["name"], e.__class__.__name__, e), True)
         event = {"type": "tool_end", "id": call["id"], "name": call["name"], "result": result.text,
                  "isError": result.is_error}
         if result.details:
@@ -4175,13 +4227,14 @@ class Session:
         events.tool_end(event)
         return result
 
-    def _check(self, call):
+    def _check(self, call, events, cancel):
         """The before_tool hook's verdict: None to run the call, else the error result the model gets."""
         verdict, text = self.before_tool(self, call)
         if verdict == "allow":
             return None
         if verdict == "ask":
-            reply = self.ask(text or "run %s?" % format_tool_call(call["name"], call["args"]), call["id"])
+            reply = self.ask(text or "run %s?" % format_tool_call(call["name"], call["args"]), call["id"], events=events,
+                             cancel=cancel)
             if reply is not None and reply.strip().lower() in ("y", "yes", "a", "always", "allow"):
                 return None
             why = "the user declined it" if reply is not None else "it needs the user's approval and nobody can answer here"
@@ -4311,8 +4364,7 @@ def summary_message(session, summary, latest_prompt):
 
 def mechanical_summary(session, dropped):
     """A summary made without the model (when summarising fails): the user's requests and the files touched."""
-    asks = [one_line(_content_text(m.get("content")), 300) for m in dropped
-            if m.get("role") == "user" and not _content_text(m.get("content")).startswith(SUMMARY_MARK)]
+    asks = [one_line(m["content"], 300) for m in dropped if is_user_text(m)]
     out = ["## Goal", "(summarised mechanically: the model could not summarise)", "## Progress", "### Done"]
     out += ["- user asked: " + a for a in asks[-20:]] or ["- (no user requests in the dropped part)"]
     if session.summary:
@@ -4333,9 +4385,8 @@ def compact(session, reason, instructions=""):
     if cut <= first:
         return _shrink_tool_outputs(session, reason, before)
     dropped = messages[first:cut]
-    prompts = [m for m in messages[1:] if m.get("role") == "user"
-               and not _content_text(m.get("content")).startswith(SUMMARY_MARK)]
-    latest = _content_text(prompts[-1]["content"]) if prompts and prompts[-1] in dropped else ""
+    kept_latest = any(is_user_text(m) and m["content"] == session.latest_user for m in messages[cut:])
+    latest = "" if kept_latest else session.latest_user
     summary = _summarise(session, dropped, instructions, reserve)
     if summary is None:
         return False  # aborted
@@ -4344,6 +4395,7 @@ def compact(session, reason, instructions=""):
     kept_seqs = session._seqs[cut:]
     session.replace_history([messages[0], new_summary] + messages[cut:], [session._seqs[0], None] + kept_seqs,
                             "compaction", {"type": "compaction", "reason": reason, "message": new_summary,
+                                           "summary": summary, "latestUser": session.latest_user,
                                            "firstKept": kept_seqs[0] if kept_seqs else session._next_seq})
     if session.context_tokens() > compaction_threshold(session):
         _shrink_tool_outputs(session, reason, before, announce=False)
@@ -4438,6 +4490,8 @@ class SessionStore:
         self._pending = []  # entries held until the first user message
         self._fd = None
         self._lock = threading.Lock()
+        self.closed = False  # closed, or given up after a write error: later entries are dropped
+        self.on_error = lambda message: None  # the session shows it as a non-fatal error
 
     @classmethod
     def create(cls, home, cwd, model, path=None):
@@ -4456,14 +4510,21 @@ class SessionStore:
         self.write(entry, message.get("role") == "user")
 
     def write(self, entry, starts_file=False):
-        """Append one entry (held back until the file exists, unless it is a user message)."""
+        """Append one entry (held back until the file exists, unless it is a user message). A file that
+        cannot be written (a full disk, a folder that is a file) stops the saving, not the conversation."""
         with self._lock:
-            if self._fd is None:
-                if self._header is not None and not starts_file:
-                    self._pending.append(entry)
-                    return
-                self._open()
-            os.write(self._fd, encode_json(entry) + b"\n")
+            if self.closed:
+                return
+            try:
+                if self._fd is None:
+                    if self._header is not None and not starts_file:
+                        self._pending.append(entry)
+                        return
+                    self._open()
+                os.write(self._fd, encode_json(entry) + b"\n")
+            except OSError as e:
+                self.closed = True
+                self.on_error("the session is no longer saved: %s: %s" % (self.path, e.strerror or e))
 
     def _open(self):
         make_private_dirs(os.path.dirname(self.path))
@@ -4489,9 +4550,10 @@ class SessionStore:
                     pass
 
     def close(self):
-        """Sync and close the file."""
+        """Sync and close the file; later writes are dropped."""
         self.sync()
         with self._lock:
+            self.closed = True
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
@@ -4523,8 +4585,9 @@ def read_session_file(path):
 
 
 def rebuild_history(entries):
-    """Replay entries into what the model saw last: (messages, seqs, prompt seqs, checkpoint prompts, next seq, summary)."""
-    live, prompts, checkpoints, next_seq, summary = [], set(), {}, 0, None
+    """Replay entries into what the model saw last: (messages, seqs, prompt seqs, checkpoint prompts, next seq,
+    summary, the user's latest message)."""
+    live, prompts, checkpoints, next_seq, summary, latest = [], set(), {}, 0, None, ""
     for e in entries:
         kind = e.get("type")
         if kind == "message" and isinstance(e.get("message"), dict) and isinstance(e.get("seq"), int):
@@ -4535,7 +4598,8 @@ def rebuild_history(entries):
         elif kind == "compaction" and isinstance(e.get("message"), dict):
             first = e.get("firstKept", next_seq)
             live = live[:1] + [(None, e["message"])] + [(s, m) for s, m in live[1:] if s is not None and s >= first]
-            summary = _content_text(e["message"].get("content"))
+            summary = e.get("summary") or _content_text(e["message"].get("content"))
+            latest = e.get("latestUser") or latest
         elif kind == "rewrite":
             changed = {int(k): v for k, v in (e.get("messages") or {}).items()}
             live = [(s, changed.get(s, m)) for s, m in live]
@@ -4547,7 +4611,8 @@ def rebuild_history(entries):
             prompts = set(p for p in prompts if p < start)
             checkpoints = dict((p, f) for p, f in checkpoints.items() if p is None or p < start)
     ordered = [{"prompt": p, "files": checkpoints[p]} for p in sorted(checkpoints, key=lambda p: -1 if p is None else p)]
-    return [m for _, m in live], [s for s, _ in live], prompts, ordered, next_seq, summary
+    users = [m["content"] for _, m in live if is_user_text(m)]
+    return [m for _, m in live], [s for s, _ in live], prompts, ordered, next_seq, summary, users[-1] if users else latest
 
 
 def repair_history(messages, seqs):
@@ -4582,27 +4647,28 @@ def repair_history(messages, seqs):
     return out, out_seqs, repairs
 
 
-def load_session(session, path):
-    """Resume the conversation in path into session (history, checkpoints, usage anchor); returns warnings."""
+def load_session(session, path, save=True):
+    """Resume the conversation in path into session; with save, new entries are appended to it (else
+    nothing is written: --no-session). Returns warnings."""
     header, entries, warnings = read_session_file(path)
-    messages, seqs, prompts, checkpoint_prompts, next_seq, summary = rebuild_history(entries)
+    messages, seqs, prompts, checkpoint_prompts, next_seq, summary, latest = rebuild_history(entries)
     if not messages or messages[0].get("role") != "system":
         raise NanocodeError("%s holds no conversation" % path)
     messages, seqs, repairs = repair_history(messages, seqs)
     store = SessionStore(path, header.get("id") or new_session_id())
-    session.reset(store)
-    session._next_seq = next_seq
-    session.prompt_seqs = prompts
-    session.summary = summary
+    session.reset(store if save else None)
+    session.id = store.id
+    session.checkpoints = Checkpoints(store.blob_dir, writable=save)
     session.checkpoints.prompts = checkpoint_prompts
-    # results added for calls cut off at the end are written, so the file and the history agree
+    session._next_seq, session.prompt_seqs, session.summary = next_seq, prompts, summary
+    # results added for calls cut off at the end are appended (written when saving), so file and history agree
     tail = 0
     while tail < len(seqs) and seqs[len(seqs) - 1 - tail] is None and messages[len(seqs) - 1 - tail].get("role") == "tool":
         tail += 1
-    head_messages, head_seqs = messages[:len(messages) - tail], seqs[:len(seqs) - tail]
-    session.replace_history(head_messages, head_seqs, "resume")
+    session.replace_history(messages[:len(messages) - tail], seqs[:len(seqs) - tail], "resume")
     for m in messages[len(messages) - tail:]:
         session.append(m)
+    session.latest_user = latest
     if repairs:
         warnings.append("repaired %d tool call(s) cut off when the session stopped" % repairs)
     return warnings
@@ -4666,10 +4732,10 @@ def format_session_list(sessions):
 def undo(session, count=1, force=False):
     """Undo the last count user prompts: their files back to the exact bytes and modes, the prompts
     and answers out of the history. Returns a one-line report; raises NanocodeError when it cannot."""
-    live = [s for s in session._seqs if s in session.prompt_seqs]
-    if count < 1 or count > len(live):
-        raise NanocodeError("nothing to undo" if not live else "only %d prompt(s) can be undone" % len(live))
-    start = live[-count]
+    prompts_done = sorted(session.prompt_seqs)
+    if count < 1 or count > len(prompts_done):
+        raise NanocodeError("nothing to undo" if not prompts_done else "only %d prompt(s) can be undone" % len(prompts_done))
+    start = prompts_done[-count]
     prompts = [p for p in session.checkpoints.prompts if p["prompt"] is not None and p["prompt"] >= start]
     changed = session.checkpoints.changed_outside(prompts)
     if changed and not force:
@@ -4678,9 +4744,13 @@ def undo(session, count=1, force=False):
     restored = session.checkpoints.restore(prompts)
     session.checkpoints.prompts = [p for p in session.checkpoints.prompts if p not in prompts]
     session.prompt_seqs = set(p for p in session.prompt_seqs if p < start)
-    position = session._seqs.index(start)
-    session.replace_history(session.messages[:position], session._seqs[:position], "undo",
+    compacted = start not in session._seqs  # the prompt was summarised away: the summary stays, with a note
+    kept = [(s, m) for s, m in zip(session._seqs, session.messages) if s is None or s < start]
+    session.replace_history([m for _, m in kept], [s for s, _ in kept], "undo",
                             {"type": "undo", "from": start, "files": restored})
+    if compacted:
+        session.append(user_message("(The user undid their last %d request(s) and the file changes made for them; "
+                                    "the summary above may still mention that work.)" % count))
     if session.store:
         session.store.sync()
     return "undid %d prompt(s)%s" % (count, "; restored " + ", ".join(restored) if restored else "; no files to restore")
@@ -4835,6 +4905,8 @@ class CommandLoop:
                     self.session.run(payload, cancel)
                 elif kind == "shell":
                     self.session.run_shell(payload)
+                elif kind == "shells":
+                    self.session.run_queued_shell()
                 else:
                     payload(cancel)
             except NanocodeError as e:
@@ -4842,14 +4914,16 @@ class CommandLoop:
             except Exception as e:  # a bug in a command must not kill the worker
                 self.session.emit({"type": "error", "message": "internal error: %s: %s" % (e.__class__.__name__, e),
                                    "fatal": False})
-            self._finish(cancel)
+            finally:
+                self._finish(cancel)
 
     def _finish(self, cancel):
         """After work: input that arrived too late for it starts the next run; else idle."""
         with self._lock:
             late, self._late = self._late, False
-            if self.running and (late or not cancel.is_set()) and len(self.session.inbox):
-                self._start("prompt", None)
+            inbox = self.session.inbox
+            if self.running and (late or not cancel.is_set()) and len(inbox):
+                self._start("prompt" if inbox.has_messages() else "shells", None)
                 return
             self.busy = False
             self._idle.set()
@@ -4862,12 +4936,9 @@ def open_session(config, emit, resume=None):
         session = Session(config, emit)
         path = _session_path(config, resume)
         if os.path.exists(path):
-            warnings = load_session(session, path)
-            if not config.save_session:  # read it, write nothing
-                session.store.close()
-                session.store = None
-            return session, warnings
-        session.start(SessionStore.create(config.home, config.cwd, config.model, path))
+            return session, load_session(session, path, config.save_session)
+        if config.save_session:
+            session.start(SessionStore.create(config.home, config.cwd, config.model, path))
         return session, []
     return Session(config, emit, store=new_store(config)), []
 
@@ -4997,10 +5068,10 @@ def cmd_dequeue(loop, arg):
     steering, followups = inbox.clear()
     if arg == "edit":
         steering, followups = edit_queue(loop, steering, followups)
-        for t in steering:
-            inbox.steer(t)
+        for t in steering:  # through the loop: when the agent is idle by now, they start a run
+            loop.shell(t[1:].strip()) if t.startswith("!") else loop.steer(t)
         for t in followups:
-            inbox.follow_up(t)
+            loop.follow_up(t)
         return cmd_queue(loop, "")
     texts = steering + followups
     loop.info("\n".join(texts) if texts else "nothing queued", "dequeue")
@@ -5053,7 +5124,7 @@ def cmd_resume(loop, arg):
         path = loop.listing[int(arg) - 1]["path"]
     else:
         path = _session_path(s.config, arg)
-    warnings = load_session(s, path)
+    warnings = load_session(s, path, s.config.save_session)
     for w in warnings:
         loop.info(w, "resume")
     loop.info("resumed %s: %d messages" % (s.id, len(s.messages)), "resume")
