@@ -6053,6 +6053,40 @@ def bench_big_read_and_edit(rows, tmp):
     _row(rows, "edit: one edit in a %d MB file" % (os.path.getsize(path) // 1000000), ms, "ms", "<= 1000 ms", sed, "(sed -i)")
 
 
+def bench_huge_line_read(rows, tmp):
+    """read of a file whose one line is 500 MB: peak memory above the baseline."""
+    path = os.path.join(tmp, "one-line.txt")
+    with open(path, "wb") as f:
+        chunk = b"x" * (1 << 20)
+        for _ in range(500):
+            f.write(chunk)
+    code = ("import resource, sys, time; sys.path.insert(0, %r); import nanocode\n"
+            "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "t = time.perf_counter(); r = nanocode.run_tool(nanocode.ToolContext(%r), 'read', {'path': 'one-line.txt'})\n"
+            "t = time.perf_counter() - t\n"
+            "print(t * 1000, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024.0)\n" % (HERE, tmp))
+    out = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, check=True).stdout.split()
+    _row(rows, "read: RSS growth, one 500 MB line", float(out[1]), "MB", "<= 64 MB")
+    _row(rows, "  time for that read", float(out[0]), "ms", "-")
+    os.remove(path)
+
+
+def bench_huge_sse_event(rows, size=30 << 20):
+    """One 30 MB event-stream event, fed in 64 KB reads as a socket delivers it."""
+    data = b"data: " + b"x" * size + b"\n\n"
+    start = time.perf_counter()
+    decoder = nanocode.SSEDecoder()
+    events = []
+    for i in range(0, len(data), 65536):
+        events += decoder.feed(data[i:i + 65536])
+    ms = (time.perf_counter() - start) * 1000
+    assert events and len(events[0][1]) == size
+    start = time.perf_counter()
+    b"".join(data[i:i + 65536] for i in range(0, len(data), 65536)).split(b"\n")
+    ref = (time.perf_counter() - start) * 1000
+    _row(rows, "SSE: one 30 MB event parsed", ms, "ms", "<= 2000 ms", ref, "(join + split alone)")
+
+
 # -- search tools: a 20,000-file, 200 MB tree ---------------------------------
 
 BENCH_FILES = 20000  # files in the generated tree
@@ -6202,6 +6236,8 @@ def run_benchmarks():
             fake.stop()
         bench_prompt_size(rows)
         bench_big_read_and_edit(rows, tmp)
+        bench_huge_line_read(rows, tmp)
+        bench_huge_sse_event(rows)
     bench_search(rows)
     print_table(rows)
     return 0
