@@ -754,6 +754,7 @@ class Reply:
         self.error = None  # provider error message
         self.truncated = False  # the stream ended early
         self.interrupted = False  # aborted by the user
+        self.text_calls = False  # the tool calls were written as text and parsed out of it
 
     @property
     def complete(self):
@@ -764,10 +765,11 @@ class Reply:
 class ChunkAssembler:
     """Turns chunk objects into a Reply, calling on_text/on_reasoning with deltas."""
 
-    def __init__(self, on_text, on_reasoning, id_style=""):
+    def __init__(self, on_text, on_reasoning, id_style="", tool_names=()):
         self.reply = Reply()
         self._on_text, self._on_reasoning = on_text, on_reasoning
         self._id_style = id_style
+        self._text_calls = TextCallFilter(tool_names) if tool_names else None  # calls written as text
         self._by_index, self._by_id = {}, {}
         self._text, self._reasoning = [], []
         self._think = "start"  # start | think | text: where we are in <think>…</think>
@@ -891,8 +893,11 @@ class ChunkAssembler:
     def _emit_text(self, text):
         if text:
             self.got_output = True
-            self._text.append(text)
-            self._on_text(text)
+            if self._text_calls is not None:
+                text = self._text_calls.feed(text)
+            if text:
+                self._text.append(text)
+                self._on_text(text)
 
     def _emit_reasoning(self, text):
         if text:
@@ -947,11 +952,26 @@ class ChunkAssembler:
             else:
                 self._emit_text(pending)
         reply = self.reply
+        if self._text_calls is not None:
+            rest, calls = self._text_calls.finish(parse=not reply.tool_calls)
+            if rest:
+                self._text.append(rest)
+                self._on_text(rest)
+            for name, arguments in calls:
+                self._new_call().update(name=name, parts=[arguments])
+            reply.text_calls = bool(calls)
         reply.text, reply.reasoning = "".join(self._text), "".join(self._reasoning)
         seen = set()
         for call in reply.tool_calls:
             call["arguments"] = "".join(call.pop("parts"))
             call["args"], call["error"] = parse_tool_arguments(call["arguments"])
+            if call["error"]:  # repaired arguments go into the history, so the server never sees the broken text
+                try:
+                    value, _ = repair_json(call["arguments"])
+                    if isinstance(value, dict):
+                        call["args"], call["error"], call["arguments"] = value, None, dump_json(value)
+                except ValueError:
+                    pass
             call["id"] = call["id"] or synthesize_tool_id(self._id_style)
             while call["id"] in seen:  # two calls with one id would share one result: the later gets a new id
                 call["id"] = synthesize_tool_id(self._id_style)
@@ -1100,7 +1120,8 @@ class ChatClient:
             raise APIError(no_key_message(os.environ))
         attempt, usage_retried = 1, False
         while True:
-            assembler = ChunkAssembler(on_text, on_reasoning, self.config.compat.tool_id_style)
+            assembler = ChunkAssembler(on_text, on_reasoning, self.config.compat.tool_id_style,
+                                       [t["function"]["name"] for t in tools or ()])
             try:
                 return self._attempt(self.build_body(messages, tools), assembler, cancel)
             except APIError as e:
@@ -1398,6 +1419,296 @@ def _connect_error(netloc, exc):
     if _is_timeout(exc):
         return APIError("connecting to %s timed out; check the base URL or your network" % netloc)
     return APIError("cannot connect to %s: %s" % (netloc, exc), retryable=True)
+
+
+# =============================================================================
+# 6. Tool calls in text, argument repair
+# =============================================================================
+# Many local models write their tool calls into the answer text when the
+# server's chat template does not parse them. The families seen in the wild:
+#   Hermes / Qwen      <tool_call>{"name": "read", "arguments": {...}}</tool_call>
+#   Qwen3-Coder        <tool_call><function=read><parameter=path>a.py</parameter></function></tool_call>
+#   Mistral            [TOOL_CALLS][{"name": ..., "arguments": {...}}]  or  [TOOL_CALLS]read[ARGS]{...}
+#   Llama 3            {"name": "read", "parameters": {...}} as the whole message, or after <|python_tag|>
+#   Kimi K2            <|tool_call_begin|>functions.read:0<|tool_call_argument_begin|>{...}<|tool_call_end|>
+#   DeepSeek           <｜tool▁call▁begin｜>function<｜tool▁sep｜>read ```json {...} ```<｜tool▁call▁end｜>
+# A TextCallFilter holds such markup back from the streamed text, and at the end
+# of the answer parse_text_tool_calls turns it into real calls (for tools that
+# exist; anything else is shown as the text it was).
+
+TEXT_CALL_OPENERS = ("<tool_call>", "<function=", "[TOOL_CALLS]", "<|tool_calls_section_begin|>",
+                     "<|tool_call_begin|>", "<\uff5ctool\u2581calls\u2581begin\uff5c>",
+                     "<\uff5ctool\u2581call\u2581begin\uff5c>", "<|python_tag|>")
+_DS = "\uff5c"  # DeepSeek's full-width bar
+_DS_CALL_RE = re.compile("<%stool\u2581call\u2581begin%s>(.*?)<%stool\u2581call\u2581end%s>" % (_DS, _DS, _DS, _DS), re.S)
+_DS_SEP = "<%stool\u2581sep%s>" % (_DS, _DS)
+_KIMI_CALL_RE = re.compile(r"<\|tool_call_begin\|>\s*(?:functions\.)?([\w.-]+?)(?::\d+)?\s*"
+                           r"<\|tool_call_argument_begin\|>(.*?)<\|tool_call_end\|>", re.S)
+_HERMES_RE = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
+_QWEN_FUNCTION_RE = re.compile(r"<function=([\w.-]+)>(.*?)(?:</function>|$)", re.S)
+_QWEN_PARAM_RE = re.compile(r"<parameter=([\w.-]+)>\n?(.*?)\n?</parameter>", re.S)
+_MISTRAL_NAMED_RE = re.compile(r"\[TOOL_CALLS\]\s*([\w.-]+)\s*(?:\[CALL_ID\]\s*\w+\s*)?\[ARGS\]\s*")
+_FENCE_RE = re.compile(r"^\s*```[\w-]*\s*\n?|\n?\s*```\s*$")
+
+
+def repair_json(text):
+    """Parse text as JSON, repairing what models commonly break: code fences around it, trailing
+    commas, single quotes, Python's True/False/None, raw newlines inside strings. Returns
+    (value, repaired) or raises ValueError. Example: "{'a': 1,}" -> ({'a': 1}, True)."""
+    try:
+        return json.loads(text), False
+    except ValueError:
+        pass
+    fixed = _FENCE_RE.sub("", text.strip())
+    for step in (lambda t: t, _escape_raw_newlines, lambda t: re.sub(r",\s*([}\]])", r"\1", t),
+                 _python_literals, _single_quotes):
+        fixed = step(fixed)
+        try:
+            return json.loads(fixed), True
+        except ValueError:
+            continue
+    raise ValueError("not JSON even after repair: %s" % one_line(text, 120))
+
+
+def _escape_raw_newlines(text):
+    """Raw newlines and tabs inside JSON strings become escapes."""
+    out, in_string, escaped = [], False, False
+    for ch in text:
+        if in_string and ch in "\n\t\r":
+            out.append({"\n": "\\n", "\t": "\\t", "\r": "\\r"}[ch])
+            continue
+        out.append(ch)
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            in_string = not in_string
+    return "".join(out)
+
+
+def _python_literals(text):
+    return re.sub(r"(?<![\w\"'])(True|False|None)(?![\w\"'])",
+                  lambda m: {"True": "true", "False": "false", "None": "null"}[m.group(1)], text)
+
+
+def _single_quotes(text):
+    """'...' strings become "..." ones (quotes inside are escaped)."""
+    out, quote, escaped = [], None, False
+    for ch in text:
+        if quote is None:
+            if ch in "'\"":
+                quote = ch
+                out.append('"')
+            else:
+                out.append(ch)
+        elif escaped:
+            if ch == "'":
+                out[-1] = "'"  # \' is not a JSON escape: the quote alone
+            else:
+                out.append(ch)
+            escaped = False
+        elif ch == "\\":
+            out.append(ch)
+            escaped = True
+        elif ch == quote:
+            quote = None
+            out.append('"')
+        elif ch == '"':
+            out.append('\\"')
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _call_from(obj, names):
+    """(name, arguments JSON) from {"name", "arguments"|"parameters"} when name is a known tool, else None."""
+    if isinstance(obj, dict) and isinstance(obj.get("function"), dict):
+        obj = obj["function"]
+    if not isinstance(obj, dict) or obj.get("name") not in names or not ({"arguments", "parameters"} & set(obj)):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = repair_json(args)[0]
+        except ValueError:
+            return obj["name"], args
+    return obj["name"], dump_json(args if args is not None else {})
+
+
+def _json_calls(text, names):
+    try:
+        value = repair_json(text)[0]
+    except ValueError:
+        return []
+    calls = [_call_from(v, names) for v in (value if isinstance(value, list) else [value])]
+    return calls if calls and all(calls) else []
+
+
+def _args_text(text):
+    """Argument text as JSON (repaired when possible)."""
+    try:
+        return dump_json(repair_json(text)[0])
+    except ValueError:
+        return text.strip()
+
+
+def _qwen_calls(text, names):
+    calls = []
+    for name, body in _QWEN_FUNCTION_RE.findall(text):
+        if name not in names:
+            return []
+        calls.append((name, dump_json({k: _param_value(v) for k, v in _QWEN_PARAM_RE.findall(body)})))
+    return calls
+
+
+def _param_value(text):
+    """A Qwen3-Coder parameter: JSON when it is JSON (numbers, lists, objects), else the raw text."""
+    stripped = text.strip()
+    if stripped[:1] in "[{" or stripped in ("true", "false", "null") or re.match(r"^-?\d+(\.\d+)?$", stripped):
+        try:
+            return json.loads(stripped)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_text_tool_calls(text, names):
+    """Tool calls written into an answer: ([(name, arguments JSON)], the text around them).
+    Only calls of tools in names count; otherwise ([], text)."""
+    names = set(names)
+    found, spans = [], []
+    if "<tool_call>" in text or "<function=" in text:
+        matches = list(_HERMES_RE.finditer(text)) or list(re.finditer(r"<function=.*?(?:</function>|$)", text, re.S))
+        for m in matches:
+            inner = m.group(1) if m.re is _HERMES_RE else m.group(0)
+            calls = _qwen_calls(inner, names) if "<function=" in inner else _json_calls(inner, names)
+            if not calls:
+                return [], text
+            found += calls
+            spans.append(m.span())
+    elif "[TOOL_CALLS]" in text:
+        start = text.index("[TOOL_CALLS]")
+        named = list(_MISTRAL_NAMED_RE.finditer(text))
+        if named:
+            for i, m in enumerate(named):
+                end = named[i + 1].start() if i + 1 < len(named) else len(text)
+                if m.group(1) not in names:
+                    return [], text
+                found.append((m.group(1), _args_text(text[m.end():end])))
+        else:
+            found = _json_calls(text[start + len("[TOOL_CALLS]"):], names)
+        spans = [(start, len(text))] if found else []
+    elif "<|tool_call_begin|>" in text:
+        for m in _KIMI_CALL_RE.finditer(text):
+            if m.group(1) not in names:
+                return [], text
+            found.append((m.group(1), _args_text(m.group(2))))
+        start = text.find("<|tool_calls_section_begin|>")
+        spans = [(start if start >= 0 else text.index("<|tool_call_begin|>"), len(text))] if found else []
+    elif _DS_SEP in text:
+        for m in _DS_CALL_RE.finditer(text):
+            head, _, args = m.group(1).partition(_DS_SEP)
+            if head.strip() == "function":  # V3: function<sep>NAME\n```json ...```
+                name, _, args = args.partition("\n")
+            else:
+                name = head
+            if name.strip() not in names:
+                return [], text
+            found.append((name.strip(), _args_text(args)))
+        start = text.find("<%stool\u2581calls\u2581begin%s>" % (_DS, _DS))
+        spans = [(start if start >= 0 else text.find("<%stool\u2581call\u2581begin%s>" % (_DS, _DS)), len(text))] if found else []
+    else:
+        body = text.split("<|python_tag|>", 1)[-1]
+        found = _json_calls(body, names)
+        spans = [(0, len(text))] if found else []
+    if not found:
+        return [], text
+    rest, last = [], 0
+    for a, b in spans:
+        rest.append(text[last:a])
+        last = b
+    rest.append(text[last:])
+    return found, "".join(rest).strip()
+
+
+class TextCallFilter:
+    """Holds tool-call markup back from the streamed answer text. feed() returns the text to show
+    now; finish() returns (text still to show, [(name, arguments JSON)]). Markup inside a
+    Markdown code block or inline code is text; a bare JSON call must be the whole answer."""
+
+    def __init__(self, names):
+        self.names = set(names)
+        self._held = ""
+        self._capturing = False
+        self._at_start = True  # only whitespace so far: a '{' here may begin a bare JSON call
+        self._fences = 0  # ``` seen in the shown text (odd: inside a code block)
+        self._tail = ""  # the last two characters shown, so a ``` split between deltas is counted
+
+    def feed(self, text):
+        """Take a text delta; return the part that can be shown now."""
+        if self._capturing:
+            self._held += text
+            return ""
+        buf, self._held = self._held + text, ""
+        if self._at_start:
+            stripped = buf.lstrip()
+            if not stripped:
+                self._held = buf
+                return ""
+            self._at_start = False
+            if stripped[0] == "{":
+                self._capturing, self._held = True, buf
+                return ""
+        shown, i = [], 0
+        while True:
+            pos, opener = self._next_opener(buf, i)
+            if opener is None:
+                keep = _held_prefix(buf[i:])
+                shown.append(buf[i:len(buf) - keep])
+                self._held = buf[len(buf) - keep:]
+                break
+            before = buf[i:pos]
+            fences = self._fences + (self._tail + "".join(shown) + before).count("```")
+            if fences % 2 or buf[pos - 1:pos] == "`":  # quoted in code: it is text
+                shown.append(buf[i:pos + len(opener)])
+                i = pos + len(opener)
+                continue
+            shown.append(before)
+            self._capturing, self._held = True, buf[pos:]
+            break
+        out = "".join(shown)
+        self._fences += (self._tail + out).count("```")
+        self._tail = (self._tail + out)[-2:]
+        return out
+
+    @staticmethod
+    def _next_opener(buf, start):
+        best = (-1, None)
+        for opener in TEXT_CALL_OPENERS:
+            pos = buf.find(opener, start)
+            if pos >= 0 and (best[1] is None or pos < best[0]):
+                best = (pos, opener)
+        return best
+
+    def finish(self, parse=True):
+        """End of the answer: (text to show, calls). parse=False (the server sent real calls): all text."""
+        held, self._held = self._held, ""
+        if not self._capturing or not parse:
+            return held, []
+        calls, rest = parse_text_tool_calls(held, self.names)
+        return (rest, calls) if calls else (held, [])
+
+
+def _held_prefix(text):
+    """Length of the longest end of text that could begin an opener. Example: 'see <tool_' -> 6."""
+    if "<" not in text[-32:] and "[" not in text[-32:]:
+        return 0
+    for n in range(min(len(text), 32), 0, -1):
+        tail = text[-n:]
+        if any(o.startswith(tail) for o in TEXT_CALL_OPENERS):
+            return n
+    return 0
 
 
 # =============================================================================

@@ -1291,6 +1291,112 @@ WIRE_FRAMING_CASES = [
 ]
 
 
+DS_BAR = "\uff5c"
+#: (family, answer text, [(tool, args)], text left for the user)
+TEXT_CALL_CASES = [
+    ("Hermes/Qwen", 'Let me look.\n<tool_call>\n{"name": "read", "arguments": {"path": "a.py"}}\n</tool_call>',
+     [("read", {"path": "a.py"})], "Let me look."),
+    ("Hermes, two calls", '<tool_call>{"name": "read", "arguments": {"path": "a"}}</tool_call>\n'
+     '<tool_call>{"name": "bash", "arguments": {"command": "ls"}}</tool_call>', [("read", {"path": "a"}), ("bash", {"command": "ls"})], ""),
+    ("Hermes, unclosed at the end", '<tool_call>{"name": "bash", "arguments": {"command": "ls"}}', [("bash", {"command": "ls"})], ""),
+    ("Qwen3-Coder", "<tool_call>\n<function=read>\n<parameter=path>\na.py\n</parameter>\n<parameter=limit>\n20\n</parameter>\n"
+     "</function>\n</tool_call>", [("read", {"path": "a.py", "limit": 20})], ""),
+    ("Qwen3-Coder, multi-line value", "<function=edit>\n<parameter=path>\nx.py\n</parameter>\n<parameter=edits>\n"
+     '[{"oldText": "a", "newText": "b"}]\n</parameter>\n</function>', [("edit", {"path": "x.py", "edits": [{"oldText": "a", "newText": "b"}]})], ""),
+    ("Mistral JSON list", '[TOOL_CALLS][{"name": "bash", "arguments": {"command": "ls"}}]', [("bash", {"command": "ls"})], ""),
+    ("Mistral name[ARGS]", '[TOOL_CALLS]bash[ARGS]{"command": "ls"}[TOOL_CALLS]read[ARGS]{"path": "x"}',
+     [("bash", {"command": "ls"}), ("read", {"path": "x"})], ""),
+    ("Llama 3 bare JSON", '{"name": "read", "parameters": {"path": "a.py"}}', [("read", {"path": "a.py"})], ""),
+    ("Llama 3 python tag", '<|python_tag|>{"name": "read", "parameters": {"path": "a.py"}}', [("read", {"path": "a.py"})], ""),
+    ("Kimi markers", "<|tool_calls_section_begin|><|tool_call_begin|>functions.read:0<|tool_call_argument_begin|>"
+     '{"path":"a"}<|tool_call_end|><|tool_calls_section_end|>', [("read", {"path": "a"})], ""),
+    ("DeepSeek V3", "<{0}tool\u2581calls\u2581begin{0}><{0}tool\u2581call\u2581begin{0}>function<{0}tool\u2581sep{0}>read\n"
+     '```json\n{{"path": "a"}}\n```<{0}tool\u2581call\u2581end{0}><{0}tool\u2581calls\u2581end{0}>'.format(DS_BAR), [("read", {"path": "a"})], ""),
+    ("DeepSeek V3.1", '<{0}tool\u2581call\u2581begin{0}>read<{0}tool\u2581sep{0}>{{"path": "b"}}<{0}tool\u2581call\u2581end{0}>'.format(DS_BAR),
+     [("read", {"path": "b"})], ""),
+    ("repaired arguments", "<tool_call>{'name': 'bash', 'arguments': {'command': 'echo hi',}}</tool_call>", [("bash", {"command": "echo hi"})], ""),
+]
+#: look-alikes that must stay text
+TEXT_CALL_LOOKALIKES = [
+    ("example in a code block", 'Write it like this:\n```\n<tool_call>{"name": "read", "arguments": {}}</tool_call>\n```\nDone.'),
+    ("inline code", "The `<tool_call>` tag wraps JSON."),
+    ("bare JSON in a fence", 'Here:\n```json\n{"name": "read", "parameters": {}}\n```'),
+    ("a JSON answer", '{"answer": 42, "name": "read"}'),
+    ("unknown tool", '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'),
+    ("brackets and angles", "if a < b and list[TOOL] then <b>bold</b>"),
+]
+
+
+class TestTextToolCalls(unittest.TestCase):
+    """Tool calls that local models write into the answer text."""
+
+    NAMES = ("read", "bash", "edit")
+
+    def assemble_text(self, text, split):
+        """Stream text as content deltas of split characters (0: whole) through a ChunkAssembler."""
+        pieces = [text] if not split else [text[i:i + split] for i in range(0, len(text), split)]
+        texts = []
+        assembler = nanocode.ChunkAssembler(texts.append, lambda t, m: None, tool_names=self.NAMES)
+        for piece in pieces:
+            assembler.add(chunk({"content": piece}))
+        assembler.add(finish_chunk("stop"))
+        return assembler.finish(), "".join(texts)
+
+    def test_each_family_becomes_real_calls_and_its_markup_is_never_shown(self):
+        for family, text, calls, left in TEXT_CALL_CASES:
+            for split in (0, 1, 3, 7):
+                with self.subTest(family=family, split=split):
+                    reply, shown = self.assemble_text(text, split)
+                    self.assertEqual([(c["name"], c["args"]) for c in reply.tool_calls], calls)
+                    self.assertTrue(all(c["id"] and not c["error"] for c in reply.tool_calls))
+                    self.assertEqual(shown.strip(), left)
+                    self.assertEqual(reply.text.strip(), left)
+                    self.assertTrue(reply.text_calls)
+
+    def test_look_alikes_stay_text(self):
+        for name, text in TEXT_CALL_LOOKALIKES:
+            for split in (0, 1, 4):
+                with self.subTest(case=name, split=split):
+                    reply, shown = self.assemble_text(text, split)
+                    self.assertEqual(reply.tool_calls, [])
+                    self.assertEqual(shown, text)
+                    self.assertEqual(reply.text, text)
+
+    def test_structured_calls_win_over_text(self):
+        assembler = nanocode.ChunkAssembler(lambda t: None, lambda t, m: None, tool_names=self.NAMES)
+        assembler.add(chunk({"content": '<tool_call>{"name": "read", "arguments": {"path": "t"}}</tool_call>'}))
+        assembler.add(tool_chunk(tool_delta(0, "call_9", "bash", '{"command": "pwd"}'), finish="tool_calls"))
+        reply = assembler.finish()
+        self.assertEqual([c["name"] for c in reply.tool_calls], ["bash"])
+        self.assertIn("<tool_call>", reply.text, "the text is shown as it came")
+
+    def test_no_tools_no_parsing(self):
+        texts = []
+        assembler = nanocode.ChunkAssembler(texts.append, lambda t, m: None)
+        assembler.add(chunk({"content": '<tool_call>{"name": "read", "arguments": {}}</tool_call>'}))
+        self.assertEqual(assembler.finish().tool_calls, [])
+
+    #: (case, broken argument text, parsed)
+    REPAIRS = [
+        ("trailing comma", '{"path": "a",}', {"path": "a"}),
+        ("single quotes", "{'path': 'it\\'s'}", {"path": "it's"}),
+        ("python literals", '{"all": True, "x": None}', {"all": True, "x": None}),
+        ("raw newline in a string", '{"content": "line1\nline2"}', {"content": "line1\nline2"}),
+        ("code fence", '```json\n{"path": "a"}\n```', {"path": "a"}),
+    ]
+
+    def test_broken_arguments_are_repaired_and_the_history_gets_the_repair(self):
+        for name, raw, parsed in self.REPAIRS:
+            with self.subTest(case=name):
+                reply, _, _ = assemble([tool_chunk(tool_delta(0, "c1", "write", raw)), finish_chunk("tool_calls")])
+                call = reply.tool_calls[0]
+                self.assertIsNone(call["error"])
+                self.assertEqual(call["args"], parsed)
+                self.assertEqual(json.loads(call["arguments"]), parsed)
+        reply, _, _ = assemble([tool_chunk(tool_delta(0, "c1", "write", '{"path": ')), finish_chunk("tool_calls")])
+        self.assertTrue(reply.tool_calls[0]["error"], "JSON cut in half is not guessed at")
+
+
 class TestChatClient(NanocodeTestCase):
     """ChatClient against the fake server: framing on the wire, ends, errors, retries, hygiene, abort."""
 
@@ -3018,6 +3124,23 @@ class TestToolScheduling(TempDirMixin, unittest.TestCase):
 
 class TestAgentCore(EndToEndTestCase):
     """The one turn loop, run end to end: tools, errors sent back, turn limit, reasoning."""
+
+    def test_a_tool_call_written_as_text_runs_and_is_kept_as_a_real_call(self):
+        self.write_file("notes.txt", "hello\n")
+        text = 'Reading it.\n<tool_call>\n{"name": "read", "arguments": {"path": "notes.txt"}}\n</tool_call>'
+        self.fake.enqueue(sse(*[text_chunk(text[i:i + 5]) for i in range(0, len(text), 5)], finish_chunk("stop")))
+        self.fake.enqueue(answer("It says hello."))
+        rc, events, err = self.run_json("what is in notes.txt?")
+        self.assertEqual(rc, 0, err)
+        shown = "".join(e["delta"] for e in self.of_type(events, "text_delta"))
+        self.assertNotIn("tool_call", shown)
+        self.assertEqual(self.of_type(events, "tool_start")[0]["args"], {"path": "notes.txt"})
+        history = self.fake.posts[1].json["messages"]
+        assistant = [m for m in history if m["role"] == "assistant"][0]
+        self.assertEqual(assistant["content"], "Reading it.")
+        call = assistant["tool_calls"][0]
+        self.assertEqual((call["function"]["name"], json.loads(call["function"]["arguments"])), ("read", {"path": "notes.txt"}))
+        self.assertIn("hello", self.tool_message(self.fake.posts[1], call["id"])["content"])
 
     def test_tool_round_trip(self):
         self.write_file("notes.txt", "hello from the file\n")
