@@ -961,6 +961,8 @@ class ChunkAssembler:
                 self._new_call().update(name=name, parts=[arguments])
             reply.text_calls = bool(calls)
         reply.text, reply.reasoning = "".join(self._text), "".join(self._reasoning)
+        if reply.text_calls:
+            reply.text = reply.text.rstrip()  # the line break that led into the markup
         seen = set()
         for call in reply.tool_calls:
             call["arguments"] = "".join(call.pop("parts"))
