@@ -52,6 +52,8 @@ KEY_ENV_VARS = ("OPENCODE_API_KEY", "OPENCODE_GO_API_KEY", "OPENAI_API_KEY")
 #: local servers probed when nothing is configured: (port, name)
 LOCAL_SERVERS = ((11434, "Ollama"), (8080, "llama.cpp"), (1234, "LM Studio"), (8000, "vLLM"))
 LOCAL_PROBE_BUDGET = 0.3
+#: the output cap sent to local servers unless maxTokens says otherwise (a looping small model stops)
+LOCAL_MAX_TOKENS = 8192
 #: HTTP statuses worth another attempt
 RETRY_STATUSES = frozenset([408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529])
 RETRY_AFTER_CAP = 60.0
@@ -87,13 +89,14 @@ Compat = record("Compat", "Per-provider wire quirks; auto-detected from the host
     ("tool_id_style", ""),  # "mistral": 9-character alphanumeric tool-call ids
     ("empty_content", False),  # assistant content "" (not null) beside tool calls
     ("images", False),  # the model takes image parts
+    ("parallel_tool_calls", None),  # sent as parallel_tool_calls when not None (off for local servers)
 ))
 
 
 #: settings.json spelling -> Compat field
 COMPAT_KEYS = {"includeUsage": "include_usage", "maxTokensField": "max_tokens_field",
                "keepReasoning": "keep_reasoning", "toolIdStyle": "tool_id_style",
-               "emptyContent": "empty_content", "images": "images"}
+               "emptyContent": "empty_content", "images": "images", "parallelToolCalls": "parallel_tool_calls"}
 
 #: host substring -> compat overrides (first match wins)
 HOST_COMPAT = (
@@ -175,9 +178,18 @@ def read_settings(home):
     return data
 
 
+def is_local_url(url):
+    """True for a server on this machine or the local network (a llama.cpp, Ollama, vLLM box)."""
+    host = url_host(url)
+    return host in ("localhost", "::1", "[::1]", "0.0.0.0") or host.endswith(".local") or \
+        bool(re.match(r"^(127\.|10\.|192\.168\.|172\.(1[6-9]|2\d|3[01])\.)", host))
+
+
 def detect_compat(url, model, overrides=None):
     """Compat for a URL: host defaults, then settings overrides. Example: 'https://api.mistral.ai/v1' -> mistral ids."""
     values = {"images": bool(VISION_MODEL_RE.search(model or ""))}
+    if is_local_url(url):
+        values["parallel_tool_calls"] = False  # small models emit several calls that depend on each other
     host = url.split("://", 1)[-1].split("/", 1)[0].lower()
     for needle, quirks in HOST_COMPAT:
         if needle in host:
@@ -229,7 +241,9 @@ def find_api_key(env, settings, url, explicit=True):
 
 
 def probe_local_servers(env):
-    """Ask local model servers for /v1/models in parallel; return (base_url, model, name) or None."""
+    """Ask local model servers for /v1/models in parallel; return (base_url, model, name, loading) or None.
+    A server that answers 503 is up but still loading its model: it is used (the first request's
+    retries wait for it) when no other server is ready."""
     ports = LOCAL_SERVERS
     if env.get("NANOCODE_PROBE_PORTS"):  # tests and unusual setups point the probe elsewhere
         ports = tuple((int(p), "local server") for p in env["NANOCODE_PROBE_PORTS"].split(","))
@@ -237,36 +251,58 @@ def probe_local_servers(env):
     deadline = time.monotonic() + LOCAL_PROBE_BUDGET
 
     def ask(port, name):
-        models = _fetch_model_list("http://127.0.0.1:%d/v1" % port, "", LOCAL_PROBE_BUDGET)
-        if models is not None:
-            found.setdefault("first", (port, name, models))
+        status, data = get_json("http://127.0.0.1:%d/v1/models" % port, "", LOCAL_PROBE_BUDGET)
+        if status == 200:
+            found.setdefault("ready", (port, name, model_ids(data)))
+        elif status == 503:
+            found.setdefault("loading", (port, name, []))
 
     threads = [threading.Thread(target=ask, args=p, daemon=True) for p in ports]
     for t in threads:
         t.start()
     for t in threads:
         t.join(max(0.0, deadline - time.monotonic()))
-        if "first" in found:
+        if "ready" in found:
             break
-    if "first" not in found:
+    pick = found.get("ready") or found.get("loading")
+    if pick is None:
         return None
-    port, name, models = found["first"]
-    return "http://127.0.0.1:%d/v1" % port, (models[0] if models else ""), name
+    port, name, models = pick
+    return "http://127.0.0.1:%d/v1" % port, (models[0] if models else ""), name, "ready" not in found
 
 
-def _fetch_model_list(base_url, api_key, timeout):
-    """GET {base_url}/models and return the ids, or None when nothing answers."""
+def get_json(url, api_key, timeout, data=None):
+    """(HTTP status, parsed JSON or None) for a GET (or a POST of data); (None, None) when nothing answers."""
     import urllib.request
-    req = urllib.request.Request(base_url.rstrip("/") + "/models")
+    import urllib.error
+    req = urllib.request.Request(url, data=encode_json(data) if data is not None else None)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
     if api_key:
         req.add_header("Authorization", "Bearer " + api_key)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            data = json.loads(resp.read(1 << 20).decode("utf-8", "replace"))
-    except Exception:  # any failure means "no server here"
-        return None
+            status, raw = resp.status, resp.read(4 << 20)
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except Exception:  # refused, timed out, not HTTP: nothing usable here
+        return None, None
+    try:
+        return status, json.loads(raw.decode("utf-8", "replace"))
+    except ValueError:
+        return status, None
+
+
+def model_ids(data):
+    """The ids in a /models answer (OpenAI's {"data": [...]}, or a bare list)."""
     items = data.get("data") if isinstance(data, dict) else data
     return [m.get("id", "") for m in items or [] if isinstance(m, dict) and m.get("id")]
+
+
+def _fetch_model_list(base_url, api_key, timeout):
+    """GET {base_url}/models and return the ids, or None when nothing answers."""
+    status, data = get_json(base_url.rstrip("/") + "/models", api_key, timeout)
+    return model_ids(data) if status == 200 else None
 
 
 def resolve_provider(model, settings, env):
@@ -349,15 +385,16 @@ def load_config(args, env, known_tools=()):
     if not base_url and not api_url and not key and not resolve_provider(model, settings, env)[2]:
         local = probe_local_servers(env)
         if local:
-            base_url, first_model, name = local
-            model = model or first_model
-            notes.append("no key or endpoint configured: using %s at %s (model %s)" % (name, base_url, model or "?"))
+            base_url, first_model, name, loading = local
+            model = model or first_model or "local"
+            notes.append("no key or endpoint configured: using %s at %s (model %s)%s" % (
+                name, base_url, model, "; it is still loading its model, the first request waits for it" if loading else ""))
         else:
             missing_key = True
             notes.append(no_key_message(env))
     max_turns = args.max_turns if args.max_turns is not None else _setting(settings, "maxTurns", int, 100)
     config = Config(
-        max_turns=max_turns, max_tokens=_setting(settings, "maxTokens", int, 0) or 0,
+        max_turns=max_turns,
         compaction=env.get("NANOCODE_COMPACTION", str(_setting(settings, "compaction", bool, True))).lower()
         not in ("0", "false", "off"),
         reserve_tokens=_number(env, settings, "NANOCODE_COMPACTION_RESERVE_TOKENS", "compactionReserveTokens", int, 16384),
@@ -394,9 +431,10 @@ def with_model(config, model, env):
         window = window.get(model_id) or window.get("*") or 128000
     window = _number(env, {"contextWindow": window, "__path__": settings.get("__path__")},
                      "NANOCODE_CONTEXT_WINDOW_TOKENS", "contextWindow", int, 128000)
+    max_tokens = _setting(settings, "maxTokens", int, 0) or (LOCAL_MAX_TOKENS if is_local_url(api_url or base_url) else 0)
     return config._replace(base_url=base_url, api_url=api_url, api_key=key, key_source=source, model=model_id,
                            provider=provider, compat=detect_compat(api_url or base_url, model_id, overrides),
-                           context_window=int(window))
+                           context_window=int(window), max_tokens=min(max_tokens, int(window) // 4) if max_tokens else 0)
 
 
 # =============================================================================
@@ -448,12 +486,13 @@ def summarize_body(body, limit=300):
     return one_line(text, limit)
 
 
-def error_message_from(data):
-    """The provider's message in an {"error": ...} object. Example: {'error': {'message': 'x'}} -> 'x'."""
+def error_message_from(data, status=None):
+    """The provider's message in an {"error": ...} object, with its code unless that is just the
+    HTTP status again. Example: {'error': {'message': 'x', 'code': 400}} with status 400 -> 'x'."""
     err = data.get("error", data) if isinstance(data, dict) else data
     if isinstance(err, dict):
         msg = err.get("message") or err.get("msg") or err.get("detail") or dump_json(err)
-        code = err.get("code") or err.get("type")
+        code = err.get("code") if err.get("code") not in (None, "", status, str(status)) else err.get("type")
         return "%s (%s)" % (msg, code) if code and str(code) not in str(msg) else str(msg)
     return str(err)
 
@@ -647,9 +686,10 @@ def silence_stdout():
 class APIError(NanocodeError):
     """A provider or transport failure, with the provider's message."""
 
-    def __init__(self, message, status=None, retryable=False, retry_after=None):
+    def __init__(self, message, status=None, retryable=False, retry_after=None, keep_partial=False):
         NanocodeError.__init__(self, message)
         self.status, self.retryable, self.retry_after = status, retryable, retry_after
+        self.keep_partial = keep_partial  # the stream was stopped on purpose: what came so far is the answer
 
 
 _LINE_END_RE = re.compile("\r\n|\r|\n")
@@ -762,6 +802,47 @@ class Reply:
         return not (self.error or self.truncated or self.interrupted)
 
 
+LINE_REPEATS = 40  #: one line (16+ characters) this often in one answer: the model is looping
+BLOCK_REPEATS = 12  #: the last 200 characters this often in one answer: likewise
+
+
+class RepetitionGuard:
+    """Notices a model stuck in a loop and stops the answer (raising APIError with keep_partial)."""
+
+    def __init__(self):
+        self._lines = {}
+        self._partial = ""
+        self._text = []
+        self._size, self._next_check = 0, 2000
+
+    def feed(self, text):
+        """Take a delta; raises when the answer repeats itself."""
+        if "\n" in text:
+            lines = (self._partial + text).split("\n")
+            self._partial = lines.pop()
+            for line in lines:
+                line = line.strip()
+                if len(line) >= 16:
+                    count = self._lines[line] = self._lines.get(line, 0) + 1
+                    if count > LINE_REPEATS:
+                        self._stop("the line %r came %d times" % (one_line(line, 60), count))
+        else:
+            self._partial = (self._partial + text)[-4096:]
+        self._text.append(text)
+        self._size += len(text)
+        if self._size >= self._next_check:
+            whole = "".join(self._text)
+            self._text, self._next_check = [whole], self._size + 2000
+            block = whole[-200:]
+            if len(block) == 200 and whole.count(block) > BLOCK_REPEATS:
+                self._stop("the same 200 characters came %d times" % whole.count(block))
+
+    @staticmethod
+    def _stop(what):
+        raise APIError("the model is repeating itself (%s); the answer was stopped and what came is kept" % what,
+                       keep_partial=True)
+
+
 class ChunkAssembler:
     """Turns chunk objects into a Reply, calling on_text/on_reasoning with deltas."""
 
@@ -770,6 +851,7 @@ class ChunkAssembler:
         self._on_text, self._on_reasoning = on_text, on_reasoning
         self._id_style = id_style
         self._text_calls = TextCallFilter(tool_names) if tool_names else None  # calls written as text
+        self._loops = (RepetitionGuard(), RepetitionGuard())  # text, reasoning
         self._by_index, self._by_id = {}, {}
         self._text, self._reasoning = [], []
         self._think = "start"  # start | think | text: where we are in <think>…</think>
@@ -893,6 +975,7 @@ class ChunkAssembler:
     def _emit_text(self, text):
         if text:
             self.got_output = True
+            self._loops[0].feed(text)
             if self._text_calls is not None:
                 text = self._text_calls.feed(text)
             if text:
@@ -901,6 +984,7 @@ class ChunkAssembler:
 
     def _emit_reasoning(self, text):
         if text:
+            self._loops[1].feed(text)
             self.got_output = True
             self._reasoning.append(text)
             self._on_reasoning(text, False)
@@ -1112,6 +1196,8 @@ class ChatClient:
             body["stream_options"] = {"include_usage": True}
         if tools:
             body["tools"] = tools
+            if self.config.compat.parallel_tool_calls is not None:
+                body["parallel_tool_calls"] = self.config.compat.parallel_tool_calls
         if self.config.max_tokens:
             body[self.config.compat.max_tokens_field] = self.config.max_tokens
         return body
@@ -1232,9 +1318,11 @@ class ChatClient:
             if not assembler.got_output:
                 raise APIError(message + "; the request was abandoned")
             assembler.reply.truncated, assembler.reply.error = True, message  # the partial answer is kept
-        except APIError:
+        except APIError as e:
             self.close()
-            raise
+            if not e.keep_partial:
+                raise
+            assembler.reply.truncated, assembler.reply.error = True, str(e)
         finally:
             unregister()
             self._live_sock = None
@@ -1247,10 +1335,13 @@ class ChatClient:
     def _status_error(self, resp):
         raw = _decoded(resp, resp.read(1 << 20))
         try:
-            message = error_message_from(json.loads(raw.decode("utf-8", "replace")))
+            message = error_message_from(json.loads(raw.decode("utf-8", "replace")), resp.status)
         except ValueError:
             message = summarize_body(raw) or resp.reason
         retryable = resp.status in RETRY_STATUSES or resp.status >= 500
+        hint = capability_hint(message)
+        if hint:  # the server cannot do what was asked: asking again will not help
+            retryable, message = False, "%s (%s)" % (message, hint)
         return APIError("HTTP %d: %s" % (resp.status, message), status=resp.status, retryable=retryable,
                         retry_after=parse_retry_after(resp.getheader("Retry-After")))
 
@@ -1400,6 +1491,24 @@ def _decoded(resp, raw):
         except zlib.error:
             return b"(a gzip-compressed body that could not be decoded)"
     return raw
+
+
+_CAPABILITY_HINTS = (
+    (re.compile(r"--jinja|requires? jinja", re.I), "start llama-server with --jinja so it takes tools, or run with --tools none"),
+    (re.compile(r"does not support tools|tools? (?:are|is) not supported|tool use is not supported|"
+                r"no tool support|tools param", re.I),
+     "this model or server takes no tools: run with --tools none, or use a model whose template supports tools"),
+    (re.compile(r"does not support (?:images|vision|image input)", re.I),
+     "this model takes no images: set compat.images to false for it"),
+)
+
+
+def capability_hint(message):
+    """What to do when an error says the server lacks a capability (no point retrying), or ''."""
+    for rx, hint in _CAPABILITY_HINTS:
+        if rx.search(message):
+            return hint
+    return ""
 
 
 def _shutdown(sock):
@@ -4166,6 +4275,7 @@ class Session:
         self._next_seq = 0
         self.prompt_seqs = set()  # seqs of the user messages that began a prompt (what /undo removes)
         self.usage = zero_usage()
+        self.usage_estimated = False  # some of the usage is an estimate (a turn stopped before the server counted)
         self.last_usage = None
         self.context_window = context_window(self.config)
         self._anchor = None  # (tokens the provider counted for the last request + answer, history length then)
@@ -4298,6 +4408,10 @@ class Session:
                 if not reply.complete:
                     stop, error = "error", self._incomplete_reason(reply)
                     break
+                if reply.finish_reason == "length" and not reply.tool_calls:
+                    stop, error = "length", "the answer was cut at the output limit (%s tokens); the partial text is " \
+                        "kept; raise maxTokens in settings.json" % (self.config.max_tokens or "the server's")
+                    break
                 if reply.tool_calls:
                     self._run_tool_calls(reply.tool_calls)
                 elif not self._deliver(("steering", "shell", "followup")):
@@ -4353,10 +4467,15 @@ class Session:
         self._events({"type": "turn_start", "turn": number})
         toolset = self.tools.snapshot()
         reply = self._request(toolset)
+        sent = self.context_tokens(toolset)
         self.append(reply_to_message(reply, self.config.compat))  # with the provider's tool names
         for call in reply.tool_calls:
             call["name"] = toolset.wire_names.get(call["name"], call["name"])
         usage = normalize_usage(reply.usage)
+        if usage is None and (reply.interrupted or reply.truncated):  # stopped before the server counted
+            out = (len(reply.text) + len(reply.reasoning) + sum(len(c.get("arguments") or "") for c in reply.tool_calls)) // 4
+            usage = {"input": sent, "output": out, "cacheRead": 0, "total": sent + out, "estimated": True}
+            self.usage_estimated = True
         if usage:
             add_usage(self.usage, usage)
             self.last_usage = usage
@@ -5758,6 +5877,8 @@ class ReplRenderer:
             self.screen.set_live("")
         if event.get("interrupted"):
             self.lines([self.s("[interrupted]", "yellow")])
+        elif event.get("finishReason") == "length" and not event.get("toolCalls"):
+            self.lines([self.s("(cut: output limit)", "yellow")])
 
     def on_tool_start(self, event):
         self.lines([self.s("⏺ ", "green") + self.s(format_tool_call(event["name"], event["args"], self.screen.width() - 2), "bold")])
@@ -5833,7 +5954,7 @@ def context_window(config):
 def status_line(session):
     """Tokens in/out, cache reads, context used and cost so far."""
     u = session.usage
-    parts = ["↑%s ↓%s" % (_k(u["input"]), _k(u["output"]))]
+    parts = ["%s↑%s ↓%s" % ("~" if session.usage_estimated else "", _k(u["input"]), _k(u["output"]))]
     if u["cacheRead"]:
         parts.append("cache %s" % _k(u["cacheRead"]))
     parts.append("context %d%%" % (100 * session.context_tokens() // max(1, session.context_window)))

@@ -241,7 +241,9 @@ class _FakeHandler(http.server.BaseHTTPRequestHandler):
         fake._record(self, b"")
         if self.path.rstrip("/").endswith("/models"):
             data = {"object": "list", "data": [{"id": m, "object": "model"} for m in fake.models]}
-            self._play(FakeReply(json.dumps(data).encode(), content_type="application/json", framing="length"))
+            if fake.models_status != 200:
+                data = error_body("Loading model", type_="unavailable_error")
+            self._play(FakeReply(json.dumps(data).encode(), fake.models_status, content_type="application/json", framing="length"))
         else:
             self._play(FakeReply(json.dumps(error_body("not found")).encode(), 404,
                                  content_type="application/json", framing="length"))
@@ -316,6 +318,7 @@ class FakeLLM:
         self.connections = 0
         self.models = ["local-model"]
         self.responder = None  # request -> FakeReply, instead of the script (for long generated runs)
+        self.models_status = 200  # 503: a server still loading its model
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.server = _FakeServer(("127.0.0.1", 0), _FakeHandler)
@@ -730,9 +733,21 @@ class TestConfiguration(NanocodeTestCase):
     def test_probe_finds_fake_server_and_its_first_model(self):
         found = nanocode.probe_local_servers({"NANOCODE_PROBE_PORTS": "%d,%d" % (closed_port(), self.fake.port)})
         self.assertIsNotNone(found)
-        base_url, model, _ = found
+        base_url, model, _, loading = found
         self.assertEqual(base_url, self.fake.url)
         self.assertEqual(model, "local-model")
+        self.assertFalse(loading)
+
+    def test_probe_takes_a_server_still_loading_its_model_and_says_so(self):
+        self.fake.models_status = 503
+        found = nanocode.probe_local_servers({"NANOCODE_PROBE_PORTS": "%d,%d" % (closed_port(), self.fake.port)})
+        self.assertEqual((found[0], found[3]), (self.fake.url, True))
+        self.fake.enqueue(answer("loaded now"))
+        args = nanocode.build_parser().parse_args([])
+        config = nanocode.load_config(args, {"HOME": self.tmp, "NANOCODE_DIR": self.home,
+                                             "NANOCODE_PROBE_PORTS": str(self.fake.port)})
+        self.assertEqual(config.base_url, self.fake.url)
+        self.assertIn("still loading", " ".join(config.notes))
 
     def test_probe_finds_nothing_on_closed_port(self):
         self.assertIsNone(nanocode.probe_local_servers({"NANOCODE_PROBE_PORTS": str(closed_port())}))
@@ -5410,6 +5425,49 @@ class TestHeadless(EndToEndTestCase):
         self.assertNotIn(b"Traceback", proc.stderr)
         self.assertNotIn(b"BrokenPipe", proc.stderr)
 
+    def test_an_answer_cut_at_the_output_limit_is_not_success(self):
+        self.fake.enqueue(sse(text_chunk("The list: one, two, thr"), finish_chunk("length")))
+        rc, events, err = self.run_json("list")
+        self.assertEqual(rc, 1)
+        end = self.assertAgentEnd(events, "length")
+        self.assertEqual(end["text"], "The list: one, two, thr")
+        self.assertIn("output limit", end["error"])
+        rc, out, err, _ = self.run_nanocode(["-p", "--no-session", "list"], env={})
+        self.assertEqual(rc, 1)
+
+    def test_a_looping_model_is_stopped_and_its_answer_kept(self):
+        loop = [text_chunk("I will now check the configuration file again.\n") for _ in range(300)]
+        self.fake.enqueue(sse(text_chunk("Start.\n"), *loop, finish_chunk("stop")))
+        rc, events, err = self.run_json("go")
+        self.assertEqual(rc, 1)
+        end = self.assertAgentEnd(events, "error")
+        self.assertIn("repeating itself", end["error"])
+        self.assertTrue(end["text"].startswith("Start.\nI will now check"), end["text"][:80])
+        self.assertLess(end["text"].count("configuration file"), 60)
+
+    def test_a_server_that_lacks_a_capability_is_not_retried_and_says_what_to_do(self):
+        self.fake.enqueue_json({"error": {"code": 500, "message": "tools param requires --jinja flag", "type": "server_error"}}, status=500)
+        rc, events, err = self.run_json("hi")
+        self.assertEqual(rc, 1)
+        self.assertEqual(len(self.fake.posts), 1, "retried a request the server can never answer")
+        message = self.of_type(events, "error")[0]["message"]
+        self.assertIn("--jinja", message)
+        self.assertIn("--tools none", message)
+        self.assertNotIn("(500)", message)
+
+    def test_local_servers_get_an_output_cap_and_no_parallel_calls(self):
+        self.fake.enqueue(answer("ok"))
+        self.run_json("hi")
+        body = self.fake.posts[0].json
+        self.assertEqual(body["max_tokens"], 8192)
+        self.assertIs(body["parallel_tool_calls"], False)
+        self.fake.reset()
+        self.write_settings({"maxTokens": 1000, "compat": {"parallelToolCalls": True}})
+        self.fake.enqueue(answer("ok"))
+        self.run_json("hi")
+        body = self.fake.posts[0].json
+        self.assertEqual((body["max_tokens"], body["parallel_tool_calls"]), (1000, True))
+
     def test_print_mode_writes_the_answer_to_stdout(self):
         cases = [("-p", ["-p"]), ("--print --quiet", ["--print", "--quiet"])]
         for name, flags in cases:
@@ -5938,6 +5996,13 @@ class TestCLI(EndToEndTestCase):
         events = parse_event_lines(reader.rest())
         self.assertJSONLines(events, proc.stderr.read().decode("utf-8", "replace"))
         return rc, events, elapsed
+
+    def test_an_interrupted_turn_counts_estimated_tokens(self):
+        rc, events, elapsed = self._interrupt(signal.SIGINT)
+        usage = self.of_type(events, "message_end")[-1]["usage"]
+        self.assertTrue(usage["estimated"])
+        self.assertGreater(usage["input"], 100)
+        self.assertGreater(events[-1]["usage"]["input"], 100)
 
     def test_sighup_mid_stream_exits_129_with_agent_end(self):
         rc, events, elapsed = self._interrupt(signal.SIGHUP)
