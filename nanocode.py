@@ -1481,10 +1481,48 @@ def similar_paths(path, limit=3):
 def _check_readable_file(path):
     if os.path.isdir(path):
         raise ToolError("%s is a directory: use ls to list it" % path)
-    if not os.path.exists(path):
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
         hint = similar_paths(path)
         raise ToolError("%s not found%s" % (path, "; did you mean: " + ", ".join(hint) if hint else
                                             "; check the path with ls or find"))
+    _refuse_special(path, st.st_mode)
+
+
+def _special_kind(mode):
+    """What a file that is not a regular file is, or None. Example: a FIFO's st_mode -> 'a named pipe (FIFO)'."""
+    import stat
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _refuse_special(path, mode):
+    import shlex
+    kind = _special_kind(mode)
+    if kind:
+        raise ToolError("%s is %s, not a regular file: reading it could block or never end, so the file tools "
+                        "refuse it; if you must, use bash with a bound (e.g. timeout 5 head -c 4096 %s)"
+                        % (path, kind, shlex.quote(path)))
+
+
+def _open_regular(path):
+    """path opened for reading bytes, refusing anything but a regular file. O_NONBLOCK: a FIFO
+    swapped in after the caller's stat cannot block open() (regular files ignore the flag)."""
+    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+             | getattr(os, "O_BINARY", 0))
+    fd = os.open(path, flags)
+    try:
+        _refuse_special(path, os.fstat(fd).st_mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _count_lines(f):
@@ -1519,15 +1557,22 @@ def describe_image(path, head, mime, size):
     return "%s: %s, %d bytes%s" % (path, mime, size, ", %dx%d" % dims if dims else "")
 
 
-def _read_image(ctx, path, mime):
+#: bigger images are described, not attached (providers refuse them, and base64 triples the memory)
+IMAGE_MAX_BYTES = 5 << 20
+
+
+def _read_image(ctx, path, f, mime, size):
     import base64
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    line = describe_image(path, data[:65536], mime, size)
-    if ctx.config is not None and ctx.config.compat.images:
-        return ToolResult(line + " (attached below)", images=[(mime, base64.b64encode(data).decode("ascii"))])
-    return ToolResult(line + " (this model does not take images)")
+    f.seek(0)
+    head = f.read(65536)
+    line = describe_image(path, head, mime, size)
+    if ctx.config is None or not ctx.config.compat.images:
+        return ToolResult(line + " (this model does not take images)")
+    if size > IMAGE_MAX_BYTES:
+        return ToolResult(line + " (too big to attach, over %d MB: make a smaller copy with bash, e.g. "
+                                 "ImageMagick's convert -resize, and read that)" % (IMAGE_MAX_BYTES >> 20))
+    data = head + f.read(IMAGE_MAX_BYTES + 1 - len(head))
+    return ToolResult(line + " (attached below)", images=[(mime, base64.b64encode(data).decode("ascii"))])
 
 
 @tool("read", "Read a file. Output has line numbers; use offset/limit for big files.", readonly=True,
@@ -1538,14 +1583,15 @@ def tool_read(ctx, path, offset=1, limit=READ_DEFAULT_LINES):
     path = ctx.path(path)
     _check_readable_file(path)
     limit = clamp(limit, 1, 100000)
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(_BINARY_PROBE)
         kind = sniff_type(head)
         if kind and kind.startswith("image/"):
-            return _read_image(ctx, path, kind)
+            return _read_image(ctx, path, f, kind, size)
         if kind:
             raise ToolError("%s is a binary file (%s, %d bytes); inspect it with bash (e.g. file, xxd | head)"
-                            % (path, kind, os.path.getsize(path)))
+                            % (path, kind, size))
         if offset < 0:
             offset = max(1, _count_lines(f) + offset + 1)
         offset = max(1, offset)
@@ -1554,19 +1600,49 @@ def tool_read(ctx, path, offset=1, limit=READ_DEFAULT_LINES):
         return _numbered_lines(f, path, offset, limit)
 
 
+#: bytes of a line kept for display: READ_MAX_LINE characters of up to 4 bytes, and one more
+_LINE_KEEP = 4 * READ_MAX_LINE + 4
+_UTF8_CONTINUATION = bytes(range(0x80, 0xC0))
+
+
+def _read_line(f):
+    """The next line of binary file f in bounded memory: (its first _LINE_KEEP bytes, b'' at
+    the end; its length in characters when longer, else None). The rest of a long line is
+    skipped in blocks, so a line of gigabytes costs no more memory than a short one."""
+    raw = f.readline(_LINE_KEEP)
+    if len(raw) < _LINE_KEEP or raw.endswith(b"\n"):
+        return raw, None
+    chars = _utf8_chars(raw)
+    while True:
+        chunk = f.read(_BLOCK)
+        end = chunk.find(b"\n")
+        if end >= 0:
+            f.seek(end + 1 - len(chunk), os.SEEK_CUR)  # to the start of the next line
+            chunk = chunk[:end].rstrip(b"\r")
+        chars += _utf8_chars(chunk)
+        if end >= 0 or len(chunk) < _BLOCK:
+            return raw, chars
+
+
+def _utf8_chars(data):
+    """The number of characters in UTF-8 bytes: the bytes that are not continuation bytes."""
+    return len(data) if data.isascii() else len(data.translate(None, _UTF8_CONTINUATION))
+
+
 def _numbered_lines(f, path, offset, limit):
     out = []
     for n in range(offset, offset + limit):
-        raw = f.readline()
+        raw, chars = _read_line(f)
         if not raw:
             break
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if len(line) > READ_MAX_LINE:
-            line = line[:READ_MAX_LINE] + " …[line cut: %d chars]" % len(line)
+        chars = len(line) if chars is None else chars
+        if chars > READ_MAX_LINE:
+            line = line[:READ_MAX_LINE] + " …[line cut: %d chars]" % chars
         out.append("%d\t%s" % (n, line))
     if not out:
         return "%s is empty" % path
-    if f.readline():
+    if f.read(1):
         out.append("[more lines: continue with offset=%d]" % (offset + len(out)))
     return "\n".join(out)
 
@@ -1719,6 +1795,12 @@ def tool_write(ctx, path, content):
     path = ctx.path(path)
     if os.path.isdir(path):
         raise ToolError("%s is a directory; give a file path" % path)
+    try:
+        kind = _special_kind(os.stat(path).st_mode)
+    except OSError:
+        kind = None  # a new file (or a path atomic_write will report)
+    if kind:
+        raise ToolError("%s is %s, not a regular file; write creates or replaces regular files only" % (path, kind))
     old = _read_small(path)
     data = content.encode("utf-8", "surrogateescape")
     save_file(ctx, path, data)
@@ -1732,9 +1814,9 @@ def _read_small(path, limit=1 << 20):
     try:
         if os.path.getsize(path) > limit:
             return None
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-    except OSError:
+        with _open_regular(path) as f:
+            return f.read(limit + 1).decode("utf-8", "replace")
+    except (OSError, ToolError):
         return None
 
 
@@ -1861,7 +1943,7 @@ def tool_edit(ctx, path, edits):
     _check_readable_file(path)
     if not isinstance(edits, list) or not edits:
         raise ToolError("edits must be a non-empty list of {oldText, newText}")
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         raw = f.read()
     bom = raw.startswith(codecs.BOM_UTF8)
     text = raw[3 if bom else 0:].decode("utf-8", "surrogateescape")

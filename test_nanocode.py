@@ -1859,6 +1859,95 @@ class TestCheckpoints(TempDirMixin, unittest.TestCase):
         self.assertEqual(self.read_bytes("a.txt"), b"original bytes")
 
 
+def _unblock_fifo(path):
+    """Open a FIFO for writing and close it, so a reader stuck in open() (a failing test) returns."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+@unittest.skipUnless(hasattr(os, "mkfifo"), "needs FIFOs")
+class TestSpecialFiles(TempDirMixin, unittest.TestCase):
+    def test_fifo_socket_and_device_are_refused_without_blocking(self):
+        fifo = os.path.join(self.dir, "pipe")
+        os.mkfifo(fifo)
+        self.addCleanup(_unblock_fifo, fifo)
+        sock = socket.socket(socket.AF_UNIX)
+        self.addCleanup(sock.close)
+        sock.bind(os.path.join(self.dir, "sock"))
+        results = {}
+
+        def work():
+            for name, needle in (("pipe", "named pipe (FIFO)"), ("sock", "a socket"), (os.devnull, "character device")):
+                results[name, "read"] = (call_tool(self.dir, "read", {"path": name}), needle)
+                results[name, "edit"] = (call_tool(self.dir, "edit", {"path": name, "edits": [{"oldText": "a", "newText": "b"}]}), needle)
+            results["pipe", "write"] = (call_tool(self.dir, "write", {"path": "pipe", "content": "x"}), "named pipe")
+            try:
+                nanocode._open_regular(fifo)  # a FIFO swapped in after the stat: open() must not block either
+            except nanocode.ToolError as e:
+                results["pipe", "open"] = (nanocode.ToolResult("error: %s" % e, True), "named pipe")
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        worker.join(10)
+        self.assertFalse(worker.is_alive(), "a file tool blocked on a FIFO")
+        self.assertEqual(len(results), 8)
+        for key, (r, needle) in results.items():
+            with self.subTest(key=key):
+                self.assertTrue(r.is_error, r.text)
+                self.assertIn(needle, r.text)
+                self.assertIn("not a regular file", r.text)
+        self.assertFalse(os.path.isfile(fifo), "write replaced the FIFO by a regular file")
+
+
+#: reads files in a child process and reports its peak RSS growth (argv: nanocode dir, cwd, JSON list of read args)
+_RSS_CHILD = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import nanocode
+def peak_mb():
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1048576.0 if sys.platform == "darwin" else rss / 1024.0
+ctx = nanocode.ToolContext(sys.argv[2], nanocode.Config(compat=nanocode.Compat(images=True)))
+nanocode.run_tool(ctx, "read", {"path": "small.txt"})  # warm up: lazy imports
+base = peak_mb()
+results = []
+for args in json.loads(sys.argv[3]):
+    r = nanocode.run_tool(ctx, "read", args)
+    results.append({"args": args, "text": r.text[-300:], "images": len(r.images), "growth": peak_mb() - base})
+print(json.dumps({"base": base, "results": results}))
+"""
+
+
+@unittest.skipIf(os.name == "nt", "the resource module is POSIX")
+class TestReadMemory(TempDirMixin, unittest.TestCase):
+    def test_any_file_is_read_within_64_mb_of_the_baseline(self):
+        self.write_file("small.txt", "hi\n")
+        with open(os.path.join(self.dir, "line.txt"), "wb") as f:
+            f.write(b"head\n")
+            block = b"x" * (1 << 20)
+            for _ in range(200):
+                f.write(block)
+            f.write(b"\nlast\n")
+        cases = [({"path": "line.txt"}, "3\tlast"), ({"path": "line.txt"}, "line cut: 209715200 chars"),
+                 ({"path": "line.txt", "limit": 1}, "continue with offset=2"),
+                 ({"path": "line.txt", "offset": -1}, "3\tlast")]
+        png = self.write_file("huge.png", PNG_1x1)
+        os.truncate(png, 1 << 30)  # sparse where the file system can
+        if os.stat(png).st_blocks * 512 < (64 << 20):
+            cases.append(({"path": "huge.png"}, "too big to attach"))
+        proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, HERE, self.dir, json.dumps([a for a, _ in cases])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace"))
+        report = json.loads(proc.stdout.decode())
+        for (args, needle), result in zip(cases, report["results"]):
+            with self.subTest(args=args):
+                self.assertIn(needle, result["text"])
+                self.assertEqual(result["images"], 0)
+        self.assertLess(report["results"][-1]["growth"], 64, report)
+
+
 # =============================================================================
 # 8. Shell
 # =============================================================================
