@@ -1758,30 +1758,107 @@ def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
+#: the temp files of atomic_write: .nanocode-<pid>-<random>.tmp (older versions: no pid)
+_TEMP_RE = re.compile(r"^\.nanocode-(?:(\d+)-)?[A-Za-z0-9_]+\.tmp$")
+#: a temp file without a pid this old (seconds) is a leftover
+TEMP_STALE_AGE = 600
+_swept_dirs = set()
+_swept_lock = threading.Lock()
+
+
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OverflowError, ValueError):
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def sweep_temp_files(directory):
+    """Remove the temp files killed writers left in directory: those whose process is gone, and
+    old-style ones (no pid) older than TEMP_STALE_AGE. Once per directory per process."""
+    import stat
+    directory = os.path.realpath(directory)
+    with _swept_lock:
+        if directory in _swept_dirs:
+            return
+        _swept_dirs.add(directory)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        m = _TEMP_RE.match(name)
+        if not m:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            # os.kill(pid, 0) would end the process on Windows: there the age decides
+            if m.group(1) and os.name != "nt":
+                stale = not _pid_alive(int(m.group(1)))
+            else:
+                stale = time.time() - st.st_mtime > TEMP_STALE_AGE
+            if stale:
+                os.remove(path)
+        except OSError:
+            pass
+
+
+def _temp_file(directory):
+    """(fd, path) of a new temp file .nanocode-<pid>-<random>.tmp; mode 0666 less the umask, like any new file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        path = os.path.join(directory, ".nanocode-%d-%s.tmp" % (os.getpid(), os.urandom(6).hex()))
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError("no free temp file name in %s" % directory)
+
+
 def atomic_write(path, data, mode=None):
-    """Write bytes via a temp file in the same directory, fsync and os.replace; keeps permission bits."""
-    import tempfile
+    """Write bytes to path so a crash leaves the old or the new content: a temp file in the same
+    directory, fsync, os.replace. Keeps the permission bits (mode, when given, sets them).
+    Returns the os.stat_result of the file written."""
+    import stat
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    if mode is None and os.path.exists(path):
-        mode = os.stat(path).st_mode & 0o7777
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".nanocode-", suffix=".tmp")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if mode is None and st is not None:
+        mode = stat.S_IMODE(st.st_mode)
+    sweep_temp_files(directory)
+    fd, tmp = _temp_file(directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+            if mode is not None:
+                os.chmod(tmp, mode)
+            written = os.fstat(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return written
 
 
 def save_file(ctx, path, data):
-    """The tools' one way to change a file: checkpoint it, write atomically, note what was left."""
+    """The tools' one way to change a file: checkpoint it, write it (atomic_write), note what was
+    left for /undo."""
     if ctx.checkpoints is not None:
         ctx.checkpoints.record(path)
     atomic_write(path, data)

@@ -1729,6 +1729,14 @@ class TestWriteTool(TempDirMixin, unittest.TestCase):
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o751)
         self.assertEqual(self.read_bytes("run.sh"), b"new")
 
+    @unittest.skipIf(os.name == "nt", "POSIX modes")
+    def test_new_files_get_the_usual_mode_not_0600(self):
+        probe = os.path.join(self.dir, "probe")
+        open(probe, "w").close()
+        usual = os.stat(probe).st_mode & 0o777  # 0666 less this process's umask
+        call_tool(self.dir, "write", {"path": "new.txt", "content": "x"})
+        self.assertEqual(os.stat(os.path.join(self.dir, "new.txt")).st_mode & 0o777, usual)
+
     def test_refuses_a_directory(self):
         os.mkdir(os.path.join(self.dir, "d"))
         r = call_tool(self.dir, "write", {"path": "d", "content": "x"})
@@ -1857,6 +1865,56 @@ class TestCheckpoints(TempDirMixin, unittest.TestCase):
         restored.prompts = store.prompts
         restored.restore(store.prompts)
         self.assertEqual(self.read_bytes("a.txt"), b"original bytes")
+
+
+#: a writer killed in the middle of atomic_write (argv: nanocode dir, file to write)
+_KILLED_WRITER = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import nanocode
+def stuck(fd):
+    print("ready", flush=True)
+    sys.stdin.read()  # until killed
+nanocode.os.fsync = stuck
+nanocode.atomic_write(sys.argv[2], b"x" * 100000)
+"""
+
+
+@unittest.skipIf(os.name == "nt", "POSIX pids and signals")
+class TestTempFileSweep(TempDirMixin, unittest.TestCase):
+    def test_a_killed_writers_temp_file_is_removed_by_the_next_write_there(self):
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, HERE, os.path.join(self.dir, "big.txt")],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(proc.stdin.close)
+        self.addCleanup(proc.stdout.close)
+        self.assertEqual(proc.stdout.readline(), b"ready\n")
+        leftovers = [n for n in os.listdir(self.dir) if n.endswith(".tmp")]
+        self.assertEqual(leftovers, [n for n in leftovers if n.startswith(".nanocode-%d-" % proc.pid)])
+        self.assertEqual(len(leftovers), 1)
+        proc.kill()
+        proc.wait(10)
+        r = call_tool(self.dir, "write", {"path": "other.txt", "content": "x"})
+        self.assertFalse(r.is_error, r.text)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["other.txt"])
+
+    def test_only_leftovers_are_removed(self):
+        dead = subprocess.Popen([sys.executable, "-c", ""])
+        dead.wait(10)
+        old = time.time() - 11 * 60
+        sub = os.path.join(self.dir, "sub")
+        names = {".nanocode-%d-abc123.tmp" % dead.pid: False,  # its writer is gone
+                 ".nanocode-%d-def456.tmp" % os.getpid(): True,  # a write in progress
+                 ".nanocode-oldstyle1.tmp": False,  # no pid, 11 minutes old
+                 ".nanocode-newstyle2.tmp": True,  # no pid, fresh
+                 ".nanocode-notes.txt": True, "keep.tmp": True}
+        for name in names:
+            path = self.write_file(name, "partial")
+            if name == ".nanocode-oldstyle1.tmp":
+                os.utime(path, (old, old))
+        self.write_file("sub/.nanocode-%d-abc123.tmp" % dead.pid, "elsewhere")
+        self.assertFalse(call_tool(self.dir, "write", {"path": "file.txt", "content": "x"}).is_error)
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted([n for n, kept in names.items() if kept] + ["file.txt", "sub"]))
+        self.assertEqual(len(os.listdir(sub)), 1, "only the directory written is swept")
 
 
 def _unblock_fifo(path):
