@@ -1719,10 +1719,11 @@ class Checkpoints:
         return changed
 
     def restore(self, prompts):
-        """Put back the files of these prompts (newest first, so the oldest state wins); returns the paths."""
+        """Put back the files of these prompts (newest first, so the oldest state wins, also between
+        hard links to one file); returns the paths."""
         restored = []
         for p in reversed(prompts):
-            for path, entry in p["files"].items():
+            for path, entry in reversed(list(p["files"].items())):
                 if entry["before"] is None:
                     if os.path.lexists(path):
                         os.remove(path)
@@ -1825,12 +1826,19 @@ def _temp_file(directory):
     raise FileExistsError("no free temp file name in %s" % directory)
 
 
+def _is_root():
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
 def atomic_write(path, data, mode=None):
     """Write bytes to path so a crash leaves the old or the new content: a temp file in the same
-    directory, fsync, os.replace. Keeps the permission bits (mode, when given, sets them).
+    directory, fsync, os.replace. A symlink is written through (its target changes, the link
+    stays); a file with hard links is written in place so every link sees the change. Keeps the
+    permission bits (mode, when given, sets them) and, as root, the owner and group.
     Returns the os.stat_result of the file written."""
     import stat
-    directory = os.path.dirname(path) or "."
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     try:
         st = os.stat(path)
@@ -1838,6 +1846,8 @@ def atomic_write(path, data, mode=None):
         st = None
     if mode is None and st is not None:
         mode = stat.S_IMODE(st.st_mode)
+    if st is not None and st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+        return _write_in_place(path, data, mode)
     sweep_temp_files(directory)
     fd, tmp = _temp_file(directory)
     try:
@@ -1845,6 +1855,8 @@ def atomic_write(path, data, mode=None):
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+            if st is not None and _is_root():
+                os.chown(tmp, st.st_uid, st.st_gid)  # before chmod: chown clears set-id bits
             if mode is not None:
                 os.chmod(tmp, mode)
             written = os.fstat(f.fileno())
@@ -1856,34 +1868,64 @@ def atomic_write(path, data, mode=None):
     return written
 
 
+def _write_in_place(path, data, mode):
+    """Overwrite a hard-linked file in its inode (not atomic: callers checkpoint it first). Space for
+    a bigger content is reserved first where the platform can, so a full disk fails before any byte changes."""
+    import errno
+    with os.fdopen(os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0)), "wb") as f:
+        if len(data) > os.fstat(f.fileno()).st_size and hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(f.fileno(), 0, len(data))
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # this file system cannot reserve
+                    raise
+        f.write(data)
+        f.truncate(len(data))
+        f.flush()
+        os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(path, mode)
+        return os.fstat(f.fileno())
+
+
 def save_file(ctx, path, data):
     """The tools' one way to change a file: checkpoint it, write it (atomic_write), note what was
-    left for /undo."""
+    left for /undo. Returns the real path written."""
+    path = os.path.realpath(path)
     if ctx.checkpoints is not None:
         ctx.checkpoints.record(path)
     atomic_write(path, data)
     if ctx.checkpoints is not None:
         ctx.checkpoints.written(path, data)
+    return path
+
+
+def _through_link(link, real):
+    """' (through the symlink link)' when link is a symlink, for tool results."""
+    return " (through the symlink %s)" % link if link != real and os.path.islink(link) else ""
 
 
 @tool("write", "Create or overwrite a file (parent dirs are created).", path="string", content="string")
 def tool_write(ctx, path, content):
     """Write content to path atomically."""
-    path = ctx.path(path)
+    link = ctx.path(path)
+    path = os.path.realpath(link)
     if os.path.isdir(path):
-        raise ToolError("%s is a directory; give a file path" % path)
+        raise ToolError("%s is a directory; give a file path" % link)
     try:
         kind = _special_kind(os.stat(path).st_mode)
     except OSError:
         kind = None  # a new file (or a path atomic_write will report)
     if kind:
-        raise ToolError("%s is %s, not a regular file; write creates or replaces regular files only" % (path, kind))
+        raise ToolError("%s is %s, not a regular file; write creates or replaces regular files only" % (link, kind))
     old = _read_small(path)
     data = content.encode("utf-8", "surrogateescape")
     save_file(ctx, path, data)
+    via = _through_link(link, path)
+    shown = path if via else link
     lines = content.count("\n") + (1 if content and not content.endswith("\n") else 0)
-    diff = file_diff(path, old, content) if old is not None else "new file %s (%d lines)" % (path, lines)
-    return ToolResult("wrote %d bytes (%d lines) to %s" % (len(data), lines, path), details={"diff": diff})
+    diff = file_diff(shown, old, content) if old is not None else "new file %s (%d lines)" % (shown, lines)
+    return ToolResult("wrote %d bytes (%d lines) to %s%s" % (len(data), lines, shown, via), details={"diff": diff})
 
 
 def _read_small(path, limit=1 << 20):
@@ -2016,10 +2058,11 @@ def _edit_hunks(path, text, planned, context=3):
           "required": ["oldText", "newText"]}}, False))
 def tool_edit(ctx, path, edits):
     """Apply edits matched against the original text; keeps BOM, line endings and other bytes."""
-    path = ctx.path(path)
-    _check_readable_file(path)
+    link = ctx.path(path)
+    _check_readable_file(link)
     if not isinstance(edits, list) or not edits:
         raise ToolError("edits must be a non-empty list of {oldText, newText}")
+    path = os.path.realpath(link)
     with _open_regular(path) as f:
         raw = f.read()
     bom = raw.startswith(codecs.BOM_UTF8)
@@ -2027,8 +2070,10 @@ def tool_edit(ctx, path, edits):
     planned = plan_edits(text, edits, detect_eol(text))
     new_text = apply_edits(text, planned)
     save_file(ctx, path, (codecs.BOM_UTF8 if bom else b"") + new_text.encode("utf-8", "surrogateescape"))
-    diff, summary = _edit_hunks(path, text, planned)
-    return ToolResult("edited %s: %d replacement(s)\n%s" % (path, len(planned), "\n".join(summary)),
+    via = _through_link(link, path)
+    shown = path if via else link
+    diff, summary = _edit_hunks(shown, text, planned)
+    return ToolResult("edited %s%s: %d replacement(s)\n%s" % (shown, via, len(planned), "\n".join(summary)),
                       details={"diff": diff})
 
 

@@ -1867,6 +1867,71 @@ class TestCheckpoints(TempDirMixin, unittest.TestCase):
         self.assertEqual(self.read_bytes("a.txt"), b"original bytes")
 
 
+@unittest.skipIf(os.name == "nt", "POSIX links, owners and modes")
+class TestLinksAndOwners(TempDirMixin, unittest.TestCase):
+    def test_write_and_edit_go_through_a_symlink(self):
+        target = self.write_file("real/target.txt", "v1\n")
+        link = os.path.join(self.dir, "link.txt")
+        os.symlink(os.path.join("real", "target.txt"), link)
+        store = nanocode.Checkpoints()
+        store.begin_prompt(1)
+        ctx = nanocode.ToolContext(self.dir, checkpoints=store)
+        r = nanocode.run_tool(ctx, "write", {"path": "link.txt", "content": "v2\n"})
+        self.assertFalse(r.is_error, r.text)
+        self.assertIn("through the symlink %s" % link, r.text)
+        self.assertIn(target, r.text)
+        self.assertTrue(os.path.islink(link), "the link was replaced by a regular file")
+        self.assertEqual(self.read_bytes("real/target.txt"), b"v2\n")
+        r = nanocode.run_tool(ctx, "edit", {"path": "link.txt", "edits": [{"oldText": "v2", "newText": "v3"}]})
+        self.assertFalse(r.is_error, r.text)
+        self.assertIn("through the symlink", r.text)
+        self.assertTrue(os.path.islink(link))
+        self.assertEqual(self.read_bytes("real/target.txt"), b"v3\n")
+        self.assertEqual(store.restore(store.prompts), [target])
+        self.assertTrue(os.path.islink(link))
+        self.assertEqual(self.read_bytes("real/target.txt"), b"v1\n")
+
+    def test_a_dangling_symlink_is_written_through(self):
+        link = os.path.join(self.dir, "link.txt")
+        os.symlink("made.txt", link)
+        r = call_tool(self.dir, "write", {"path": "link.txt", "content": "new\n"})
+        self.assertFalse(r.is_error, r.text)
+        self.assertTrue(os.path.islink(link))
+        self.assertEqual(self.read_bytes("made.txt"), b"new\n")
+
+    def test_hard_links_all_see_the_change_and_undo_restores_them(self):
+        a = self.write_file("a.txt", "one\n", mode=0o640)
+        b = os.path.join(self.dir, "b.txt")
+        os.link(a, b)
+        inode = os.stat(a).st_ino
+        store = nanocode.Checkpoints()
+        store.begin_prompt(1)
+        ctx = nanocode.ToolContext(self.dir, checkpoints=store)
+        r = nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "two, longer than before\n"})
+        self.assertFalse(r.is_error, r.text)
+        self.assertEqual(self.read_bytes("b.txt"), b"two, longer than before\n")
+        r = nanocode.run_tool(ctx, "edit", {"path": "b.txt", "edits": [{"oldText": "two, longer than before", "newText": "3"}]})
+        self.assertFalse(r.is_error, r.text)
+        self.assertEqual(self.read_bytes("a.txt"), b"3\n")
+        store.restore(store.prompts)
+        self.assertEqual((self.read_bytes("a.txt"), self.read_bytes("b.txt")), (b"one\n", b"one\n"))
+        self.assertEqual((os.stat(a).st_ino, os.stat(b).st_ino, os.stat(a).st_nlink), (inode, inode, 2))
+        self.assertEqual(os.stat(a).st_mode & 0o777, 0o640)
+        self.assertEqual([n for n in os.listdir(self.dir) if n.endswith(".tmp")], [])
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to give files away")
+    def test_root_keeps_the_owner_and_group(self):
+        path = self.write_file("owned.txt", "old\n", mode=0o640)
+        os.chown(path, 4242, 4343)
+        for name, args in (("write", {"path": "owned.txt", "content": "new\n"}),
+                           ("edit", {"path": "owned.txt", "edits": [{"oldText": "new", "newText": "newer"}]})):
+            r = call_tool(self.dir, name, args)
+            self.assertFalse(r.is_error, r.text)
+            st = os.stat(path)
+            self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o7777), (4242, 4343, 0o640), name)
+        self.assertEqual(self.read_bytes("owned.txt"), b"newer\n")
+
+
 #: a writer killed in the middle of atomic_write (argv: nanocode dir, file to write)
 _KILLED_WRITER = r"""
 import os, sys
