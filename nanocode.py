@@ -1585,6 +1585,8 @@ def tool_read(ctx, path, offset=1, limit=READ_DEFAULT_LINES):
     limit = clamp(limit, 1, 100000)
     with _open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
+        if ctx.files is not None:
+            ctx.files.saw_open(path, f)
         head = f.read(_BINARY_PROBE)
         kind = sniff_type(head)
         if kind and kind.startswith("image/"):
@@ -1759,6 +1761,70 @@ def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def _sha256_file(f):
+    """The SHA-256 of an open binary file's bytes, read in blocks."""
+    import hashlib
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(_BLOCK), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
+#: files up to this size are hashed when seen, so a touch or an identical rewrite does not block write
+TRACK_HASH_MAX = 8 << 20
+
+
+class FileTracker:
+    """What the model has seen of each file, by real path: (size, mtime_ns, sha256 or None).
+
+    read (any range) and @path attachments record a file as the model saw it; write and
+    edit record what they leave. write refuses to replace an existing file the model never
+    saw, or one changed on disk since (size or mtime differ and so does the content),
+    because the user's change would be lost without anyone having seen it.
+    """
+
+    def __init__(self):
+        self._seen = {}
+        self._lock = threading.Lock()
+
+    def saw(self, path, st, digest=None):
+        """Record path as of os.stat result st (digest: the SHA-256 of its bytes, when known)."""
+        with self._lock:
+            self._seen[os.path.realpath(path)] = (st.st_size, st.st_mtime_ns, digest)
+
+    def saw_open(self, path, f):
+        """Record the file open as binary f, hashing it when small; leaves f at its start."""
+        st = os.fstat(f.fileno())
+        digest = _sha256_file(f) if st.st_size <= TRACK_HASH_MAX else None
+        f.seek(0)
+        self.saw(path, st, digest)
+
+    def check_write(self, path):
+        """Raise ToolError unless replacing path loses nothing: it does not exist, or it is as last seen."""
+        import datetime
+        real = os.path.realpath(path)
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            return
+        with self._lock:
+            seen = self._seen.get(real)
+        if seen is None:
+            raise ToolError("%s already exists and you have not read it in this session: read it first "
+                            "(write replaces the whole file), or change parts of it with edit" % path)
+        size, mtime_ns, digest = seen
+        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+            return
+        if digest is not None and st.st_size == size:
+            with _open_regular(real) as f:
+                if _sha256_file(f) == digest:
+                    self.saw(real, st, digest)
+                    return
+        when = datetime.datetime.fromtimestamp(st.st_mtime_ns / 1e9).strftime("%H:%M:%S")
+        raise ToolError("%s changed on disk since you last read it (modified at %s, now %d bytes, was %d): "
+                        "read it again and keep those changes, then write" % (path, when, st.st_size, size))
+
+
 #: the temp files of atomic_write: .nanocode-<pid>-<random>.tmp (older versions: no pid)
 _TEMP_RE = re.compile(r"^\.nanocode-(?:(\d+)-)?[A-Za-z0-9_]+\.tmp$")
 #: a temp file without a pid this old (seconds) is a leftover
@@ -1890,13 +1956,15 @@ def _write_in_place(path, data, mode):
 
 def save_file(ctx, path, data):
     """The tools' one way to change a file: checkpoint it, write it (atomic_write), note what was
-    left for /undo. Returns the real path written."""
+    left for /undo and for the read-before-write check. Returns the real path written."""
     path = os.path.realpath(path)
     if ctx.checkpoints is not None:
         ctx.checkpoints.record(path)
-    atomic_write(path, data)
+    st = atomic_write(path, data)
     if ctx.checkpoints is not None:
         ctx.checkpoints.written(path, data)
+    if ctx.files is not None:
+        ctx.files.saw(path, st, _sha256(data) if len(data) <= TRACK_HASH_MAX else None)
     return path
 
 
@@ -1905,9 +1973,10 @@ def _through_link(link, real):
     return " (through the symlink %s)" % link if link != real and os.path.islink(link) else ""
 
 
-@tool("write", "Create or overwrite a file (parent dirs are created).", path="string", content="string")
+@tool("write", "Create or overwrite a file (parent dirs are created). An existing file must be read first.",
+      path="string", content="string")
 def tool_write(ctx, path, content):
-    """Write content to path atomically."""
+    """Write content to path atomically; refuses to replace a file the model has not seen as it is now."""
     link = ctx.path(path)
     path = os.path.realpath(link)
     if os.path.isdir(path):
@@ -1918,6 +1987,8 @@ def tool_write(ctx, path, content):
         kind = None  # a new file (or a path atomic_write will report)
     if kind:
         raise ToolError("%s is %s, not a regular file; write creates or replaces regular files only" % (link, kind))
+    if ctx.files is not None:
+        ctx.files.check_write(path)
     old = _read_small(path)
     data = content.encode("utf-8", "surrogateescape")
     save_file(ctx, path, data)
@@ -3391,8 +3462,9 @@ def system_prompt(config, tool_names):
     return text + facts + ("\n\n" + config.append_system_prompt if config.append_system_prompt else "")
 
 
-def expand_mentions(text, cwd):
-    """Attach the files (or directory listings) a message names with @path."""
+def expand_mentions(text, cwd, files=None):
+    """Attach the files (or directory listings) a message names with @path.
+    files: the session's FileTracker, which counts an attached file as read."""
     blocks = []
     for token in re.findall(r"(?:^|\s)@(\S+)", text):
         path = resolve_path(cwd, token.rstrip(".,;:!?"))
@@ -3400,7 +3472,7 @@ def expand_mentions(text, cwd):
             body = "\n".join(sorted(n + ("/" if os.path.isdir(os.path.join(path, n)) else "") for n in os.listdir(path)))
             blocks.append('<directory path="%s">\n%s\n</directory>' % (token, body))
         elif os.path.isfile(path):
-            result = run_tool(ToolContext(cwd), "read", {"path": path}, ["read"])
+            result = run_tool(ToolContext(cwd, files=files), "read", {"path": path}, ["read"])
             blocks.append('<file path="%s">\n%s\n</file>' % (token, result.text))
     return text + ("\n\n" + "\n\n".join(blocks) if blocks else "")
 
@@ -3580,7 +3652,7 @@ class Session:
         self.store = store
         self.id = store.id if store else new_session_id()
         self.checkpoints = Checkpoints(store.blob_dir if store else None)
-        self.files = None  # the read-before-write tracker handed to tools (None: no checks)
+        self.files = FileTracker()  # what the model has seen of each file: write refuses what it has not
         self.messages, self._seqs, self._sizes = [], [], []
         self._next_seq = 0
         self.prompt_seqs = set()  # seqs of the user messages that began a prompt (what /undo removes)
@@ -3689,7 +3761,7 @@ class Session:
         turns, stop, error, text = 0, "done", None, ""
         try:
             if prompt is not None:
-                self.append(user_message(expand_mentions(prompt, self.config.cwd)), prompt=True)
+                self.append(user_message(expand_mentions(prompt, self.config.cwd, self.files)), prompt=True)
             else:  # input queued too late for the last run begins this one
                 self._deliver(("steering", "shell", "followup"), as_prompt=True)
             while True:
@@ -3813,7 +3885,7 @@ class Session:
             if kind == "shell":
                 self.run_shell(text, as_prompt)
             else:
-                self.append(user_message(expand_mentions(text, self.config.cwd)), as_prompt)
+                self.append(user_message(expand_mentions(text, self.config.cwd, self.files)), as_prompt)
                 self._events({"type": "user_message", "kind": kind, "text": text})
             as_prompt = False
         return bool(items)

@@ -1867,6 +1867,92 @@ class TestCheckpoints(TempDirMixin, unittest.TestCase):
         self.assertEqual(self.read_bytes("a.txt"), b"original bytes")
 
 
+def tracked(cwd, **kw):
+    """A ToolContext with a read-before-write tracker, as a Session gives its tools."""
+    return nanocode.ToolContext(cwd, files=nanocode.FileTracker(), **kw)
+
+
+class TestReadBeforeWrite(TempDirMixin, unittest.TestCase):
+    def test_write_over_a_file_never_read_is_refused_until_it_is_read(self):
+        self.write_file("a.txt", "".join("user line %d\n" % i for i in range(50)))
+        ctx = tracked(self.dir)
+        r = nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "model's version\n"})
+        self.assertTrue(r.is_error)
+        self.assertIn("read it first", r.text)
+        self.assertTrue(self.read_bytes("a.txt").startswith(b"user line 0\n"))
+        nanocode.run_tool(ctx, "read", {"path": "a.txt", "offset": 40, "limit": 2})  # any range counts
+        r = nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "model's version\n"})
+        self.assertFalse(r.is_error, r.text)
+        self.assertEqual(self.read_bytes("a.txt"), b"model's version\n")
+
+    def test_write_over_a_file_changed_since_it_was_read_is_refused(self):
+        path = self.write_file("a.txt", "v1\n")
+        ctx = tracked(self.dir)
+        nanocode.run_tool(ctx, "read", {"path": "a.txt"})
+        self.write_file("a.txt", "v1 and the user's change\n")
+        r = nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "v2\n"})
+        self.assertTrue(r.is_error)
+        self.assertIn("changed on disk since you last read it", r.text)
+        self.assertEqual(self.read_bytes("a.txt"), b"v1 and the user's change\n")
+        # same size, later mtime, other bytes: still refused
+        nanocode.run_tool(ctx, "read", {"path": "a.txt"})
+        self.write_file("a.txt", "V1 AND THE USER'S CHANGE\n")
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10 ** 9))
+        self.assertTrue(nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "v2\n"}).is_error)
+        self.assertEqual(self.read_bytes("a.txt"), b"V1 AND THE USER'S CHANGE\n")
+        # read again: the model has seen the change and may replace it
+        nanocode.run_tool(ctx, "read", {"path": "a.txt"})
+        self.assertFalse(nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "v2\n"}).is_error)
+
+    def test_a_touch_without_a_change_does_not_block_the_write(self):
+        path = self.write_file("a.txt", "same bytes\n")
+        ctx = tracked(self.dir)
+        nanocode.run_tool(ctx, "read", {"path": "a.txt"})
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 7 * 10 ** 9))
+        r = nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "new\n"})
+        self.assertFalse(r.is_error, r.text)
+
+    def test_new_files_own_writes_and_edits_need_no_read(self):
+        ctx = tracked(self.dir)
+        for content in ("one\n", "two\n"):
+            r = nanocode.run_tool(ctx, "write", {"path": "n.txt", "content": content})
+            self.assertFalse(r.is_error, r.text)
+        self.write_file("e.txt", "alpha\n")
+        r = nanocode.run_tool(ctx, "edit", {"path": "e.txt", "edits": [{"oldText": "alpha", "newText": "beta"}]})
+        self.assertFalse(r.is_error, r.text)  # edit matches the current text: no read needed
+        r = nanocode.run_tool(ctx, "write", {"path": "e.txt", "content": "gamma\n"})
+        self.assertFalse(r.is_error, r.text)  # the edit's result is what the model knows
+        self.write_file("n.txt", "the user's three\n")
+        r = nanocode.run_tool(ctx, "write", {"path": "n.txt", "content": "four\n"})
+        self.assertTrue(r.is_error)
+        self.assertEqual(self.read_bytes("n.txt"), b"the user's three\n")
+
+    def test_an_at_mention_counts_as_read(self):
+        self.write_file("a.txt", "attached\n")
+        files = nanocode.FileTracker()
+        ctx = nanocode.ToolContext(self.dir, files=files)
+        self.assertTrue(nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "x"}).is_error)
+        text = nanocode.expand_mentions("look at @a.txt", self.dir, files)
+        self.assertIn("attached", text)
+        self.assertFalse(nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "x"}).is_error)
+
+    def test_a_session_refuses_an_unread_write_and_allows_it_after_a_read(self):
+        self.write_file("a.txt", "the user's file\n")
+        config = nanocode.Config(cwd=self.dir, tools=tuple(nanocode.TOOLS), home=os.path.join(self.dir, ".home"))
+        session = nanocode.Session(config, [].append, client=ScriptedClient([
+            scripted_reply(calls=[("c1", "write", {"path": "a.txt", "content": "blind\n"})]),
+            scripted_reply(calls=[("c2", "read", {"path": "a.txt"})]),
+            scripted_reply(calls=[("c3", "write", {"path": "a.txt", "content": "seen\n"})]),
+            scripted_reply("done")]))
+        session.run("rewrite a.txt")
+        results = {m["tool_call_id"]: message_text(m) for m in session.messages if m["role"] == "tool"}
+        self.assertIn("read it first", results["c1"])
+        self.assertIn("wrote", results["c3"])
+        self.assertEqual(self.read_bytes("a.txt"), b"seen\n")
+
+
 @unittest.skipIf(os.name == "nt", "POSIX links, owners and modes")
 class TestLinksAndOwners(TempDirMixin, unittest.TestCase):
     def test_write_and_edit_go_through_a_symlink(self):
@@ -1875,7 +1961,8 @@ class TestLinksAndOwners(TempDirMixin, unittest.TestCase):
         os.symlink(os.path.join("real", "target.txt"), link)
         store = nanocode.Checkpoints()
         store.begin_prompt(1)
-        ctx = nanocode.ToolContext(self.dir, checkpoints=store)
+        ctx = tracked(self.dir, checkpoints=store)
+        nanocode.run_tool(ctx, "read", {"path": "link.txt"})
         r = nanocode.run_tool(ctx, "write", {"path": "link.txt", "content": "v2\n"})
         self.assertFalse(r.is_error, r.text)
         self.assertIn("through the symlink %s" % link, r.text)
@@ -1887,6 +1974,8 @@ class TestLinksAndOwners(TempDirMixin, unittest.TestCase):
         self.assertIn("through the symlink", r.text)
         self.assertTrue(os.path.islink(link))
         self.assertEqual(self.read_bytes("real/target.txt"), b"v3\n")
+        self.assertFalse(nanocode.run_tool(ctx, "write", {"path": "real/target.txt", "content": "v4\n"}).is_error,
+                         "what the model saw through the link counts for the target")
         self.assertEqual(store.restore(store.prompts), [target])
         self.assertTrue(os.path.islink(link))
         self.assertEqual(self.read_bytes("real/target.txt"), b"v1\n")
@@ -2032,7 +2121,7 @@ import nanocode
 def peak_mb():
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1048576.0 if sys.platform == "darwin" else rss / 1024.0
-ctx = nanocode.ToolContext(sys.argv[2], nanocode.Config(compat=nanocode.Compat(images=True)))
+ctx = nanocode.ToolContext(sys.argv[2], nanocode.Config(compat=nanocode.Compat(images=True)), files=nanocode.FileTracker())
 nanocode.run_tool(ctx, "read", {"path": "small.txt"})  # warm up: lazy imports
 base = peak_mb()
 results = []
@@ -4188,7 +4277,7 @@ class TestCrashRecovery(SessionCase):
         marker = os.path.join(self.cwd, "started")
         self.fake.enqueue(two_calls(("c1", "write", {"path": "a.txt", "content": "new"}),
                                     ("c2", "bash", {"command": "echo $$ > started; sleep 30"})))
-        proc = self.start_json("go")
+        proc = self.start_json("go @a.txt")  # attached, so a.txt counts as read
         self.assertTrue(wait_for(lambda: started(marker)), "the tool never started")
         self.kill_group_later(marker)
         proc.kill()
@@ -4245,7 +4334,7 @@ class TestUndo(TempDirMixin, unittest.TestCase):
         session = self.agent(scripted_reply("hi"), scripted_reply(calls=calls), scripted_reply("done"))
         session.run("hello")
         before = copy.deepcopy(session.messages)
-        session.run("change things")
+        session.run("change things @run.sh")  # write replaces run.sh: the model must have seen it
         self.assertEqual(self.read_bytes("crlf.txt"), b"one\r\nTWO\r\n")
         self.assertEqual(self.read_bytes("bom.txt"), b"\xef\xbb\xbfbye w\xc3\xb6rld\n")
         os.chmod(run_sh, 0o600)  # a mode change alone: the bytes are still the agent's
@@ -4263,7 +4352,7 @@ class TestUndo(TempDirMixin, unittest.TestCase):
         session = self.agent(scripted_reply(calls=[("c1", "write", {"path": "a.txt", "content": "1"})]), scripted_reply("ok"),
                              scripted_reply(calls=[("c2", "write", {"path": "a.txt", "content": "2"})]), scripted_reply("ok"))
         system = copy.deepcopy(session.messages)
-        session.run("one")
+        session.run("one @a.txt")
         session.run("two")
         with self.assertRaises(nanocode.NanocodeError):
             nanocode.undo(session, 3)
@@ -4280,7 +4369,7 @@ class TestUndo(TempDirMixin, unittest.TestCase):
         session = self.agent(scripted_reply(calls=[("c1", "write", {"path": "a.txt", "content": "agent a"}),
                                                    ("c2", "write", {"path": "b.txt", "content": "agent b"})]),
                              scripted_reply("ok"))
-        session.run("go")
+        session.run("go @a.txt @b.txt")
         self.write_file("a.txt", "user's a")
         history = copy.deepcopy(session.messages)
         with self.assertRaises(nanocode.NanocodeError) as cm:
@@ -4315,7 +4404,7 @@ class TestUndoAcrossRestart(SessionCase):
         self.fake.enqueue(tool_answer("write", {"path": "orig.txt", "content": "changed"}, call_id="c1"))
         self.fake.enqueue(tool_answer("write", {"path": "made.txt", "content": "new"}, call_id="c2"))
         self.fake.enqueue(answer("done"))
-        rc, out, err, _ = self.run_nanocode(["-p", "change it"])
+        rc, out, err, _ = self.run_nanocode(["-p", "change it @orig.txt"])
         self.assertEqual(rc, 0, err)
         path = self.only_session_file()
         blobs = path[:-len(".jsonl")] + ".checkpoints"
@@ -4345,7 +4434,8 @@ class TestUndoAcrossRestart(SessionCase):
         config = nanocode.Config(cwd=self.cwd, tools=tuple(nanocode.TOOLS), home=self.home)
         store = nanocode.SessionStore.create(self.home, self.cwd, "m")
         session = nanocode.Session(config, [].append, store=store, client=ScriptedClient([
-            scripted_reply(calls=[("c1", "write", {"path": "a.txt", "content": "1"})]), scripted_reply("ok"),
+            scripted_reply(calls=[("c0", "read", {"path": "a.txt"}), ("c1", "write", {"path": "a.txt", "content": "1"})]),
+            scripted_reply("ok"),
             scripted_reply(calls=[("c2", "write", {"path": "a.txt", "content": "2"})]), scripted_reply("ok"),
             scripted_reply(calls=[("c3", "write", {"path": "b.txt", "content": "b"})]), scripted_reply("ok")]))
         self.addCleanup(store.close)
