@@ -2134,10 +2134,48 @@ def similar_paths(path, limit=3):
 def _check_readable_file(path):
     if os.path.isdir(path):
         raise ToolError("%s is a directory: use ls to list it" % path)
-    if not os.path.exists(path):
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
         hint = similar_paths(path)
         raise ToolError("%s not found%s" % (path, "; did you mean: " + ", ".join(hint) if hint else
                                             "; check the path with ls or find"))
+    _refuse_special(path, st.st_mode)
+
+
+def _special_kind(mode):
+    """What a file that is not a regular file is, or None. Example: a FIFO's st_mode -> 'a named pipe (FIFO)'."""
+    import stat
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _refuse_special(path, mode):
+    import shlex
+    kind = _special_kind(mode)
+    if kind:
+        raise ToolError("%s is %s, not a regular file: reading it could block or never end, so the file tools "
+                        "refuse it; if you must, use bash with a bound (e.g. timeout 5 head -c 4096 %s)"
+                        % (path, kind, shlex.quote(path)))
+
+
+def _open_regular(path):
+    """path opened for reading bytes, refusing anything but a regular file. O_NONBLOCK: a FIFO
+    swapped in after the caller's stat cannot block open() (regular files ignore the flag)."""
+    flags = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+             | getattr(os, "O_BINARY", 0))
+    fd = os.open(path, flags)
+    try:
+        _refuse_special(path, os.fstat(fd).st_mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _count_lines(f):
@@ -2172,15 +2210,22 @@ def describe_image(path, head, mime, size):
     return "%s: %s, %d bytes%s" % (path, mime, size, ", %dx%d" % dims if dims else "")
 
 
-def _read_image(ctx, path, mime):
+#: bigger images are described, not attached (providers refuse them, and base64 triples the memory)
+IMAGE_MAX_BYTES = 5 << 20
+
+
+def _read_image(ctx, path, f, mime, size):
     import base64
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    line = describe_image(path, data[:65536], mime, size)
-    if ctx.config is not None and ctx.config.compat.images:
-        return ToolResult(line + " (attached below)", images=[(mime, base64.b64encode(data).decode("ascii"))])
-    return ToolResult(line + " (this model does not take images)")
+    f.seek(0)
+    head = f.read(65536)
+    line = describe_image(path, head, mime, size)
+    if ctx.config is None or not ctx.config.compat.images:
+        return ToolResult(line + " (this model does not take images)")
+    if size > IMAGE_MAX_BYTES:
+        return ToolResult(line + " (too big to attach, over %d MB: make a smaller copy with bash, e.g. "
+                                 "ImageMagick's convert -resize, and read that)" % (IMAGE_MAX_BYTES >> 20))
+    data = head + f.read(IMAGE_MAX_BYTES + 1 - len(head))
+    return ToolResult(line + " (attached below)", images=[(mime, base64.b64encode(data).decode("ascii"))])
 
 
 @tool("read", "Read a file. Output has line numbers; use offset/limit for big files.", readonly=True,
@@ -2191,14 +2236,17 @@ def tool_read(ctx, path, offset=1, limit=READ_DEFAULT_LINES):
     path = ctx.path(path)
     _check_readable_file(path)
     limit = clamp(limit, 1, 100000)
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if ctx.files is not None:
+            ctx.files.saw_open(path, f)
         head = f.read(_BINARY_PROBE)
         kind = sniff_type(head)
         if kind and kind.startswith("image/"):
-            return _read_image(ctx, path, kind)
+            return _read_image(ctx, path, f, kind, size)
         if kind:
             raise ToolError("%s is a binary file (%s, %d bytes); inspect it with bash (e.g. file, xxd | head)"
-                            % (path, kind, os.path.getsize(path)))
+                            % (path, kind, size))
         if offset < 0:
             offset = max(1, _count_lines(f) + offset + 1)
         offset = max(1, offset)
@@ -2207,19 +2255,49 @@ def tool_read(ctx, path, offset=1, limit=READ_DEFAULT_LINES):
         return _numbered_lines(f, path, offset, limit)
 
 
+#: bytes of a line kept for display: READ_MAX_LINE characters of up to 4 bytes, and one more
+_LINE_KEEP = 4 * READ_MAX_LINE + 4
+_UTF8_CONTINUATION = bytes(range(0x80, 0xC0))
+
+
+def _read_line(f):
+    """The next line of binary file f in bounded memory: (its first _LINE_KEEP bytes, b'' at
+    the end; its length in characters when longer, else None). The rest of a long line is
+    skipped in blocks, so a line of gigabytes costs no more memory than a short one."""
+    raw = f.readline(_LINE_KEEP)
+    if len(raw) < _LINE_KEEP or raw.endswith(b"\n"):
+        return raw, None
+    chars = _utf8_chars(raw)
+    while True:
+        chunk = f.read(_BLOCK)
+        end = chunk.find(b"\n")
+        if end >= 0:
+            f.seek(end + 1 - len(chunk), os.SEEK_CUR)  # to the start of the next line
+            chunk = chunk[:end].rstrip(b"\r")
+        chars += _utf8_chars(chunk)
+        if end >= 0 or len(chunk) < _BLOCK:
+            return raw, chars
+
+
+def _utf8_chars(data):
+    """The number of characters in UTF-8 bytes: the bytes that are not continuation bytes."""
+    return len(data) if data.isascii() else len(data.translate(None, _UTF8_CONTINUATION))
+
+
 def _numbered_lines(f, path, offset, limit):
     out = []
     for n in range(offset, offset + limit):
-        raw = f.readline()
+        raw, chars = _read_line(f)
         if not raw:
             break
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if len(line) > READ_MAX_LINE:
-            line = line[:READ_MAX_LINE] + " …[line cut: %d chars]" % len(line)
+        chars = len(line) if chars is None else chars
+        if chars > READ_MAX_LINE:
+            line = line[:READ_MAX_LINE] + " …[line cut: %d chars]" % chars
         out.append("%d\t%s" % (n, line))
     if not out:
         return "%s is empty" % path
-    if f.readline():
+    if f.read(1):
         out.append("[more lines: continue with offset=%d]" % (offset + len(out)))
     return "\n".join(out)
 
@@ -2297,10 +2375,11 @@ class Checkpoints:
         return changed
 
     def restore(self, prompts):
-        """Put back the files of these prompts (newest first, so the oldest state wins); returns the paths."""
+        """Put back the files of these prompts (newest first, so the oldest state wins, also between
+        hard links to one file); returns the paths."""
         restored = []
         for p in reversed(prompts):
-            for path, entry in p["files"].items():
+            for path, entry in reversed(list(p["files"].items())):
                 if entry["before"] is None:
                     if os.path.lexists(path):
                         os.remove(path)
@@ -2336,49 +2415,242 @@ def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
+def _sha256_file(f):
+    """The SHA-256 of an open binary file's bytes, read in blocks."""
+    import hashlib
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(_BLOCK), b""):
+        h.update(block)
+    return h.hexdigest()
+
+
+#: files up to this size are hashed when seen, so a touch or an identical rewrite does not block write
+TRACK_HASH_MAX = 8 << 20
+
+
+class FileTracker:
+    """What the model has seen of each file, by real path: (size, mtime_ns, sha256 or None).
+
+    read (any range) and @path attachments record a file as the model saw it; write and
+    edit record what they leave. write refuses to replace an existing file the model never
+    saw, or one changed on disk since (size or mtime differ and so does the content),
+    because the user's change would be lost without anyone having seen it.
+    """
+
+    def __init__(self):
+        self._seen = {}
+        self._lock = threading.Lock()
+
+    def saw(self, path, st, digest=None):
+        """Record path as of os.stat result st (digest: the SHA-256 of its bytes, when known)."""
+        with self._lock:
+            self._seen[os.path.realpath(path)] = (st.st_size, st.st_mtime_ns, digest)
+
+    def saw_open(self, path, f):
+        """Record the file open as binary f, hashing it when small; leaves f at its start."""
+        st = os.fstat(f.fileno())
+        digest = _sha256_file(f) if st.st_size <= TRACK_HASH_MAX else None
+        f.seek(0)
+        self.saw(path, st, digest)
+
+    def check_write(self, path):
+        """Raise ToolError unless replacing path loses nothing: it does not exist, or it is as last seen."""
+        import datetime
+        real = os.path.realpath(path)
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            return
+        with self._lock:
+            seen = self._seen.get(real)
+        if seen is None:
+            raise ToolError("%s already exists and you have not read it in this session: read it first "
+                            "(write replaces the whole file), or change parts of it with edit" % path)
+        size, mtime_ns, digest = seen
+        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+            return
+        if digest is not None and st.st_size == size:
+            with _open_regular(real) as f:
+                if _sha256_file(f) == digest:
+                    self.saw(real, st, digest)
+                    return
+        when = datetime.datetime.fromtimestamp(st.st_mtime_ns / 1e9).strftime("%H:%M:%S")
+        raise ToolError("%s changed on disk since you last read it (modified at %s, now %d bytes, was %d): "
+                        "read it again and keep those changes, then write" % (path, when, st.st_size, size))
+
+
+#: the temp files of atomic_write: .nanocode-<pid>-<random>.tmp (older versions: no pid)
+_TEMP_RE = re.compile(r"^\.nanocode-(?:(\d+)-)?[A-Za-z0-9_]+\.tmp$")
+#: a temp file without a pid this old (seconds) is a leftover
+TEMP_STALE_AGE = 600
+_swept_dirs = set()
+_swept_lock = threading.Lock()
+
+
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OverflowError, ValueError):
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
+def sweep_temp_files(directory):
+    """Remove the temp files killed writers left in directory: those whose process is gone, and
+    old-style ones (no pid) older than TEMP_STALE_AGE. Once per directory per process."""
+    import stat
+    directory = os.path.realpath(directory)
+    with _swept_lock:
+        if directory in _swept_dirs:
+            return
+        _swept_dirs.add(directory)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        m = _TEMP_RE.match(name)
+        if not m:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            # os.kill(pid, 0) would end the process on Windows: there the age decides
+            if m.group(1) and os.name != "nt":
+                stale = not _pid_alive(int(m.group(1)))
+            else:
+                stale = time.time() - st.st_mtime > TEMP_STALE_AGE
+            if stale:
+                os.remove(path)
+        except OSError:
+            pass
+
+
+def _temp_file(directory):
+    """(fd, path) of a new temp file .nanocode-<pid>-<random>.tmp; mode 0666 less the umask, like any new file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        path = os.path.join(directory, ".nanocode-%d-%s.tmp" % (os.getpid(), os.urandom(6).hex()))
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError("no free temp file name in %s" % directory)
+
+
+def _is_root():
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
 def atomic_write(path, data, mode=None):
-    """Write bytes via a temp file in the same directory, fsync and os.replace; keeps permission bits."""
-    import tempfile
-    directory = os.path.dirname(path) or "."
+    """Write bytes to path so a crash leaves the old or the new content: a temp file in the same
+    directory, fsync, os.replace. A symlink is written through (its target changes, the link
+    stays); a file with hard links is written in place so every link sees the change. Keeps the
+    permission bits (mode, when given, sets them) and, as root, the owner and group.
+    Returns the os.stat_result of the file written."""
+    import stat
+    path = os.path.realpath(path)
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    if mode is None and os.path.exists(path):
-        mode = os.stat(path).st_mode & 0o7777
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".nanocode-", suffix=".tmp")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if mode is None and st is not None:
+        mode = stat.S_IMODE(st.st_mode)
+    if st is not None and st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+        return _write_in_place(path, data, mode)
+    sweep_temp_files(directory)
+    fd, tmp = _temp_file(directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
+            if st is not None and _is_root():
+                os.chown(tmp, st.st_uid, st.st_gid)  # before chmod: chown clears set-id bits
+            if mode is not None:
+                os.chmod(tmp, mode)
+            written = os.fstat(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    return written
+
+
+def _write_in_place(path, data, mode):
+    """Overwrite a hard-linked file in its inode (not atomic: callers checkpoint it first). Space for
+    a bigger content is reserved first where the platform can, so a full disk fails before any byte changes."""
+    import errno
+    with os.fdopen(os.open(path, os.O_WRONLY | getattr(os, "O_BINARY", 0)), "wb") as f:
+        if len(data) > os.fstat(f.fileno()).st_size and hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(f.fileno(), 0, len(data))
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # this file system cannot reserve
+                    raise
+        f.write(data)
+        f.truncate(len(data))
+        f.flush()
+        os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(path, mode)
+        return os.fstat(f.fileno())
 
 
 def save_file(ctx, path, data):
-    """The tools' one way to change a file: checkpoint it, write atomically, note what was left."""
+    """The tools' one way to change a file: checkpoint it, write it (atomic_write), note what was
+    left for /undo and for the read-before-write check. Returns the real path written."""
+    path = os.path.realpath(path)
     if ctx.checkpoints is not None:
         ctx.checkpoints.record(path)
-    atomic_write(path, data)
+    st = atomic_write(path, data)
     if ctx.checkpoints is not None:
         ctx.checkpoints.written(path, data)
+    if ctx.files is not None:
+        ctx.files.saw(path, st, _sha256(data) if len(data) <= TRACK_HASH_MAX else None)
+    return path
 
 
-@tool("write", "Create or overwrite a file (parent dirs are created).", path="string", content="string")
+def _through_link(link, real):
+    """' (through the symlink link)' when link is a symlink, for tool results."""
+    return " (through the symlink %s)" % link if link != real and os.path.islink(link) else ""
+
+
+@tool("write", "Create or overwrite a file (parent dirs are created). An existing file must be read first.",
+      path="string", content="string")
 def tool_write(ctx, path, content):
-    """Write content to path atomically."""
-    path = ctx.path(path)
+    """Write content to path atomically; refuses to replace a file the model has not seen as it is now."""
+    link = ctx.path(path)
+    path = os.path.realpath(link)
     if os.path.isdir(path):
-        raise ToolError("%s is a directory; give a file path" % path)
+        raise ToolError("%s is a directory; give a file path" % link)
+    try:
+        kind = _special_kind(os.stat(path).st_mode)
+    except OSError:
+        kind = None  # a new file (or a path atomic_write will report)
+    if kind:
+        raise ToolError("%s is %s, not a regular file; write creates or replaces regular files only" % (link, kind))
+    if ctx.files is not None:
+        ctx.files.check_write(path)
     old = _read_small(path)
     data = content.encode("utf-8", "surrogateescape")
     save_file(ctx, path, data)
+    via = _through_link(link, path)
+    shown = path if via else link
     lines = content.count("\n") + (1 if content and not content.endswith("\n") else 0)
-    diff = file_diff(path, old, content) if old is not None else "new file %s (%d lines)" % (path, lines)
-    return ToolResult("wrote %d bytes (%d lines) to %s" % (len(data), lines, path), details={"diff": diff})
+    diff = file_diff(shown, old, content) if old is not None else "new file %s (%d lines)" % (shown, lines)
+    return ToolResult("wrote %d bytes (%d lines) to %s%s" % (len(data), lines, shown, via), details={"diff": diff})
 
 
 def _read_small(path, limit=1 << 20):
@@ -2386,9 +2658,9 @@ def _read_small(path, limit=1 << 20):
     try:
         if os.path.getsize(path) > limit:
             return None
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-    except OSError:
+        with _open_regular(path) as f:
+            return f.read(limit + 1).decode("utf-8", "replace")
+    except (OSError, ToolError):
         return None
 
 
@@ -2511,19 +2783,22 @@ def _edit_hunks(path, text, planned, context=3):
           "required": ["oldText", "newText"]}}, False))
 def tool_edit(ctx, path, edits):
     """Apply edits matched against the original text; keeps BOM, line endings and other bytes."""
-    path = ctx.path(path)
-    _check_readable_file(path)
+    link = ctx.path(path)
+    _check_readable_file(link)
     if not isinstance(edits, list) or not edits:
         raise ToolError("edits must be a non-empty list of {oldText, newText}")
-    with open(path, "rb") as f:
+    path = os.path.realpath(link)
+    with _open_regular(path) as f:
         raw = f.read()
     bom = raw.startswith(codecs.BOM_UTF8)
     text = raw[3 if bom else 0:].decode("utf-8", "surrogateescape")
     planned = plan_edits(text, edits, detect_eol(text))
     new_text = apply_edits(text, planned)
     save_file(ctx, path, (codecs.BOM_UTF8 if bom else b"") + new_text.encode("utf-8", "surrogateescape"))
-    diff, summary = _edit_hunks(path, text, planned)
-    return ToolResult("edited %s: %d replacement(s)\n%s" % (path, len(planned), "\n".join(summary)),
+    via = _through_link(link, path)
+    shown = path if via else link
+    diff, summary = _edit_hunks(shown, text, planned)
+    return ToolResult("edited %s%s: %d replacement(s)\n%s" % (shown, via, len(planned), "\n".join(summary)),
                       details={"diff": diff})
 
 
@@ -4056,8 +4331,9 @@ def system_prompt(config, tool_names):
     return text + facts + ("\n\n" + config.append_system_prompt if config.append_system_prompt else "")
 
 
-def expand_mentions(text, cwd):
-    """Attach the files (or directory listings) a message names with @path."""
+def expand_mentions(text, cwd, files=None):
+    """Attach the files (or directory listings) a message names with @path.
+    files: the session's FileTracker, which counts an attached file as read."""
     blocks = []
     for token in re.findall(r"(?:^|\s)@(\S+)", text):
         path = resolve_path(cwd, token.rstrip(".,;:!?"))
@@ -4065,7 +4341,7 @@ def expand_mentions(text, cwd):
             body = "\n".join(sorted(n + ("/" if os.path.isdir(os.path.join(path, n)) else "") for n in os.listdir(path)))
             blocks.append('<directory path="%s">\n%s\n</directory>' % (token, body))
         elif os.path.isfile(path):
-            result = run_tool(ToolContext(cwd), "read", {"path": path}, ["read"])
+            result = run_tool(ToolContext(cwd, files=files), "read", {"path": path}, ["read"])
             blocks.append('<file path="%s">\n%s\n</file>' % (token, result.text))
     return text + ("\n\n" + "\n\n".join(blocks) if blocks else "")
 
@@ -4270,7 +4546,7 @@ class Session:
             store.on_error = lambda message: self.emit({"type": "error", "message": message, "fatal": False})
         self.id = store.id if store else new_session_id()
         self.checkpoints = Checkpoints(store.blob_dir if store else None)
-        self.files = None  # the read-before-write tracker handed to tools (None: no checks)
+        self.files = FileTracker()  # what the model has seen of each file: write refuses what it has not
         self.messages, self._seqs, self._sizes = [], [], []
         self._next_seq = 0
         self.prompt_seqs = set()  # seqs of the user messages that began a prompt (what /undo removes)
@@ -4385,7 +4661,7 @@ class Session:
         turns, stop, error, text = 0, "done", None, ""
         try:
             if prompt is not None:
-                self.append(user_message(expand_mentions(prompt, self.config.cwd)), prompt=True)
+                self.append(user_message(expand_mentions(prompt, self.config.cwd, self.files)), prompt=True)
             else:  # input queued too late for the last run begins this one
                 self._deliver(("steering", "shell", "followup"), as_prompt=True)
             while True:
@@ -4538,7 +4814,7 @@ class Session:
             if kind == "shell":
                 self.run_shell(text, as_prompt)
             else:
-                self.append(user_message(expand_mentions(text, self.config.cwd)), as_prompt)
+                self.append(user_message(expand_mentions(text, self.config.cwd, self.files)), as_prompt)
                 self._events({"type": "user_message", "kind": kind, "text": text})
             as_prompt = False
         return any(kind != "shell" for kind, _ in items)

@@ -2021,6 +2021,14 @@ class TestWriteTool(TempDirMixin, unittest.TestCase):
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o751)
         self.assertEqual(self.read_bytes("run.sh"), b"new")
 
+    @unittest.skipIf(os.name == "nt", "POSIX modes")
+    def test_new_files_get_the_usual_mode_not_0600(self):
+        probe = os.path.join(self.dir, "probe")
+        open(probe, "w").close()
+        usual = os.stat(probe).st_mode & 0o777  # 0666 less this process's umask
+        call_tool(self.dir, "write", {"path": "new.txt", "content": "x"})
+        self.assertEqual(os.stat(os.path.join(self.dir, "new.txt")).st_mode & 0o777, usual)
+
     def test_refuses_a_directory(self):
         os.mkdir(os.path.join(self.dir, "d"))
         r = call_tool(self.dir, "write", {"path": "d", "content": "x"})
@@ -2149,6 +2157,299 @@ class TestCheckpoints(TempDirMixin, unittest.TestCase):
         restored.prompts = store.prompts
         restored.restore(store.prompts)
         self.assertEqual(self.read_bytes("a.txt"), b"original bytes")
+
+
+def tracked(cwd, **kw):
+    """A ToolContext with a read-before-write tracker, as a Session gives its tools."""
+    return nanocode.ToolContext(cwd, files=nanocode.FileTracker(), **kw)
+
+
+class TestReadBeforeWrite(TempDirMixin, unittest.TestCase):
+    def test_write_over_a_file_never_read_is_refused_until_it_is_read(self):
+        self.write_file("a.txt", "".join("user line %d\n" % i for i in range(50)))
+        ctx = tracked(self.dir)
+        r = nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "model's version\n"})
+        self.assertTrue(r.is_error)
+        self.assertIn("read it first", r.text)
+        self.assertTrue(self.read_bytes("a.txt").startswith(b"user line 0\n"))
+        nanocode.run_tool(ctx, "read", {"path": "a.txt", "offset": 40, "limit": 2})  # any range counts
+        r = nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "model's version\n"})
+        self.assertFalse(r.is_error, r.text)
+        self.assertEqual(self.read_bytes("a.txt"), b"model's version\n")
+
+    def test_write_over_a_file_changed_since_it_was_read_is_refused(self):
+        path = self.write_file("a.txt", "v1\n")
+        ctx = tracked(self.dir)
+        nanocode.run_tool(ctx, "read", {"path": "a.txt"})
+        self.write_file("a.txt", "v1 and the user's change\n")
+        r = nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "v2\n"})
+        self.assertTrue(r.is_error)
+        self.assertIn("changed on disk since you last read it", r.text)
+        self.assertEqual(self.read_bytes("a.txt"), b"v1 and the user's change\n")
+        # same size, later mtime, other bytes: still refused
+        nanocode.run_tool(ctx, "read", {"path": "a.txt"})
+        self.write_file("a.txt", "V1 AND THE USER'S CHANGE\n")
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10 ** 9))
+        self.assertTrue(nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "v2\n"}).is_error)
+        self.assertEqual(self.read_bytes("a.txt"), b"V1 AND THE USER'S CHANGE\n")
+        # read again: the model has seen the change and may replace it
+        nanocode.run_tool(ctx, "read", {"path": "a.txt"})
+        self.assertFalse(nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "v2\n"}).is_error)
+
+    def test_a_touch_without_a_change_does_not_block_the_write(self):
+        path = self.write_file("a.txt", "same bytes\n")
+        ctx = tracked(self.dir)
+        nanocode.run_tool(ctx, "read", {"path": "a.txt"})
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 7 * 10 ** 9))
+        r = nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "new\n"})
+        self.assertFalse(r.is_error, r.text)
+
+    def test_new_files_own_writes_and_edits_need_no_read(self):
+        ctx = tracked(self.dir)
+        for content in ("one\n", "two\n"):
+            r = nanocode.run_tool(ctx, "write", {"path": "n.txt", "content": content})
+            self.assertFalse(r.is_error, r.text)
+        self.write_file("e.txt", "alpha\n")
+        r = nanocode.run_tool(ctx, "edit", {"path": "e.txt", "edits": [{"oldText": "alpha", "newText": "beta"}]})
+        self.assertFalse(r.is_error, r.text)  # edit matches the current text: no read needed
+        r = nanocode.run_tool(ctx, "write", {"path": "e.txt", "content": "gamma\n"})
+        self.assertFalse(r.is_error, r.text)  # the edit's result is what the model knows
+        self.write_file("n.txt", "the user's three\n")
+        r = nanocode.run_tool(ctx, "write", {"path": "n.txt", "content": "four\n"})
+        self.assertTrue(r.is_error)
+        self.assertEqual(self.read_bytes("n.txt"), b"the user's three\n")
+
+    def test_an_at_mention_counts_as_read(self):
+        self.write_file("a.txt", "attached\n")
+        files = nanocode.FileTracker()
+        ctx = nanocode.ToolContext(self.dir, files=files)
+        self.assertTrue(nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "x"}).is_error)
+        text = nanocode.expand_mentions("look at @a.txt", self.dir, files)
+        self.assertIn("attached", text)
+        self.assertFalse(nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "x"}).is_error)
+
+    def test_a_session_refuses_an_unread_write_and_allows_it_after_a_read(self):
+        self.write_file("a.txt", "the user's file\n")
+        config = nanocode.Config(cwd=self.dir, tools=tuple(nanocode.TOOLS), home=os.path.join(self.dir, ".home"))
+        session = nanocode.Session(config, [].append, client=ScriptedClient([
+            scripted_reply(calls=[("c1", "write", {"path": "a.txt", "content": "blind\n"})]),
+            scripted_reply(calls=[("c2", "read", {"path": "a.txt"})]),
+            scripted_reply(calls=[("c3", "write", {"path": "a.txt", "content": "seen\n"})]),
+            scripted_reply("done")]))
+        session.run("rewrite a.txt")
+        results = {m["tool_call_id"]: message_text(m) for m in session.messages if m["role"] == "tool"}
+        self.assertIn("read it first", results["c1"])
+        self.assertIn("wrote", results["c3"])
+        self.assertEqual(self.read_bytes("a.txt"), b"seen\n")
+
+
+@unittest.skipIf(os.name == "nt", "POSIX links, owners and modes")
+class TestLinksAndOwners(TempDirMixin, unittest.TestCase):
+    def test_write_and_edit_go_through_a_symlink(self):
+        target = self.write_file("real/target.txt", "v1\n")
+        link = os.path.join(self.dir, "link.txt")
+        os.symlink(os.path.join("real", "target.txt"), link)
+        store = nanocode.Checkpoints()
+        store.begin_prompt(1)
+        ctx = tracked(self.dir, checkpoints=store)
+        nanocode.run_tool(ctx, "read", {"path": "link.txt"})
+        r = nanocode.run_tool(ctx, "write", {"path": "link.txt", "content": "v2\n"})
+        self.assertFalse(r.is_error, r.text)
+        self.assertIn("through the symlink %s" % link, r.text)
+        self.assertIn(target, r.text)
+        self.assertTrue(os.path.islink(link), "the link was replaced by a regular file")
+        self.assertEqual(self.read_bytes("real/target.txt"), b"v2\n")
+        r = nanocode.run_tool(ctx, "edit", {"path": "link.txt", "edits": [{"oldText": "v2", "newText": "v3"}]})
+        self.assertFalse(r.is_error, r.text)
+        self.assertIn("through the symlink", r.text)
+        self.assertTrue(os.path.islink(link))
+        self.assertEqual(self.read_bytes("real/target.txt"), b"v3\n")
+        self.assertFalse(nanocode.run_tool(ctx, "write", {"path": "real/target.txt", "content": "v4\n"}).is_error,
+                         "what the model saw through the link counts for the target")
+        self.assertEqual(store.restore(store.prompts), [target])
+        self.assertTrue(os.path.islink(link))
+        self.assertEqual(self.read_bytes("real/target.txt"), b"v1\n")
+
+    def test_a_dangling_symlink_is_written_through(self):
+        link = os.path.join(self.dir, "link.txt")
+        os.symlink("made.txt", link)
+        r = call_tool(self.dir, "write", {"path": "link.txt", "content": "new\n"})
+        self.assertFalse(r.is_error, r.text)
+        self.assertTrue(os.path.islink(link))
+        self.assertEqual(self.read_bytes("made.txt"), b"new\n")
+
+    def test_hard_links_all_see_the_change_and_undo_restores_them(self):
+        a = self.write_file("a.txt", "one\n", mode=0o640)
+        b = os.path.join(self.dir, "b.txt")
+        os.link(a, b)
+        inode = os.stat(a).st_ino
+        store = nanocode.Checkpoints()
+        store.begin_prompt(1)
+        ctx = nanocode.ToolContext(self.dir, checkpoints=store)
+        r = nanocode.run_tool(ctx, "write", {"path": "a.txt", "content": "two, longer than before\n"})
+        self.assertFalse(r.is_error, r.text)
+        self.assertEqual(self.read_bytes("b.txt"), b"two, longer than before\n")
+        r = nanocode.run_tool(ctx, "edit", {"path": "b.txt", "edits": [{"oldText": "two, longer than before", "newText": "3"}]})
+        self.assertFalse(r.is_error, r.text)
+        self.assertEqual(self.read_bytes("a.txt"), b"3\n")
+        store.restore(store.prompts)
+        self.assertEqual((self.read_bytes("a.txt"), self.read_bytes("b.txt")), (b"one\n", b"one\n"))
+        self.assertEqual((os.stat(a).st_ino, os.stat(b).st_ino, os.stat(a).st_nlink), (inode, inode, 2))
+        self.assertEqual(os.stat(a).st_mode & 0o777, 0o640)
+        self.assertEqual([n for n in os.listdir(self.dir) if n.endswith(".tmp")], [])
+
+    @unittest.skipUnless(hasattr(os, "geteuid") and os.geteuid() == 0, "needs root to give files away")
+    def test_root_keeps_the_owner_and_group(self):
+        path = self.write_file("owned.txt", "old\n", mode=0o640)
+        os.chown(path, 4242, 4343)
+        for name, args in (("write", {"path": "owned.txt", "content": "new\n"}),
+                           ("edit", {"path": "owned.txt", "edits": [{"oldText": "new", "newText": "newer"}]})):
+            r = call_tool(self.dir, name, args)
+            self.assertFalse(r.is_error, r.text)
+            st = os.stat(path)
+            self.assertEqual((st.st_uid, st.st_gid, st.st_mode & 0o7777), (4242, 4343, 0o640), name)
+        self.assertEqual(self.read_bytes("owned.txt"), b"newer\n")
+
+
+#: a writer killed in the middle of atomic_write (argv: nanocode dir, file to write)
+_KILLED_WRITER = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import nanocode
+def stuck(fd):
+    print("ready", flush=True)
+    sys.stdin.read()  # until killed
+nanocode.os.fsync = stuck
+nanocode.atomic_write(sys.argv[2], b"x" * 100000)
+"""
+
+
+@unittest.skipIf(os.name == "nt", "POSIX pids and signals")
+class TestTempFileSweep(TempDirMixin, unittest.TestCase):
+    def test_a_killed_writers_temp_file_is_removed_by_the_next_write_there(self):
+        proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, HERE, os.path.join(self.dir, "big.txt")],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.addCleanup(proc.stdin.close)
+        self.addCleanup(proc.stdout.close)
+        self.assertEqual(proc.stdout.readline(), b"ready\n")
+        leftovers = [n for n in os.listdir(self.dir) if n.endswith(".tmp")]
+        self.assertEqual(leftovers, [n for n in leftovers if n.startswith(".nanocode-%d-" % proc.pid)])
+        self.assertEqual(len(leftovers), 1)
+        proc.kill()
+        proc.wait(10)
+        r = call_tool(self.dir, "write", {"path": "other.txt", "content": "x"})
+        self.assertFalse(r.is_error, r.text)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["other.txt"])
+
+    def test_only_leftovers_are_removed(self):
+        dead = subprocess.Popen([sys.executable, "-c", ""])
+        dead.wait(10)
+        old = time.time() - 11 * 60
+        sub = os.path.join(self.dir, "sub")
+        names = {".nanocode-%d-abc123.tmp" % dead.pid: False,  # its writer is gone
+                 ".nanocode-%d-def456.tmp" % os.getpid(): True,  # a write in progress
+                 ".nanocode-oldstyle1.tmp": False,  # no pid, 11 minutes old
+                 ".nanocode-newstyle2.tmp": True,  # no pid, fresh
+                 ".nanocode-notes.txt": True, "keep.tmp": True}
+        for name in names:
+            path = self.write_file(name, "partial")
+            if name == ".nanocode-oldstyle1.tmp":
+                os.utime(path, (old, old))
+        self.write_file("sub/.nanocode-%d-abc123.tmp" % dead.pid, "elsewhere")
+        self.assertFalse(call_tool(self.dir, "write", {"path": "file.txt", "content": "x"}).is_error)
+        self.assertEqual(sorted(os.listdir(self.dir)), sorted([n for n, kept in names.items() if kept] + ["file.txt", "sub"]))
+        self.assertEqual(len(os.listdir(sub)), 1, "only the directory written is swept")
+
+
+def _unblock_fifo(path):
+    """Open a FIFO for writing and close it, so a reader stuck in open() (a failing test) returns."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+@unittest.skipUnless(hasattr(os, "mkfifo"), "needs FIFOs")
+class TestSpecialFiles(TempDirMixin, unittest.TestCase):
+    def test_fifo_socket_and_device_are_refused_without_blocking(self):
+        fifo = os.path.join(self.dir, "pipe")
+        os.mkfifo(fifo)
+        self.addCleanup(_unblock_fifo, fifo)
+        sock = socket.socket(socket.AF_UNIX)
+        self.addCleanup(sock.close)
+        sock.bind(os.path.join(self.dir, "sock"))
+        results = {}
+
+        def work():
+            for name, needle in (("pipe", "named pipe (FIFO)"), ("sock", "a socket"), (os.devnull, "character device")):
+                results[name, "read"] = (call_tool(self.dir, "read", {"path": name}), needle)
+                results[name, "edit"] = (call_tool(self.dir, "edit", {"path": name, "edits": [{"oldText": "a", "newText": "b"}]}), needle)
+            results["pipe", "write"] = (call_tool(self.dir, "write", {"path": "pipe", "content": "x"}), "named pipe")
+            try:
+                nanocode._open_regular(fifo)  # a FIFO swapped in after the stat: open() must not block either
+            except nanocode.ToolError as e:
+                results["pipe", "open"] = (nanocode.ToolResult("error: %s" % e, True), "named pipe")
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        worker.join(10)
+        self.assertFalse(worker.is_alive(), "a file tool blocked on a FIFO")
+        self.assertEqual(len(results), 8)
+        for key, (r, needle) in results.items():
+            with self.subTest(key=key):
+                self.assertTrue(r.is_error, r.text)
+                self.assertIn(needle, r.text)
+                self.assertIn("not a regular file", r.text)
+        self.assertFalse(os.path.isfile(fifo), "write replaced the FIFO by a regular file")
+
+
+#: reads files in a child process and reports its peak RSS growth (argv: nanocode dir, cwd, JSON list of read args)
+_RSS_CHILD = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import nanocode
+def peak_mb():
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1048576.0 if sys.platform == "darwin" else rss / 1024.0
+ctx = nanocode.ToolContext(sys.argv[2], nanocode.Config(compat=nanocode.Compat(images=True)), files=nanocode.FileTracker())
+nanocode.run_tool(ctx, "read", {"path": "small.txt"})  # warm up: lazy imports
+base = peak_mb()
+results = []
+for args in json.loads(sys.argv[3]):
+    r = nanocode.run_tool(ctx, "read", args)
+    results.append({"args": args, "text": r.text[-300:], "images": len(r.images), "growth": peak_mb() - base})
+print(json.dumps({"base": base, "results": results}))
+"""
+
+
+@unittest.skipIf(os.name == "nt", "the resource module is POSIX")
+class TestReadMemory(TempDirMixin, unittest.TestCase):
+    def test_any_file_is_read_within_64_mb_of_the_baseline(self):
+        self.write_file("small.txt", "hi\n")
+        with open(os.path.join(self.dir, "line.txt"), "wb") as f:
+            f.write(b"head\n")
+            block = b"x" * (1 << 20)
+            for _ in range(200):
+                f.write(block)
+            f.write(b"\nlast\n")
+        cases = [({"path": "line.txt"}, "3\tlast"), ({"path": "line.txt"}, "line cut: 209715200 chars"),
+                 ({"path": "line.txt", "limit": 1}, "continue with offset=2"),
+                 ({"path": "line.txt", "offset": -1}, "3\tlast")]
+        png = self.write_file("huge.png", PNG_1x1)
+        os.truncate(png, 1 << 30)  # sparse where the file system can
+        if os.stat(png).st_blocks * 512 < (64 << 20):
+            cases.append(({"path": "huge.png"}, "too big to attach"))
+        proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, HERE, self.dir, json.dumps([a for a, _ in cases])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace"))
+        report = json.loads(proc.stdout.decode())
+        for (args, needle), result in zip(cases, report["results"]):
+            with self.subTest(args=args):
+                self.assertIn(needle, result["text"])
+                self.assertEqual(result["images"], 0)
+        self.assertLess(report["results"][-1]["growth"], 64, report)
 
 
 # =============================================================================
@@ -4436,7 +4737,7 @@ class TestCrashRecovery(SessionCase):
         marker = os.path.join(self.cwd, "started")
         self.fake.enqueue(two_calls(("c1", "write", {"path": "a.txt", "content": "new"}),
                                     ("c2", "bash", {"command": "echo $$ > started; sleep 30"})))
-        proc = self.start_json("go")
+        proc = self.start_json("go @a.txt")  # attached, so a.txt counts as read
         self.assertTrue(wait_for(lambda: started(marker)), "the tool never started")
         self.kill_group_later(marker)
         proc.kill()
@@ -4493,7 +4794,7 @@ class TestUndo(TempDirMixin, unittest.TestCase):
         session = self.agent(scripted_reply("hi"), scripted_reply(calls=calls), scripted_reply("done"))
         session.run("hello")
         before = copy.deepcopy(session.messages)
-        session.run("change things")
+        session.run("change things @run.sh")  # write replaces run.sh: the model must have seen it
         self.assertEqual(self.read_bytes("crlf.txt"), b"one\r\nTWO\r\n")
         self.assertEqual(self.read_bytes("bom.txt"), b"\xef\xbb\xbfbye w\xc3\xb6rld\n")
         os.chmod(run_sh, 0o600)  # a mode change alone: the bytes are still the agent's
@@ -4511,7 +4812,7 @@ class TestUndo(TempDirMixin, unittest.TestCase):
         session = self.agent(scripted_reply(calls=[("c1", "write", {"path": "a.txt", "content": "1"})]), scripted_reply("ok"),
                              scripted_reply(calls=[("c2", "write", {"path": "a.txt", "content": "2"})]), scripted_reply("ok"))
         system = copy.deepcopy(session.messages)
-        session.run("one")
+        session.run("one @a.txt")
         session.run("two")
         with self.assertRaises(nanocode.NanocodeError):
             nanocode.undo(session, 3)
@@ -4528,7 +4829,7 @@ class TestUndo(TempDirMixin, unittest.TestCase):
         session = self.agent(scripted_reply(calls=[("c1", "write", {"path": "a.txt", "content": "agent a"}),
                                                    ("c2", "write", {"path": "b.txt", "content": "agent b"})]),
                              scripted_reply("ok"))
-        session.run("go")
+        session.run("go @a.txt @b.txt")
         self.write_file("a.txt", "user's a")
         history = copy.deepcopy(session.messages)
         with self.assertRaises(nanocode.NanocodeError) as cm:
@@ -4563,7 +4864,7 @@ class TestUndoAcrossRestart(SessionCase):
         self.fake.enqueue(tool_answer("write", {"path": "orig.txt", "content": "changed"}, call_id="c1"))
         self.fake.enqueue(tool_answer("write", {"path": "made.txt", "content": "new"}, call_id="c2"))
         self.fake.enqueue(answer("done"))
-        rc, out, err, _ = self.run_nanocode(["-p", "change it"])
+        rc, out, err, _ = self.run_nanocode(["-p", "change it @orig.txt"])
         self.assertEqual(rc, 0, err)
         path = self.only_session_file()
         blobs = path[:-len(".jsonl")] + ".checkpoints"
@@ -4593,7 +4894,8 @@ class TestUndoAcrossRestart(SessionCase):
         config = nanocode.Config(cwd=self.cwd, tools=tuple(nanocode.TOOLS), home=self.home)
         store = nanocode.SessionStore.create(self.home, self.cwd, "m")
         session = nanocode.Session(config, [].append, store=store, client=ScriptedClient([
-            scripted_reply(calls=[("c1", "write", {"path": "a.txt", "content": "1"})]), scripted_reply("ok"),
+            scripted_reply(calls=[("c0", "read", {"path": "a.txt"}), ("c1", "write", {"path": "a.txt", "content": "1"})]),
+            scripted_reply("ok"),
             scripted_reply(calls=[("c2", "write", {"path": "a.txt", "content": "2"})]), scripted_reply("ok"),
             scripted_reply(calls=[("c3", "write", {"path": "b.txt", "content": "b"})]), scripted_reply("ok")]))
         self.addCleanup(store.close)
