@@ -90,13 +90,15 @@ Compat = record("Compat", "Per-provider wire quirks; auto-detected from the host
     ("empty_content", False),  # assistant content "" (not null) beside tool calls
     ("images", False),  # the model takes image parts
     ("parallel_tool_calls", None),  # sent as parallel_tool_calls when not None (off for local servers)
+    ("tool_calls", "native"),  # "text": tools described in the system prompt, calls and results sent as text
 ))
 
 
 #: settings.json spelling -> Compat field
 COMPAT_KEYS = {"includeUsage": "include_usage", "maxTokensField": "max_tokens_field",
                "keepReasoning": "keep_reasoning", "toolIdStyle": "tool_id_style",
-               "emptyContent": "empty_content", "images": "images", "parallelToolCalls": "parallel_tool_calls"}
+               "emptyContent": "empty_content", "images": "images", "parallelToolCalls": "parallel_tool_calls",
+               "toolCalls": "tool_calls"}
 
 #: host substring -> compat overrides (first match wins)
 HOST_COMPAT = (
@@ -144,6 +146,7 @@ _ConfigBase = record("Config", "Everything a run needs, built once by load_confi
     ("notes", ()),  # one-line notices for the banner (e.g. local server found)
     ("settings", {}),  # settings.json as read, for switching models at run time; never mutated
     ("missing_key", False),  # nothing configured and no local server: requests fail at once, saying so
+    ("explicit", ()),  # settings the user gave (contextWindow, maxTokens, toolCalls): a server profile never overrides them
     ("plain_endpoint", None),  # (base_url, api_url, key, key source) for models of no named provider; None: this config's
 ))
 
@@ -305,6 +308,112 @@ def _fetch_model_list(base_url, api_key, timeout):
     return model_ids(data) if status == 200 else None
 
 
+ServerProfile = record("ServerProfile", "What a model server says about itself and one model.", (
+    ("kind", ""),  # llama.cpp, Ollama, vLLM, LM Studio; "" when it does not say
+    ("context", 0),  # the context it runs the model with, in tokens (0: unknown)
+    ("tools", None),  # whether its chat template takes tools (None: unknown)
+    ("vision", None),
+    ("thinking", None),
+    ("why", ""),  # where "tools: no" came from
+))
+PROFILE_TTL = 600  #: seconds a learned profile is trusted
+PROFILE_WAIT = 2.0  #: the first request waits at most this long for a profile still being learned
+
+
+def probe_server(base_url, model, api_key, timeout=1.5):
+    """Ask a server what it is and what it runs model with, from what servers already publish:
+    llama.cpp /props and /v1/models meta, Ollama /api/show and /api/ps, vLLM max_model_len,
+    LM Studio /api/v0/models. Never raises; unknown fields stay unknown."""
+    root = base_url.rstrip("/")
+    host = root[:-3] if root.endswith("/v1") else root
+    p = {}
+    status, data = get_json(root + "/models", api_key, timeout)
+    items = (data.get("data") if isinstance(data, dict) else data) if status == 200 else []
+    entries = [m for m in items or [] if isinstance(m, dict)]
+    entry = next((m for m in entries if m.get("id") == model), entries[0] if entries else {})
+    if isinstance(entry.get("meta"), dict) and entry["meta"].get("n_ctx"):
+        p.update(kind="llama.cpp", context=entry["meta"]["n_ctx"])
+    if entry.get("max_model_len"):
+        p.update(kind="vLLM", context=entry["max_model_len"])
+    status, props = get_json(host + "/props", api_key, timeout)
+    if status == 200 and isinstance(props, dict) and ("default_generation_settings" in props or "chat_template" in props):
+        p["kind"] = "llama.cpp"
+        n_ctx = (props.get("default_generation_settings") or {}).get("n_ctx") or props.get("n_ctx")
+        if n_ctx:
+            p["context"] = n_ctx
+        caps = props.get("chat_template_caps") or {}
+        if "supports_tools" in caps:
+            p.update(tools=bool(caps["supports_tools"]), why="template")
+        elif isinstance(props.get("chat_template"), str) and props["chat_template"]:
+            p.update(tools="tools" in props["chat_template"], why="template")
+        return ServerProfile(**p)
+    status, show = get_json(host + "/api/show", api_key, timeout, data={"model": model})
+    if status == 200 and isinstance(show, dict):
+        caps = show.get("capabilities") if isinstance(show.get("capabilities"), list) else None
+        p.update(kind="Ollama", tools=("tools" in caps) if caps is not None else None,
+                 vision=("vision" in caps) if caps is not None else None,
+                 thinking=("thinking" in caps) if caps is not None else None, why="model capabilities")
+        trained = [v for k, v in (show.get("model_info") or {}).items() if k.endswith(".context_length")]
+        status, ps = get_json(host + "/api/ps", api_key, timeout)
+        running = [m.get("context_length") for m in (ps or {}).get("models") or []
+                   if isinstance(m, dict) and model in (m.get("name"), m.get("model")) and m.get("context_length")]
+        p["context"] = running[0] if running else min(trained + [OLLAMA_DEFAULT_CONTEXT])
+        return ServerProfile(**p)
+    status, lms = get_json(host + "/api/v0/models", api_key, timeout)
+    if status == 200 and isinstance(lms, dict):
+        found = [m for m in lms.get("data") or [] if isinstance(m, dict) and m.get("id") == model]
+        if found:
+            m = found[0]
+            caps = m.get("capabilities") if isinstance(m.get("capabilities"), list) else None
+            p.update(kind="LM Studio", context=m.get("loaded_context_length") or m.get("max_context_length") or 0,
+                     tools=("tool_use" in caps) if caps is not None else None, vision=m.get("type") == "vlm")
+    return ServerProfile(**p)
+
+
+#: what Ollama's OpenAI endpoint runs a model with when nothing else is known (it ignores larger requests)
+OLLAMA_DEFAULT_CONTEXT = 4096
+
+
+def server_profile(config, fresh=False):
+    """The profile of config's endpoint and model: from the cache under the nanocode dir when younger than
+    PROFILE_TTL, else probed and cached."""
+    path = os.path.join(config.home, "cache", "servers.json")
+    key = "%s|%s" % (config.base_url, config.model)
+    try:
+        with open(path, encoding="utf-8") as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    hit = cache.get(key)
+    if not fresh and isinstance(hit, dict) and time.time() - hit.get("time", 0) < PROFILE_TTL:
+        try:
+            return ServerProfile(**hit.get("profile") or {})
+        except TypeError:
+            pass
+    profile = probe_server(config.base_url, config.model, config.api_key)
+    cache[key] = {"time": time.time(), "profile": profile._asdict()}
+    try:
+        make_private_dirs(os.path.dirname(path))
+        atomic_write(path, encode_json({k: v for k, v in cache.items() if time.time() - v.get("time", 0) < 86400}))
+    except OSError:
+        pass
+    return profile
+
+
+def describe_profile(profile):
+    """One line. Example: 'llama.cpp · n_ctx 8192 · tools: no (template)'."""
+    parts = [profile.kind or "unknown server"]
+    if profile.context:
+        parts.append("n_ctx %d" % profile.context)
+    if profile.tools is not None:
+        parts.append("tools: %s%s" % ("yes" if profile.tools else "no", " (%s)" % profile.why if profile.why and not profile.tools else ""))
+    for name in ("vision", "thinking"):
+        if getattr(profile, name):
+            parts.append(name)
+    return " · ".join(parts)
+
+
 def resolve_provider(model, settings, env):
     """Split 'local/qwen3' into a named provider's settings and the model id."""
     providers = _setting(settings, "providers", dict, {}) or {}
@@ -431,10 +540,14 @@ def with_model(config, model, env):
         window = window.get(model_id) or window.get("*") or 128000
     window = _number(env, {"contextWindow": window, "__path__": settings.get("__path__")},
                      "NANOCODE_CONTEXT_WINDOW_TOKENS", "contextWindow", int, 128000)
+    explicit = tuple(name for name, given in (
+        ("contextWindow", env.get("NANOCODE_CONTEXT_WINDOW_TOKENS") or (spec or {}).get("contextWindow") or settings.get("contextWindow")),
+        ("maxTokens", settings.get("maxTokens")), ("toolCalls", "toolCalls" in overrides)) if given)
     max_tokens = _setting(settings, "maxTokens", int, 0) or (LOCAL_MAX_TOKENS if is_local_url(api_url or base_url) else 0)
     return config._replace(base_url=base_url, api_url=api_url, api_key=key, key_source=source, model=model_id,
                            provider=provider, compat=detect_compat(api_url or base_url, model_id, overrides),
-                           context_window=int(window), max_tokens=min(max_tokens, int(window) // 4) if max_tokens else 0)
+                           context_window=int(window), max_tokens=min(max_tokens, int(window) // 4) if max_tokens else 0,
+                           explicit=explicit)
 
 
 # =============================================================================
@@ -1122,6 +1235,8 @@ def reply_to_message(reply, compat):
 
 def wire_messages(messages, compat):
     """History as sent: compat rules applied, never mutating the stored messages."""
+    if compat.tool_calls == "text":
+        return text_mode_messages(messages)
     out = []
     for msg in messages:
         if msg.get("role") == "assistant" and msg.get("tool_calls"):
@@ -1132,6 +1247,35 @@ def wire_messages(messages, compat):
                 msg["content"] = ""
         out.append(msg)
     return out
+
+
+def text_mode_messages(messages):
+    """The history for a server that takes no tools: calls written as <tool_call> text in the
+    assistant message, results as <tool_response> user messages (consecutive ones merged)."""
+    out = []
+    for msg in messages:
+        role = msg.get("role")
+        if role == "assistant" and msg.get("tool_calls"):
+            calls = ["<tool_call>\n%s\n</tool_call>" % dump_json({"name": c["function"]["name"],
+                                                                   "arguments": _json_or_text(c["function"]["arguments"])})
+                     for c in msg["tool_calls"]]
+            out.append({"role": "assistant", "content": "\n".join(([msg["content"]] if msg.get("content") else []) + calls)})
+        elif role == "tool":
+            block = "<tool_response>\n%s\n</tool_response>" % msg.get("content", "")
+            if out and out[-1].get("role") == "user" and out[-1].get("tool_results"):
+                out[-1] = {"role": "user", "content": out[-1]["content"] + "\n" + block, "tool_results": True}
+            else:
+                out.append({"role": "user", "content": block, "tool_results": True})
+        else:
+            out.append(msg)
+    return [{"role": m["role"], "content": m["content"]} if m.get("tool_results") else m for m in out]
+
+
+def _json_or_text(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def chunk_from_completion(data):
@@ -1194,7 +1338,7 @@ class ChatClient:
         body = {"model": self.config.model, "messages": wire_messages(messages, self.config.compat), "stream": True}
         if self.include_usage:
             body["stream_options"] = {"include_usage": True}
-        if tools:
+        if tools and self.config.compat.tool_calls != "text":
             body["tools"] = tools
             if self.config.compat.parallel_tool_calls is not None:
                 body["parallel_tool_calls"] = self.config.compat.parallel_tool_calls
@@ -4328,7 +4472,19 @@ def system_prompt(config, tool_names):
     facts = "\n\nWorking directory: %s\nPlatform: %s\nDate: %s" % (config.cwd, system, time.strftime("%Y-%m-%d"))
     if not tool_names:
         facts += "\nNo tools are available in this run."
+    elif config.compat.tool_calls == "text":
+        facts += "\n\n" + text_tools_prompt([TOOLS[n] for n in tool_names if n in TOOLS])
     return text + facts + ("\n\n" + config.append_system_prompt if config.append_system_prompt else "")
+
+
+def text_tools_prompt(tools):
+    """How to call tools when the server takes none: the format, then one line per tool."""
+    lines = ["To use a tool, write exactly this and stop; the result comes back in <tool_response>:",
+             '<tool_call>\n{"name": "TOOL", "arguments": {...}}\n</tool_call>', "Tools:"]
+    for t in tools:
+        params = ", ".join(p + ("?" if _param_spec(s)[1] else "") for p, s in t.params.items())
+        lines.append("- %s(%s): %s" % (t.name, params, t.description))
+    return "\n".join(lines)
 
 
 def expand_mentions(text, cwd, files=None):
@@ -4514,6 +4670,7 @@ class Session:
         self._counter = 0
         self._events = RunEvents(self.emit)
         self.last_end = None
+        self.profile, self._profile_job = None, None  # what the server said about itself (learn_server)
         self.start(store)
 
     def emit(self, event):
@@ -4598,6 +4755,7 @@ class Session:
         self.config = config
         self.client = ChatClient(config, self.emit)
         self.context_window = context_window(config)
+        self.learn_server()
         if self.store:
             self.store.write({"type": "model_change", "model": config.model, "provider": config.provider,
                               "baseUrl": config.base_url})
@@ -4740,6 +4898,8 @@ class Session:
 
     def _turn(self, number):
         """One model request and its assistant message."""
+        if self._profile_job is not None:
+            self._apply_profile()
         self._events({"type": "turn_start", "turn": number})
         toolset = self.tools.snapshot()
         reply = self._request(toolset)
@@ -4761,6 +4921,50 @@ class Session:
                       "finishReason": reply.finish_reason, "usage": usage,
                       "interrupted": reply.interrupted, "truncated": reply.truncated})
         return reply
+
+    def learn_server(self):
+        """Learn what a local server is and can do (llama.cpp, Ollama, vLLM, LM Studio), in the background
+        and cached; the next request uses it. Hosted endpoints are not asked (--doctor asks them)."""
+        self.profile = None
+        if not is_local_url(self.config.api_url or self.config.base_url):
+            self._profile_job = None
+            return
+        job = self._profile_job = {"done": threading.Event(), "config": self.config}
+
+        def work():
+            try:
+                job["profile"] = server_profile(job["config"])
+            finally:
+                job["done"].set()
+        threading.Thread(target=work, daemon=True).start()
+
+    def _apply_profile(self):
+        """Use what was learned: its context for the gauge and compaction, an output cap a quarter of it,
+        and tool calls as text when the server's template takes no tools. Said in one line."""
+        job, self._profile_job = self._profile_job, None
+        job["done"].wait(PROFILE_WAIT)
+        profile = self.profile = job.get("profile")
+        if profile is None or job["config"] is not self.config:
+            return
+        c, changes = self.config, {}
+        if profile.context and "contextWindow" not in c.explicit:
+            self.context_window = changes["context_window"] = int(profile.context)
+            if c.max_tokens and "maxTokens" not in c.explicit:
+                changes["max_tokens"] = max(256, min(c.max_tokens, int(profile.context) // 4))
+        text_mode = profile.tools is False and "toolCalls" not in c.explicit and c.compat.tool_calls != "text" \
+            and bool(self.tools.names())
+        if text_mode:
+            changes["compat"] = c.compat._replace(tool_calls="text")
+        if changes:
+            self.config = self.client.config = c._replace(**changes)
+        if text_mode:  # before the first answer, so the system prompt says how to call tools
+            system = {"role": "system", "content": system_prompt(self.config, self.tools.names())}
+            self.messages[0], self._sizes[0] = system, message_tokens(system)
+            if self.store:
+                self.store.write({"type": "rewrite", "messages": {str(self._seqs[0]): system}})
+        if profile.kind or profile.context or profile.tools is not None:
+            self.emit({"type": "info", "command": "profile",
+                       "text": describe_profile(profile) + (" → tool calls as text" if text_mode else "")})
 
     def _request(self, toolset):
         """Stream one reply; compacts first when the context is full, and once more on an overflow answer."""
@@ -5919,6 +6123,7 @@ def run_headless(config, prompt, resume=None):
         sys.stderr.write("nanocode: error: %s\n" % e)
         return 2
     session.sink = emit
+    session.learn_server()
     loop = box["loop"] = CommandLoop(session)
     if not config.quiet and not config.missing_key:  # a missing key is said once, as the run's error
         for note in list(config.notes) + warnings:
@@ -6321,6 +6526,7 @@ class Repl:
         self.resume, self.pick = resume, pick  # see open_session; pick: choose from a list first
         self.session, self.warnings = open_session(config, self.renderer, resume)
         self.session.interactive = True
+        self.session.learn_server()
         self.loop = CommandLoop(self.session)
         self.last_interrupt = 0.0
         self.history_path = os.path.join(config.home, "history")

@@ -239,8 +239,12 @@ class _FakeHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         fake = self.server.fake
         fake._record(self, b"")
-        if self.path.rstrip("/").endswith("/models"):
-            data = {"object": "list", "data": [{"id": m, "object": "model"} for m in fake.models]}
+        route = fake.routes.get(self.path.split("?")[0])
+        if route is not None:
+            self._play(FakeReply(json.dumps(route).encode(), content_type="application/json", framing="length"))
+        elif self.path.rstrip("/").endswith("/v1/models"):
+            data = {"object": "list", "data": [dict({"id": m, "object": "model"}, **fake.model_entries.get(m, {}))
+                                               for m in fake.models]}
             if fake.models_status != 200:
                 data = error_body("Loading model", type_="unavailable_error")
             self._play(FakeReply(json.dumps(data).encode(), fake.models_status, content_type="application/json", framing="length"))
@@ -252,7 +256,14 @@ class _FakeHandler(http.server.BaseHTTPRequestHandler):
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         fake = self.server.fake
         request = fake._record(self, raw)
-        self._play(fake.responder(request) if fake.responder else fake._next_reply())
+        route = fake.routes.get(self.path.split("?")[0])
+        if route is not None:  # an imitation of a server's own API (/api/show...)
+            self._play(FakeReply(json.dumps(route).encode(), content_type="application/json", framing="length"))
+        elif not self.path.split("?")[0].endswith("/chat/completions"):
+            self._play(FakeReply(json.dumps(error_body("not found")).encode(), 404, content_type="application/json",
+                                 framing="length"))
+        else:
+            self._play(fake.responder(request) if fake.responder else fake._next_reply())
 
     def _play(self, r):
         fake = self.server.fake
@@ -319,6 +330,8 @@ class FakeLLM:
         self.models = ["local-model"]
         self.responder = None  # request -> FakeReply, instead of the script (for long generated runs)
         self.models_status = 200  # 503: a server still loading its model
+        self.routes = {}  # path -> JSON answered to GET or POST (llama.cpp /props, Ollama /api/show...)
+        self.model_entries = {}  # model id -> extra fields of its /models entry (meta.n_ctx, max_model_len)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.server = _FakeServer(("127.0.0.1", 0), _FakeHandler)
@@ -355,7 +368,7 @@ class FakeLLM:
     @property
     def posts(self):
         """The chat requests, in order."""
-        return [r for r in list(self.requests) if r.method == "POST"]
+        return [r for r in list(self.requests) if r.method == "POST" and r.path.split("?")[0].endswith("/chat/completions")]
 
     def sleep(self, seconds):
         """Sleep, but wake at once when the server stops."""
