@@ -2540,8 +2540,11 @@ class Checkpoints:
             return digest
         blob = os.path.join(self.blob_dir, digest)
         if not os.path.exists(blob):
-            make_private_dirs(self.blob_dir)
-            atomic_write(blob, data, 0o600)
+            try:
+                make_private_dirs(self.blob_dir)
+                atomic_write(blob, data, 0o600)
+            except OSError:  # no room or no folder: /undo still works in this process
+                self._memory[digest] = data
         return digest
 
     def _get(self, digest):
@@ -4581,11 +4584,10 @@ class Inbox:
         return taken
 
     def clear(self):
-        """Remove everything at once; returns (steering texts, follow-up texts), shell lines as !command."""
+        """Remove everything at once; returns the (kind, text) items."""
         with self._lock:
             items, self._items = self._items, []
-        return ([("!" + t if k == "shell" else t) for k, t in items if k != "followup"],
-                [t for k, t in items if k == "followup"])
+        return items
 
     def __len__(self):
         return len(self._items)
@@ -4856,7 +4858,10 @@ class Session:
         except Exception as e:  # a bug must still end with agent_end and keep the history
             stop, error = "error", "internal error: %s: %s" % (e.__class__.__name__, e)
         if stop != "done":
-            self._close_open_calls()
+            try:
+                self._close_open_calls()
+            except Exception as e:
+                error = error or "internal error: %s: %s" % (e.__class__.__name__, e)
         if error:
             events({"type": "error", "message": error, "fatal": True})
         self._sync()
@@ -5093,12 +5098,12 @@ class Session:
         The loop waits for them, unless aborted: then each gets ABANDON_AFTER seconds, and one that
         ignores the abort (a blocked read, a stuck library call) is left behind, recorded as aborted."""
         gate = threading.Semaphore(MAX_PARALLEL_TOOLS)
-        done = {}
+        done, events, cancel = {}, self._events, self.cancel  # a call still waiting for a slot belongs to this run
 
         def work(call):
             with gate:
-                if not self.cancel.is_set():
-                    done[call["id"]] = self._run_call(call)
+                if not cancel.is_set():
+                    done[call["id"]] = self._run_call(call, events, cancel)
         threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in batch]
         for t in threads:
             t.start()
@@ -5112,11 +5117,10 @@ class Session:
             if call["id"] in done:
                 results[call["id"]] = done[call["id"]]
 
-    def _run_call(self, call):
+    def _run_call(self, call, events, cancel):
         """Run one call with its events: malformed arguments, a denial or the tool's own result. The run's
-        events and cancel token are taken once, so a call left behind after an abort can neither ask nor
+        events and cancel token are passed in, so a call left behind after an abort can neither ask nor
         run its tool after agent_end."""
-        events, cancel = self._events, self.cancel
         self._started.add(call["id"])
         events({"type": "tool_start", "id": call["id"], "name": call["name"], "args": call["args"]})
         try:
@@ -5660,6 +5664,8 @@ def undo(session, count=1, force=False):
     kept = [(s, m) for s, m in zip(session._seqs, session.messages) if s is None or s < start]
     session.replace_history([m for _, m in kept], [s for s, _ in kept], "undo",
                             {"type": "undo", "from": start, "files": restored})
+    remaining = [m["content"] for m in session.messages if is_user_text(m)]
+    session.latest_user = remaining[-1] if remaining else ""
     if compacted:
         session.append(user_message("(The user undid their last %d request(s) and the file changes made for them; "
                                     "the summary above may still mention that work.)" % count))
@@ -5976,35 +5982,35 @@ def cmd_queue(loop, arg):
 
 @slash("dequeue", "clear the queues and print their texts; /dequeue edit opens them in $EDITOR")
 def cmd_dequeue(loop, arg):
-    inbox = loop.session.inbox
-    steering, followups = inbox.clear()
+    items = loop.session.inbox.clear()
     if arg == "edit":
-        steering, followups = edit_queue(loop, steering, followups)
-        for t in steering:  # through the loop: when the agent is idle by now, they start a run
-            loop.shell(t[1:].strip()) if t.startswith("!") else loop.steer(t)
-        for t in followups:
-            loop.follow_up(t)
+        for kind, text in edit_queue(loop, items):  # through the loop: when the agent is idle by now, they start a run
+            {"shell": loop.shell, "followup": loop.follow_up}.get(kind, loop.steer)(text)
         return cmd_queue(loop, "")
-    texts = steering + followups
+    texts = [("!" + t if k == "shell" else t) for k, t in items]
     loop.info("\n".join(texts) if texts else "nothing queued", "dequeue")
 
 
-def edit_queue(loop, steering, followups):
-    """Open the queues as JSON in $VISUAL/$EDITOR; returns the edited lists."""
+QUEUE_KINDS = (("steering", "steering"), ("shell", "shell"), ("followups", "followup"))
+
+
+def edit_queue(loop, items):
+    """Open the queued items as JSON ({"steering": [...], "shell": [...], "followups": [...]}) in
+    $VISUAL/$EDITOR; returns the edited (kind, text) items."""
     import subprocess
     import tempfile
     fd, path = tempfile.mkstemp(suffix=".json", prefix="nanocode-queue-")
     with os.fdopen(fd, "w") as f:
-        json.dump({"steering": steering, "followups": followups}, f, indent=2)
+        json.dump({key: [t for k, t in items if k == kind] for key, kind in QUEUE_KINDS}, f, indent=2)
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or "vi"
     try:
         subprocess.call(editor + " " + subprocess.list2cmdline([path]), shell=True)
         with open(path) as f:
             data = json.load(f)
-        return list(data.get("steering") or []), list(data.get("followups") or [])
-    except (OSError, ValueError) as e:
+        return [(kind, str(t)) for key, kind in QUEUE_KINDS for t in data.get(key) or []]
+    except (OSError, ValueError, AttributeError) as e:
         loop.session.emit({"type": "error", "message": "queue not changed: %s" % e, "fatal": False})
-        return steering, followups
+        return items
     finally:
         os.remove(path)
 

@@ -32,6 +32,9 @@ Benchmarks and the screenshot follow the tests.
 # =============================================================================
 
 import base64
+import contextlib
+import errno
+import io
 import codecs
 import collections
 import copy
@@ -5686,6 +5689,540 @@ class TestQueuesWhileBusy(ReplTestCase):
         self.assertEqual(len(self.fake.posts), 2)
         self.assertNotIn("s1", json.dumps(self.fake.posts[1].json["messages"][1:]))
         self.assertEqual(self.of_type("user_message"), [])
+
+
+# -- robustness: runs that fail halfway, left-behind calls, unwritable files -------------------------------------------------------------------------
+
+class HeldClient(ScriptedClient):
+    """ScriptedClient whose replies may also be callables (messages, cancel) -> Reply, to hold a request."""
+
+    def stream(self, messages, tools, cancel, on_text, on_reasoning):
+        self.requests.append(copy.deepcopy(messages))
+        self.tools_sent.append([t["function"]["name"] for t in tools or ()])
+        reply = self.replies.pop(0)
+        return reply(messages, cancel) if callable(reply) else reply
+
+
+class SummarisingClient(ScriptedClient):
+    """Agent requests get the scripted replies; summariser requests get '## Goal\\nsummary N'."""
+
+    def __init__(self, replies):
+        ScriptedClient.__init__(self, replies)
+        self.summaries = []  # the summariser requests
+
+    def stream(self, messages, tools, cancel, on_text, on_reasoning):
+        if message_text(messages[0]).startswith("You summarise"):
+            self.summaries.append(copy.deepcopy(messages))
+            return scripted_reply("## Goal\nsummary %d" % len(self.summaries))
+        return ScriptedClient.stream(self, messages, tools, cancel, on_text, on_reasoning)
+
+
+def held_reply(gate, text="held answer", calls=()):
+    """A reply that waits for gate before it is given."""
+    def reply(messages, cancel):
+        gate.wait(10)
+        return scripted_reply(text, calls)
+    return reply
+
+
+def tree_snapshot(root):
+    """{relative path: bytes} of every file under root ({} when root does not exist)."""
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            out[os.path.relpath(path, root)] = read_bytes(path)
+    return out
+
+
+SMALL_WINDOW = dict(context_window=8000, keep_recent_tokens=1000, reserve_tokens=1000)
+
+
+class ReviewCase(NanocodeTestCase):
+    """Helpers: in-process sessions with scripted clients, a command loop, quiet threads."""
+
+    def config(self, **overrides):
+        options = dict(cwd=self.cwd, home=self.home, tools=("read", "write", "edit", "bash"), save_session=False)
+        options.update(overrides)
+        return nanocode.Config(**options)
+
+    def session(self, replies, client=None, store=None, **overrides):
+        events = []
+        session = nanocode.Session(self.config(**overrides), events.append,
+                                   client=client or HeldClient(replies), store=store)
+        return session, events
+
+    def loop(self, session):
+        loop = nanocode.CommandLoop(session)
+        self.addCleanup(loop.quit)
+        return loop
+
+    def quiet_threads(self):
+        """Collect exceptions that escape threads (a thread traceback) instead of printing them."""
+        errors = []
+        patcher = mock.patch.object(threading, "excepthook", lambda args: errors.append(args.exc_value))
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        return errors
+
+    def quiet_stderr(self):
+        patcher = mock.patch("sys.stderr", io.StringIO())
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+    def big_tool(self, chars=8000):
+        """A read-only tool `big` returning chars characters."""
+        nanocode.tool("big", "returns a big output", readonly=True)(lambda ctx: "x" * chars)
+        self.addCleanup(nanocode.TOOLS.pop, "big", None)
+
+
+class TestRobustness(ReviewCase):
+    """Runs that fail halfway, calls left behind, files that cannot be written: the history stays valid."""
+
+    # -- 1 -------------------------------------------------------------------------------
+
+    def test_a_run_that_fails_after_tool_calls_leaves_every_call_with_a_result(self):
+        with open(os.path.join(self.cwd, "notes.txt"), "w") as f:
+            f.write("notes\n")
+        self.quiet_threads()
+        self.quiet_stderr()
+        reads = [("c1", "read", {"path": "notes.txt"}), ("c2", "read", {"path": "notes.txt"})]
+        writes = [("c1", "write", {"path": "a.txt", "content": "a"}), ("c2", "write", {"path": "b.txt", "content": "b"})]
+
+        def front_end_cannot_show_the_reply(session, events):
+            def sink(event):
+                events.append(event)
+                if event["type"] == "message_end":
+                    raise UnicodeEncodeError("ascii", "\u2713", 0, 1, "ordinal not in range(128)")
+            session.sink = sink
+            return contextlib.nullcontext()
+
+        def disk_full_for_tool_results(session, events):
+            real = os.write
+
+            def write(fd, data):
+                if session.store is not None and fd == session.store._fd and b'"tool_call_id"' in data:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                return real(fd, data)
+            return mock.patch.object(nanocode.os, "write", write)
+
+        def bookkeeping_bug_between_batches(session, events):
+            calls = []
+
+            def save_checkpoints():
+                calls.append(1)
+                if len(calls) == 1:
+                    raise RuntimeError("bookkeeping bug")
+            session._save_checkpoints = save_checkpoints
+            return contextlib.nullcontext()
+
+        for name, breaker, calls in (("sink raises", front_end_cannot_show_the_reply, reads),
+                                     ("session file write fails", disk_full_for_tool_results, reads),
+                                     ("exception between two batches", bookkeeping_bug_between_batches, writes)):
+            with self.subTest(name):
+                store = nanocode.SessionStore.create(self.home, self.cwd, "m")
+                self.addCleanup(store.close)
+                session, events = self.session([scripted_reply(calls=calls), scripted_reply("after"),
+                                                scripted_reply("next run")], store=store, save_session=True)
+                with breaker(session, events):
+                    end = session.run("go")
+                self.assertEqual(message_problems(session.messages), [], "history after: %s" % end["error"])
+                self.assertEqual(events[-1]["type"], "agent_end")
+                session.sink = events.append
+                session._save_checkpoints = lambda: None
+                end = session.run("and now?")
+                self.assertEqual(end["stopReason"], "done", end["error"])
+                self.assertEqual(message_problems(session.client.requests[-1]), [])
+
+    # -- 2 -------------------------------------------------------------------------------
+
+    def test_a_call_left_behind_after_an_abort_neither_asks_nor_runs(self):
+        marker = os.path.join(self.cwd, "ran.flag")
+        entered, release, second_gate, hook_threads = threading.Event(), threading.Event(), threading.Event(), []
+        self.addCleanup(release.set)
+        self.addCleanup(second_gate.set)
+
+        def slow_policy(session, call):  # e.g. a policy check that takes a while, then asks
+            hook_threads.append(threading.current_thread())
+            entered.set()
+            release.wait(10)
+            return ("ask", "run it?")
+        session, events = self.session([scripted_reply(calls=[("c1", "bash", {"command": "touch ran.flag"})]),
+                                        held_reply(second_gate, "hi")])
+        session.interactive = True
+        session.before_tool = slow_policy
+        loop = self.loop(session)
+        loop.prompt("touch it")
+        self.assertTrue(entered.wait(10))
+        loop.abort()
+        self.assertTrue(loop.wait_idle(10), "the aborted run never ended")
+        first_end = len(events)
+        self.assertEqual(events[-1]["type"], "agent_end")
+        loop.prompt("never mind, just say hi")  # a new run, with a new cancel token, waits for the model
+        self.assertTrue(wait_for(lambda: len(session.client.requests) == 2))
+        release.set()  # the call left behind goes on
+        self.assertTrue(wait_for(lambda: session.pending_asks() or not hook_threads[0].is_alive()))
+        if session.pending_asks():
+            loop.answer("yes")  # the user believes the question is about the current run
+        self.assertTrue(wait_for(lambda: not hook_threads[0].is_alive()))
+        second_gate.set()
+        self.assertTrue(loop.wait_idle(10))
+        self.assertEqual([e for e in events if e["type"] == "ask"], [], "an ask after the run ended")
+        self.assertFalse(os.path.exists(marker), "the abandoned call ran its tool")
+        self.assertEqual([e for e in events[first_end:] if e.get("id") == "c1"], [])
+        assertToolEventContract(self, events[:first_end])
+        self.assertEqual([m["content"] for m in session.messages if m["role"] == "tool"], ["aborted"])
+
+    # -- 3 -------------------------------------------------------------------------------
+
+    def test_latest_user_message_survives_every_compaction_and_resume(self):
+        self.big_tool()
+        task = "THE EXACT TASK: call big twelve times, then say done"
+        replies = [scripted_reply(calls=[("c%d" % i, "big", {})]) for i in range(12)] + [scripted_reply("done")]
+        client = SummarisingClient(replies)
+        store = nanocode.SessionStore.create(self.home, self.cwd, "m")
+        self.addCleanup(store.close)
+        session, events = self.session([], client=client, store=store, save_session=True, tools=("big",), **SMALL_WINDOW)
+        end = session.run(task)
+        self.assertEqual(end["stopReason"], "done", end["error"])
+        self.assertGreaterEqual(len(client.summaries), 2, "the script must compact at least twice")
+        for n, request in enumerate(client.requests):
+            self.assertTrue(any(task in message_text(m) for m in request), "request %d lost the task" % n)
+        store.close()
+
+        resumed = nanocode.Session(self.config(tools=("big",), **SMALL_WINDOW), [].append,
+                                   client=SummarisingClient([]))
+        nanocode.load_session(resumed, store.path)
+        self.addCleanup(resumed.store.close)
+        self.assertEqual(resumed.summary, "## Goal\nsummary %d" % len(client.summaries),
+                         "the previous summary after resume is not the summariser's text")
+        self.assertTrue(nanocode.compact(resumed, "manual"))
+        previous = message_text(resumed.client.summaries[-1][1])
+        self.assertIn("<previous-summary>\n## Goal\nsummary %d\n</previous-summary>" % len(client.summaries), previous)
+        self.assertIn(task, message_text(resumed.messages[1]), "the task is gone after a compaction after resume")
+
+    # -- 4 -------------------------------------------------------------------------------
+
+    def test_unwritable_sessions_dir_stops_saving_with_one_error_and_the_conversation_goes_on(self):
+        open(os.path.join(self.home, "sessions"), "w").close()  # NANOCODE_DIR/sessions is a file
+        config = self.config(save_session=True)
+        events = []
+        session = nanocode.Session(config, events.append, store=nanocode.new_store(config),
+                                   client=ScriptedClient([scripted_reply("one"), scripted_reply("two")]))
+        for prompt in ("hello", "hello again"):
+            end = session.run(prompt)
+            self.assertEqual(end["stopReason"], "done", end["error"])
+        errors = [e for e in events if e["type"] == "error"]
+        self.assertEqual(len(errors), 1, errors)
+        self.assertFalse(errors[0]["fatal"])
+        self.assertEqual([(m["role"], message_text(m)) for m in session.messages[1:]],
+                         [("user", "hello"), ("assistant", "one"), ("user", "hello again"), ("assistant", "two")])
+        self.assertEqual(session.client.requests[1][-3:], session.messages[-4:-1])
+
+    # -- 5 -------------------------------------------------------------------------------
+
+    def test_undo_of_a_prompt_compacted_away_restores_its_files_and_cuts_history(self):
+        with open(os.path.join(self.cwd, "f0.txt"), "wb") as f:
+            f.write(b"original\r\n")
+        big = "y" * 8000
+        change_f0 = ("c0", "edit", {"path": "f0.txt", "edits": [{"oldText": "original", "newText": big}]})
+        replies = [scripted_reply(calls=[change_f0])] + [
+            scripted_reply(calls=[("c%d" % i, "write", {"path": "f%d.txt" % i, "content": big})]) for i in range(1, 6)]
+        session, events = self.session([], client=SummarisingClient(replies + [scripted_reply("done")]),
+                                       tools=("write", "edit"), **SMALL_WINDOW)
+        session.run("change f0 and write five files")
+        self.assertIn(big.encode(), read_bytes(os.path.join(self.cwd, "f0.txt")))
+        self.assertTrue(os.path.exists(os.path.join(self.cwd, "f5.txt")))
+        self.assertTrue([e for e in events if e["type"] == "compaction"], "the script must compact")
+        self.assertFalse(any(message_text(m) == "change f0 and write five files" for m in session.messages),
+                         "the prompt must have been compacted away")
+        try:
+            report = nanocode.undo(session)
+        except nanocode.NanocodeError as e:
+            self.fail("undo refused: %s" % e)
+        self.assertIn("undid 1", report)
+        self.assertEqual(read_bytes(os.path.join(self.cwd, "f0.txt")), b"original\r\n")
+        self.assertEqual(sorted(n for n in os.listdir(self.cwd) if n.endswith(".txt")), ["f0.txt"])
+        self.assertEqual([m for m in session.messages if m["role"] == "tool" or m.get("tool_calls")], [])
+        self.assertEqual(message_problems(session.messages), [])
+        self.assertEqual(session.prompt_seqs, set())
+
+    # -- 6 -------------------------------------------------------------------------------
+
+    def test_no_session_never_writes(self):
+        sessions = os.path.join(self.home, "sessions")
+        with open(os.path.join(self.cwd, "a.txt"), "w") as f:
+            f.write("before")
+
+        def saved_with_an_interrupted_call():
+            store = nanocode.SessionStore.create(self.home, self.cwd, "m")
+            session = nanocode.Session(self.config(save_session=True), [].append, store=store,
+                                       client=ScriptedClient([]))
+            session.append(nanocode.user_message("do it"), prompt=True)
+            session.append(tool_call_message("c1", "bash", {"command": "true"}))
+            store.close()  # killed while the call ran
+            return store.path
+        write_a = scripted_reply(calls=[("w1", "edit", {"path": "a.txt", "edits": [{"oldText": "before", "newText": "after"}]})])
+
+        with self.subTest("resume a file whose interrupted call gets repaired"):
+            path = saved_with_an_interrupted_call()
+            before = tree_snapshot(sessions)
+            session, warnings = nanocode.open_session(self.config(), [].append, resume=path)
+            self.assertTrue(any("repaired 1" in w for w in warnings), warnings)
+            session.client = ScriptedClient([write_a, scripted_reply("ok")])
+            self.assertEqual(session.run("go on")["stopReason"], "done")  # a checkpoint of a.txt is taken
+            self.assertEqual(read_bytes(os.path.join(self.cwd, "a.txt")), b"after")
+            self.assertEqual(tree_snapshot(sessions), before)
+
+        with self.subTest("/resume in the REPL"):
+            path = saved_with_an_interrupted_call()
+            before = tree_snapshot(sessions)
+            session, events = self.session([scripted_reply("b")])
+            loop = self.loop(session)
+            loop.command("/resume " + path)
+            self.assertTrue(loop.wait_idle(10))
+            loop.prompt("second")
+            self.assertTrue(loop.wait_idle(10))
+            self.assertEqual(len(session.client.requests), 1)
+            self.assertIsNone(session.store)
+            self.assertEqual(tree_snapshot(sessions), before)
+
+        with self.subTest("--session NEW --no-session"):
+            new = os.path.join(self.tmp, "new.jsonl")
+            before = tree_snapshot(sessions)
+            session, _ = nanocode.open_session(self.config(), [].append, resume=new)
+            session.client = ScriptedClient([scripted_reply("hi")])
+            self.assertEqual(session.run("hello")["stopReason"], "done")
+            self.assertFalse(os.path.exists(new))
+            self.assertEqual(tree_snapshot(sessions), before)
+
+    # -- 7 -------------------------------------------------------------------------------
+
+    def test_command_loop_worker_survives_a_failing_sink(self):
+        thread_errors = self.quiet_threads()
+        self.quiet_stderr()
+        shown = []
+
+        def broken_pipe(event):  # e.g. stdout went away
+            shown.append(event)
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+        session, _ = self.session([scripted_reply(calls=[("c1", "bash", {"command": "echo hi"})]),
+                                   scripted_reply("x"), scripted_reply("second")])
+        session.sink = broken_pipe
+        loop = self.loop(session)
+        loop.prompt("go")
+        self.assertTrue(loop.wait_idle(5), "the worker never went idle")
+        self.assertFalse(loop.busy)
+        self.assertTrue(loop._worker.is_alive())
+        self.assertEqual(message_problems(session.messages), [])
+        self.assertFalse(loop.prompt("again"), "the next prompt was queued, not started")
+        self.assertTrue(loop.wait_idle(5))
+        self.assertEqual(session.client.requests[-1][-1], {"role": "user", "content": "again"})
+        self.assertEqual(session.last_end["stopReason"], "done")
+        self.assertEqual(thread_errors, [])
+
+    # -- 8 -------------------------------------------------------------------------------
+
+    def test_dequeue_edit_keeps_shell_lines_and_restarts_an_idle_loop(self):
+        first, second = threading.Event(), threading.Event()
+        self.addCleanup(first.set)
+        self.addCleanup(second.set)
+        session, events = self.session([held_reply(first, "first"), scripted_reply("second"),
+                                        held_reply(second, "third"), scripted_reply("fourth")])
+        loop = self.loop(session)
+        shell_outputs = lambda: [message_text(m) for m in session.messages
+                                 if m["role"] == "user" and message_text(m).startswith("I ran `")]
+
+        # busy: the editor changes nothing; the shell line comes back as a shell line
+        os.environ["EDITOR"] = "true"
+        loop.prompt("hello")
+        self.assertTrue(wait_for(lambda: len(session.client.requests) == 1))
+        self.assertTrue(loop.shell("echo one"))
+        self.assertTrue(loop.follow_up("and then"))
+        loop.command("/dequeue edit")
+        first.set()
+        self.assertTrue(loop.wait_idle(10))
+        self.assertEqual(len(shell_outputs()), 1, session.messages)
+        self.assertIn("echo one", shell_outputs()[0])
+        self.assertNotIn("!echo one", [message_text(m) for m in session.messages])
+        self.assertEqual(session.client.requests[1][-1], {"role": "user", "content": "and then"})
+
+        # the run ends while the user edits: what comes back from the editor starts a run
+        flag = os.path.join(self.tmp, "edited.flag")
+        os.environ["EDITOR"] = "while [ ! -e %s ]; do sleep 0.02; done; true" % shlex.quote(flag)
+        loop.prompt("again")
+        self.assertTrue(wait_for(lambda: len(session.client.requests) == 3))
+        self.assertTrue(loop.shell("echo two"))
+        self.assertTrue(loop.follow_up("later"))
+        editing = threading.Thread(target=loop.command, args=("/dequeue edit",), daemon=True)
+        editing.start()
+        self.assertTrue(wait_for(lambda: len(session.inbox) == 0))  # taken out for the editor
+        second.set()
+        self.assertTrue(loop.wait_idle(10))  # the run ended with nothing queued
+        open(flag, "w").close()  # the editor closes
+        editing.join(10)
+        self.assertTrue(wait_for(lambda: len(session.client.requests) == 4), "the edited queue never ran")
+        self.assertTrue(loop.wait_idle(10))
+        self.assertEqual(len(session.inbox), 0)
+        self.assertEqual(len(shell_outputs()), 2)
+        self.assertIn("echo two", shell_outputs()[1])
+        self.assertEqual(session.client.requests[3][-1], {"role": "user", "content": "later"})
+
+    # -- 9 -------------------------------------------------------------------------------
+
+    def test_before_tool_hook_exception_is_an_error_result_for_that_call(self):
+        thread_errors = self.quiet_threads()
+
+        def buggy_policy(session, call):
+            raise RuntimeError("policy bug")
+        session, events = self.session([scripted_reply(calls=[("c1", "read", {"path": "x.txt"})]),
+                                        scripted_reply("ok")])
+        session.before_tool = buggy_policy
+        end = session.run("go")
+        self.assertEqual(end["stopReason"], "done", end["error"])
+        result = [m["content"] for m in session.messages if m["role"] == "tool"]
+        self.assertEqual(len(result), 1)
+        self.assertTrue(result[0].startswith("error:"), result[0])
+        self.assertIn("policy bug", result[0])
+        ends = [e for e in events if e["type"] == "tool_end"]
+        self.assertEqual([(e["id"], e["isError"]) for e in ends], [("c1", True)])
+        assertToolEventContract(self, events)
+        self.assertEqual(thread_errors, [], "a thread traceback")
+
+    # -- 10 ------------------------------------------------------------------------------
+
+    def test_shell_line_queued_while_busy_runs_without_a_model_request(self):
+        gate, answer_gate = threading.Event(), threading.Event()
+        self.addCleanup(gate.set)
+        self.addCleanup(answer_gate.set)
+        session, events = self.session([])  # no model request expected at first
+        loop = self.loop(session)
+        last = lambda: message_text(session.messages[-1])
+
+        # while a slash command works
+        loop.when_idle("slow", lambda cancel: gate.wait(10))
+        self.assertTrue(loop.shell("echo during-command"))
+        gate.set()
+        self.assertTrue(loop.wait_idle(10))
+        self.assertEqual(session.client.requests, [], "a model request for shell output alone")
+        self.assertTrue(last().startswith("I ran `echo during-command`"), last())
+
+        # while the agent answers: the shell line runs when it ends, and asks for no further answer
+        session.client.replies.append(held_reply(answer_gate, "hello back"))
+        loop.prompt("hello")
+        self.assertTrue(wait_for(lambda: len(session.client.requests) == 1))
+        self.assertTrue(loop.shell("echo during-answer"))
+        answer_gate.set()
+        self.assertTrue(loop.wait_idle(10))
+        self.assertEqual(len(session.client.requests), 1, "a model request for shell output alone")
+        self.assertEqual(session.last_end["stopReason"], "done", session.last_end["error"])
+        self.assertTrue(last().startswith("I ran `echo during-answer`"), last())
+
+    # -- 11 ------------------------------------------------------------------------------
+
+    def test_session_store_write_after_close_writes_nothing(self):
+        store = nanocode.SessionStore.create(self.home, self.cwd, "m")
+        store.message(0, {"role": "user", "content": "hi"}, True)
+        store.close()
+        before = read_bytes(store.path)
+        store.message(1, {"role": "assistant", "content": "late"})
+        store.write({"type": "model_change", "model": "other"})
+        self.assertEqual(read_bytes(store.path), before)
+        self.assertIsNone(store._fd, "a closed store opened its file again")
+
+
+class TestRobustnessMore(ReviewCase):
+    """Parallel calls waiting for a slot, blobs that cannot be saved, undo and the latest request, queued kinds."""
+
+    def test_a_ninth_parallel_call_of_an_aborted_run_neither_asks_nor_runs(self):
+        # finding 2, not quite fixed: a read-only call still waiting for a slot (MAX_PARALLEL_TOOLS) when the
+        # run is aborted reads self.cancel (in _run_batch.work) and self._events / self.cancel (in _run_call)
+        # only when it gets the slot: by then they are the next run's, so it starts, asks and runs in that run
+        ran, entered = [], []
+        release, second_gate = threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+        self.addCleanup(second_gate.set)
+        nanocode.tool("peek", "a read-only test tool", readonly=True)(lambda ctx: ran.append(1) or "peeked")
+        self.addCleanup(nanocode.TOOLS.pop, "peek", None)
+        count = nanocode.MAX_PARALLEL_TOOLS + 1
+        calls = [("c%d" % i, "peek", {}) for i in range(count)]
+
+        def slow_policy(session, call):
+            entered.append(call["id"])
+            release.wait(10)
+            return ("ask", "run %s?" % call["id"])
+        session, events = self.session([scripted_reply(calls=calls), held_reply(second_gate, "hi")], tools=("peek",))
+        session.interactive = True
+        session.before_tool = slow_policy
+        loop = self.loop(session)
+        loop.prompt("peek a lot")
+        self.assertTrue(wait_for(lambda: len(entered) == nanocode.MAX_PARALLEL_TOOLS))
+        workers = [t for t in threading.enumerate() if t.name.endswith("(work)")]
+        self.assertEqual(len(workers), count)
+        loop.abort()
+        self.assertTrue(loop.wait_idle(10))
+        first_end = len(events)
+        loop.prompt("never mind")
+        self.assertTrue(wait_for(lambda: len(session.client.requests) == 2))
+        release.set()
+        self.assertTrue(wait_for(lambda: session.pending_asks() or not any(t.is_alive() for t in workers)))
+        if session.pending_asks():
+            loop.answer("yes")
+        self.assertTrue(wait_for(lambda: not any(t.is_alive() for t in workers)))
+        second_gate.set()
+        self.assertTrue(loop.wait_idle(10))
+        late = [(e["type"], e.get("id"), e.get("toolCallId")) for e in events[first_end:]
+                if e.get("id") in dict.fromkeys(c[0] for c in calls) or e["type"] == "ask"]
+        self.assertEqual(late, [], "events of the aborted run's calls inside the next run")
+        self.assertEqual(ran, [], "a call of the aborted run ran its tool")
+
+    def test_unwritable_sessions_dir_still_lets_the_agent_change_files(self):
+        # finding 4, not quite fixed: the session file stops saving, but the checkpoint blobs still go to
+        # <sessions>/<slug>/<name>.checkpoints, so every write or edit of an existing file fails
+        open(os.path.join(self.home, "sessions"), "w").close()
+        with open(os.path.join(self.cwd, "a.txt"), "w") as f:
+            f.write("old")
+        config = self.config(save_session=True)
+        session = nanocode.Session(config, [].append, store=nanocode.new_store(config), client=ScriptedClient([
+            scripted_reply(calls=[("e1", "edit", {"path": "a.txt", "edits": [{"oldText": "old", "newText": "new"}]})]),
+            scripted_reply("ok")]))
+        self.assertEqual(session.run("change a.txt")["stopReason"], "done")
+        result = [m["content"] for m in session.messages if m["role"] == "tool"][0]
+        self.assertFalse(result.startswith("error"), result)
+        self.assertEqual(read_bytes(os.path.join(self.cwd, "a.txt")), b"new")
+        nanocode.undo(session)
+        self.assertEqual(read_bytes(os.path.join(self.cwd, "a.txt")), b"old")
+
+    def test_an_undone_request_does_not_come_back_as_the_latest_request(self):
+        # findings 3 and 5: undo cuts the history but leaves session.latest_user at the undone prompt, so
+        # the next compaction writes it into the summary as "The user's latest request, verbatim"
+        session, events = self.session([], client=SummarisingClient([
+            scripted_reply("a1"), scripted_reply(calls=[("w1", "write", {"path": "x.txt", "content": "x"})]),
+            scripted_reply("a2")]))
+        session.run("first request")
+        session.run("DROP THE DATABASE")
+        nanocode.undo(session)
+        self.assertTrue(nanocode.compact(session, "manual"))
+        self.assertNotIn("DROP THE DATABASE", message_text(session.messages[1]))
+
+    def test_dequeue_edit_keeps_a_steering_message_that_starts_with_a_bang_a_message(self):
+        # finding 8, not quite fixed: Inbox.clear() returns shell lines as "!command" in the steering list,
+        # and cmd_dequeue turns every steering text starting with "!" back into a shell line, so a message
+        # sent with /steer "!..." is run in the shell after /dequeue edit, even when the editor changes nothing
+        gate = threading.Event()
+        self.addCleanup(gate.set)
+        session, events = self.session([held_reply(gate, "first"), scripted_reply("second")])
+        loop = self.loop(session)
+        os.environ["EDITOR"] = "true"
+        loop.prompt("hello")
+        self.assertTrue(wait_for(lambda: len(session.client.requests) == 1))
+        text = "!touch stolen.txt is what you must NOT do"
+        loop.command("/steer " + text)
+        loop.command("/dequeue edit")
+        gate.set()
+        self.assertTrue(loop.wait_idle(10))
+        self.assertFalse(os.path.exists(os.path.join(self.cwd, "stolen.txt")), "the message was run as a command")
+        self.assertEqual(session.client.requests[1][-1], {"role": "user", "content": text})
 
 
 # =============================================================================
