@@ -6746,6 +6746,54 @@ def run_repl(config, resume=None, pick=False):
 # =============================================================================
 
 
+DOCTOR_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def run_doctor(config, out=None):
+    """--doctor: what the endpoint is, then live checks (a streamed answer, a tool call, two calls in one
+    answer), each a line with ✓ or ✗. Exit 0 when streaming and tool calls work."""
+    out = out or sys.stdout
+    say = lambda text: (out.write(text + "\n"), out.flush())
+    say("nanocode %s doctor" % VERSION)
+    say("endpoint: %s · model %s · key: %s" % (display_url(config.chat_url), config.model, config.key_source))
+    profile = server_profile(config, fresh=True)
+    say("server:   %s" % describe_profile(profile))
+    client, results = ChatClient(config, lambda event: None), {}
+
+    def check(name, messages, tools):
+        texts, thoughts, start = [], [], time.monotonic()
+        try:
+            reply = client.stream(messages, tools, Cancel(), texts.append, lambda text, moved: thoughts.append(text))
+        except APIError as e:
+            say("✗ %s: %s" % (name, redact(str(e), secrets_of(config))))
+            return None
+        results[name] = reply
+        reply.deltas, reply.seconds = len(texts), time.monotonic() - start
+        return reply
+    reply = check("streaming", [user_message("Reply with the single word: ready")], None)
+    if reply is not None:
+        say("%s streaming: %d deltas in %.1fs, %r" % ("✓" if reply.complete and reply.text else "✗", reply.deltas,
+                                                     reply.seconds, one_line(reply.text, 40)))
+        say("%s usage reported%s" % ("✓" if reply.usage else "·", "" if reply.usage else ": no (the gauge estimates)"))
+        say("%s reasoning %s" % ("·", "streamed" if reply.reasoning else "not seen"))
+    reply = check("tool call", [user_message("What is the weather in Paris? Call the tool.")], [DOCTOR_TOOL])
+    tool_ok = bool(reply and reply.tool_calls and reply.tool_calls[0]["name"] == "get_weather")
+    if reply is not None:
+        how = "written as text (parsed)" if reply.text_calls else "structured"
+        say("%s tool call: %s" % ("✓" if tool_ok else "✗", "%s, arguments %s" % (how, reply.tool_calls[0]["arguments"])
+                                  if tool_ok else "none came back; try --tools none or a model with tool support"))
+    reply = check("parallel calls", [user_message("Get the weather in Paris and in Tokyo: two tool calls at once.")],
+                  [DOCTOR_TOOL])
+    if reply is not None:
+        say("%s parallel calls: %d in one answer" % ("✓" if len(reply.tool_calls) > 1 else "·", len(reply.tool_calls)))
+    client.close()
+    healthy = "streaming" in results and results["streaming"].complete and tool_ok
+    say("healthy" if healthy else "not healthy: see the ✗ lines")
+    return 0 if healthy else 1
+
+
 def build_parser():
     """The command-line flags."""
     import argparse
@@ -6768,6 +6816,7 @@ def build_parser():
     p.add_argument("--no-context-files", action="store_true", help="do not load AGENTS.md / CLAUDE.md")
     p.add_argument("--quiet", action="store_true", help="print only the final answer")
     p.add_argument("--max-turns", type=int, help="stop after N model requests (default 100)")
+    p.add_argument("--doctor", action="store_true", help="check the endpoint: what it is, streaming, tool calls; exit 0/1")
     p.add_argument("--version", action="version", version="nanocode " + VERSION)
     return p
 
@@ -6799,6 +6848,8 @@ def main(argv=None):
     except ConfigError as e:
         sys.stderr.write("nanocode: error: %s\n" % e)
         return 2
+    if args.doctor:
+        return run_doctor(config)
     stdin = sys.stdin if (config.print_mode or args.prompt or not sys.stdin.isatty()) else None
     prompt = read_prompt(args, stdin)
     target = resume_target(args)

@@ -769,6 +769,83 @@ class TestConfiguration(NanocodeTestCase):
         self.assertIsNone(nanocode.probe_local_servers({"NANOCODE_PROBE_PORTS": str(closed_port())}))
 
 
+class TestServerProfiles(EndToEndTestCase):
+    """What local servers publish about themselves, and what nanocode does with it."""
+
+    def imitate(self, kind):
+        """Make the fake server answer like a llama.cpp, Ollama, vLLM or LM Studio server."""
+        f = self.fake
+        if kind == "llama.cpp, no tools":
+            f.routes["/props"] = {"default_generation_settings": {"n_ctx": 8192}, "chat_template_caps": {"supports_tools": False}}
+        elif kind == "llama.cpp, old template":
+            f.routes["/props"] = {"default_generation_settings": {"n_ctx": 4096}, "chat_template": "{{ messages }} no tool support"}
+            f.model_entries = {"local-model": {"meta": {"n_ctx_train": 32768, "n_ctx": 4096}}}
+        elif kind == "Ollama":
+            f.routes["/api/show"] = {"capabilities": ["completion", "tools"], "model_info": {"qwen3.context_length": 40960}}
+            f.routes["/api/ps"] = {"models": [{"name": "local-model", "model": "local-model", "context_length": 4096}]}
+        elif kind == "vLLM":
+            f.model_entries = {"local-model": {"owned_by": "vllm", "max_model_len": 32768}}
+        elif kind == "LM Studio":
+            f.routes["/api/v0/models"] = {"data": [{"id": "local-model", "type": "llm", "max_context_length": 32768,
+                                                    "loaded_context_length": 16384, "capabilities": ["tool_use"]}]}
+
+    def run_once(self, *extra):
+        self.fake.enqueue(answer("ok"))
+        rc, events, err = self.run_json("--model", "local-model", *extra, "hi")
+        self.assertEqual(rc, 0, err)
+        return events, self.fake.posts[-1].json
+
+    def test_each_server_kind_is_recognised_and_its_context_used(self):
+        cases = [("llama.cpp, no tools", "llama.cpp · n_ctx 8192 · tools: no (template) → tool calls as text", 2048),
+                 ("llama.cpp, old template", "llama.cpp · n_ctx 4096 · tools: no (template) → tool calls as text", 1024),
+                 ("Ollama", "Ollama · n_ctx 4096 · tools: yes", 1024),
+                 ("vLLM", "vLLM · n_ctx 32768", 8192),
+                 ("LM Studio", "LM Studio · n_ctx 16384 · tools: yes", 4096)]
+        for kind, line, cap in cases:
+            with self.subTest(server=kind):
+                self.fake.reset()
+                self.fake.routes, self.fake.model_entries = {}, {}
+                shutil.rmtree(os.path.join(self.home, "cache"), ignore_errors=True)
+                self.imitate(kind)
+                events, body = self.run_once()
+                self.assertIn(line, [e["text"] for e in self.of_type(events, "info")])
+                self.assertEqual(body["max_tokens"], cap)
+
+    def test_a_template_without_tools_gets_tool_calls_as_text(self):
+        self.imitate("llama.cpp, no tools")
+        self.write_file("notes.txt", "hello\n")
+        self.fake.enqueue(answer('<tool_call>\n{"name": "read", "arguments": {"path": "notes.txt"}}\n</tool_call>'))
+        self.fake.enqueue(answer("It says hello."))
+        rc, events, err = self.run_json("--model", "local-model", "read notes.txt")
+        self.assertEqual(rc, 0, err)
+        first, second = self.fake.posts[0].json, self.fake.posts[1].json
+        self.assertNotIn("tools", first)
+        self.assertIn('<tool_call>\n{"name": "TOOL", "arguments": {...}}\n</tool_call>', first["messages"][0]["content"])
+        self.assertIn("- read(path, offset?, limit?)", first["messages"][0]["content"])
+        sent = second["messages"]
+        self.assertEqual([m["role"] for m in sent], ["system", "user", "assistant", "user"])
+        self.assertIn("<tool_call>", sent[2]["content"])
+        self.assertNotIn("tool_calls", sent[2])
+        self.assertTrue(sent[3]["content"].startswith("<tool_response>\n"))
+        self.assertIn("hello", sent[3]["content"])
+
+    def test_settings_win_over_what_the_server_says_and_the_profile_is_cached(self):
+        self.imitate("llama.cpp, no tools")
+        self.write_settings({"contextWindow": 100000, "maxTokens": 3000, "compat": {"toolCalls": "native"}})
+        events, body = self.run_once()
+        self.assertEqual(body["max_tokens"], 3000)
+        self.assertIn("tools", body)
+        props = [r for r in self.fake.requests if r.path == "/props"]
+        self.run_once()
+        self.assertEqual(len([r for r in self.fake.requests if r.path == "/props"]), len(props), "asked again within the cache's lifetime")
+
+    def test_hosted_endpoints_are_not_probed(self):
+        config = nanocode.Config(base_url="https://api.example.com/v1", home=self.home)
+        session = nanocode.Session(config, lambda e: None)
+        session.learn_server()
+        self.assertIsNone(session._profile_job)
+
+
 # =============================================================================
 # 3. Utilities
 # =============================================================================
@@ -6855,6 +6932,28 @@ class TestCLI(EndToEndTestCase):
         self.assertTrue(usage["estimated"])
         self.assertGreater(usage["input"], 100)
         self.assertGreater(events[-1]["usage"]["input"], 100)
+
+    def test_doctor_checks_streaming_and_tool_calls(self):
+        self.fake.routes["/props"] = {"default_generation_settings": {"n_ctx": 8192}, "chat_template_caps": {"supports_tools": True}}
+        self.fake.enqueue(sse(text_chunk("ready"), finish_chunk(), usage_chunk()))
+        self.fake.enqueue(tool_answer("get_weather", {"city": "Paris"}))
+        self.fake.enqueue(sse(tool_chunk(tool_delta(0, "a", "get_weather", '{"city":"Paris"}'),
+                                         tool_delta(1, "b", "get_weather", '{"city":"Tokyo"}')), finish_chunk("tool_calls")))
+        rc, out, err, _ = self.run_nanocode(["--doctor"])
+        self.assertEqual(rc, 0, out + err)
+        for line in ("server:   llama.cpp · n_ctx 8192 · tools: yes", "✓ streaming", "✓ usage reported",
+                     '✓ tool call: structured, arguments {"city": "Paris"}', "✓ parallel calls: 2 in one answer", "healthy"):
+            self.assertIn(line, out)
+
+    def test_doctor_names_what_is_wrong(self):
+        self.fake.enqueue(answer("ready"))
+        for _ in range(2):
+            self.fake.enqueue_json({"error": {"code": 500, "message": "tools param requires --jinja flag"}}, status=500)
+        rc, out, err, _ = self.run_nanocode(["--doctor"])
+        self.assertEqual(rc, 1)
+        self.assertIn("✗ tool call: HTTP 500: tools param requires --jinja flag (start llama-server with --jinja", out)
+        self.assertIn("not healthy", out)
+        self.assertNotIn("test-key", out)
 
     def test_sighup_mid_stream_exits_129_with_agent_end(self):
         rc, events, elapsed = self._interrupt(signal.SIGHUP)
