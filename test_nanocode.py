@@ -6525,6 +6525,89 @@ class TestHeadless(EndToEndTestCase):
         self.assertEqual(len(self.fake.posts), 1)
 
 
+def _fault_fifo(case):
+    os.mkfifo(os.path.join(case.cwd, "pipe"))
+    case.fake.enqueue(tool_answer("read", {"path": "pipe"}))
+    case.fake.enqueue(answer("ok"))
+
+
+def _fault_tool(name, args):
+    def setup(case):
+        case.fake.enqueue(tool_answer(name, args))
+        case.fake.enqueue(answer("ok"))
+    return setup
+
+
+def _fault_reply(*bodies, **options):
+    def setup(case):
+        for body in bodies:
+            case.fake.enqueue(body, **options)
+    return setup
+
+
+def _fault_unread_write(case):
+    case.write_file("precious.txt", "the user's work\n")
+    _fault_tool("write", {"path": "precious.txt", "content": "overwritten"})(case)
+
+
+#: (case, setup(case), extra env, expected: rc, stopReason, a text in the events or stderr, seconds at most)
+FAULTS = [
+    ("keep-alive comments forever", _fault_reply([sse_event(text_chunk("partial"))] + [b": ping\n\n", 0.2] * 60),
+     {"NANOCODE_IDLE_TIMEOUT": "1"}, (1, "error", "no data from the provider for 1s", 8)),
+    ("bytes after [DONE] forever", _fault_reply([sse(text_chunk("done"), finish_chunk())] + [b": tail\n\n", 0.2] * 60),
+     {}, (0, "done", "done", 8)),
+    ("an HTML page with status 200", _fault_reply(b"<html><head><title>Proxy login</title></head></html>", content_type="text/html"),
+     {}, (1, "error", "HTML page", 8)),
+    ("a gzip-encoded stream", lambda case: case.fake.enqueue(__import__("gzip").compress(sse(text_chunk("zipped"), finish_chunk())),
+                                                            headers={"Content-Encoding": "gzip"}), {}, (0, "done", "zipped", 8)),
+    ("nested thinking parts", _fault_reply(sse(chunk({"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "hm"}]},
+                                                                  {"type": "text", "text": "fine"}]}), finish_chunk())),
+     {}, (0, "done", "fine", 8)),
+    ("read of a FIFO", _fault_fifo, {}, (0, "done", "not a regular file", 8)),
+    ("bash closes its output and sleeps", _fault_tool("bash", {"command": "exec >&- 2>&-; sleep 40", "timeout": 2}),
+     {}, (0, "done", "timed out", 12)),
+    ("write over a file never read", _fault_unread_write, {}, (0, "done", "read it first", 8)),
+]
+
+
+class TestFaultMatrix(EndToEndTestCase):
+    """Hostile servers, files and commands, end to end: each ends as expected, in time, with agent_end last."""
+
+    def test_faults(self):
+        for name, setup, env, (rc, stop, needle, seconds) in FAULTS:
+            with self.subTest(case=name):
+                self.fake.reset()
+                setup(self)
+                start = time.monotonic()
+                got_rc, events, err = self.run_json("go", env=env, timeout=60)
+                elapsed = time.monotonic() - start
+                self.assertEqual((got_rc, events[-1]["stopReason"]), (rc, stop), err[-2000:])
+                self.assertIn(needle, json.dumps(events, ensure_ascii=False) + err)
+                self.assertLess(elapsed, seconds)
+                assertToolEventContract(self, events)
+        with open(os.path.join(self.cwd, "precious.txt"), encoding="utf-8") as f:
+            self.assertEqual(f.read(), "the user's work\n")
+
+    def test_sigterm_while_a_command_ignores_it_ends_within_a_second_or_two(self):
+        self.fake.enqueue(tool_answer("bash", {"command": "trap '' TERM; echo started; sleep 30"}))
+        proc = subprocess.Popen([sys.executable, NANOCODE, "--mode", "json", "--no-session", "go"], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.nanocode_env(), cwd=self.cwd,
+                                preexec_fn=_default_sigint)
+        self.addCleanup(proc.stdout.close)
+        self.addCleanup(proc.stderr.close)
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        reader = LineReader(proc.stdout)
+        self.assertIsNotNone(reader.wait_for("started"), reader.seen)
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        rc = proc.wait(15)
+        self.assertEqual(rc, 143)
+        self.assertLess(time.monotonic() - start, 3.0)
+        events = parse_event_lines(reader.rest())
+        self.assertEqual(events[-1]["type"], "agent_end")
+        self.assertEqual(events[-1]["stopReason"], "aborted")
+
+
 # =============================================================================
 # 17. Front ends: REPL rendering
 # =============================================================================
