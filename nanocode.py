@@ -4970,6 +4970,9 @@ class Session:
         if profile.kind or profile.context or profile.tools is not None:
             self.emit({"type": "info", "command": "profile",
                        "text": describe_profile(profile) + (" → tool calls as text" if text_mode else "")})
+        if profile.context and self.context_tokens() > compaction_threshold(self):  # Ollama would drop the front
+            self.emit({"type": "info", "command": "profile", "text": "the conversation (≈%d tokens) is larger than the "
+                       "server's context (%d): compacting first" % (self.context_tokens(), profile.context)})
 
     def _request(self, toolset):
         """Stream one reply; compacts first when the context is full, and once more on an overflow answer."""
