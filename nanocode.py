@@ -2702,21 +2702,94 @@ _META_CHARSET_RE = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([\w.:-]+)"""
 _TEXT_TYPE_RE = re.compile(r"^text/|[/+](json|xml|javascript|ecmascript|x-sh|yaml|x-yaml|toml|csv)$")
 
 
-def _open_url(url, timeout, cancel, data=None, headers=None, hint="check the URL"):
-    """Open url (a POST when data is given); HTTP and network failures become one-line ToolErrors."""
+def _fetch(url, timeout, cancel, data=None, headers=None, hint="check the URL"):
+    """(body, cut, final URL, content type) of a request; at most WEB_MAX_BYTES of body are read.
+
+    timeout bounds the whole fetch, not each read: a server that drips a byte a second, or a
+    name lookup that hangs, still ends it on time. The request runs on a daemon thread; at the
+    deadline or on cancel this thread stops waiting and shuts the request's sockets."""
+    if cancel.is_set():
+        raise ToolError("cancelled")
+    stop, done, box = Cancel(), threading.Event(), {}
+
+    def work():
+        try:
+            with _open_url(url, timeout, stop, data, headers, hint) as resp:
+                body, cut = _read_capped(resp, WEB_MAX_BYTES, stop, url, timeout)
+                box["value"] = body, cut, resp.geturl(), resp.headers.get("Content-Type", "")
+        except BaseException as e:  # handed to the waiting thread
+            box["error"] = e
+        finally:
+            stop.cancel()  # shuts and closes the spare socket descriptors
+            done.set()
+
+    unhook = cancel.on_cancel(done.set)
+    try:
+        threading.Thread(target=work, name="webfetch", daemon=True).start()
+        finished = done.wait(timeout)
+    finally:
+        unhook()
+    if "value" in box:
+        return box["value"]
+    stop.cancel()  # wakes the worker: its reads end at once
+    if cancel.is_set():
+        raise ToolError("cancelled")
+    if not finished:
+        raise ToolError("timed out after %gs fetching %s; try a larger timeoutSeconds" % (timeout, url))
+    raise box["error"]
+
+
+def _open_url(url, timeout, stop, data=None, headers=None, hint="check the URL"):
+    """Open url (a POST when data is given) with _web_opener; HTTP and network failures become
+    one-line ToolErrors."""
     import http.client
     import urllib.error
     import urllib.request
-    if cancel.is_set():
-        raise ToolError("cancelled")
     req = urllib.request.Request(url, data=data, headers=dict(WEB_HEADERS, **(headers or {})))
     try:
-        return urllib.request.urlopen(req, timeout=timeout)
+        return _web_opener(stop).open(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         e.close()
         raise ToolError("HTTP %d %s for %s; %s" % (e.code, e.reason, url, hint))
     except (OSError, http.client.HTTPException) as e:
         raise _network_error(url, e, timeout)
+
+
+def _web_opener(stop):
+    """A urllib opener whose sockets stop shuts down."""
+    import urllib.request
+
+    def watched(handler_class):
+        class Handler(handler_class):
+            def do_open(self, http_class, req, **kwargs):
+                class Connection(http_class):
+                    def __init__(self, *args, **kw):
+                        http_class.__init__(self, *args, **kw)
+                        create = self._create_connection
+                        self._create_connection = lambda *a, **k: _watch_socket(create(*a, **k), stop)
+                return handler_class.do_open(self, Connection, req, **kwargs)
+        return Handler
+
+    handlers = [watched(urllib.request.HTTPHandler)]
+    if hasattr(urllib.request, "HTTPSHandler"):  # Python built without ssl: http only
+        handlers.append(watched(urllib.request.HTTPSHandler))
+    return urllib.request.build_opener(*handlers)
+
+
+def _watch_socket(sock, stop):
+    """sock, which stop shuts down from any thread, even once it is wrapped in TLS: through a
+    duplicate descriptor of the same connection, closed by stop too."""
+    import socket
+    spare = sock.dup()
+
+    def shut():
+        try:
+            spare.shutdown(socket.SHUT_RDWR)  # a blocked read on sock returns at once
+        except OSError:  # already closed by the peer
+            pass
+        spare.close()
+    stop.on_cancel(shut)
+    return sock
 
 
 def _network_error(url, exc, timeout):
@@ -2731,20 +2804,13 @@ def _network_error(url, exc, timeout):
     return ToolError("network unreachable: %s (%s); check the URL or your connection" % (detail, url))
 
 
-def _fetch(url, timeout, cancel, data=None, headers=None, hint="check the URL"):
-    """(body, cut, final URL, content type) of a request; at most WEB_MAX_BYTES of body are read."""
-    with _open_url(url, timeout, cancel, data, headers, hint) as resp:
-        body, cut = _read_capped(resp, WEB_MAX_BYTES, cancel, url, timeout)
-        return body, cut, resp.geturl(), resp.headers.get("Content-Type", "")
-
-
 def _read_capped(resp, limit, cancel, url, timeout):
     """Read at most limit bytes of the body; returns (body, was_cut)."""
     import http.client
     chunks, size = [], 0
     try:
         while size <= limit:
-            if cancel.is_set():  # checked between chunks: cheap, and bounded by the timeout
+            if cancel.is_set():  # checked between chunks; a read in progress is ended by _watch_socket
                 raise ToolError("cancelled")
             chunk = resp.read(min(65536, limit + 1 - size))
             if not chunk:

@@ -2272,7 +2272,8 @@ DDG_PAGE = b"""<html><body>
 
 
 class _WebHandler(http.server.BaseHTTPRequestHandler):
-    """Serves self.server.routes: path -> (status, headers dict, body); records every request."""
+    """Serves self.server.routes: path -> (status, headers dict, body); records every request.
+    A status of None makes body(handler) write the whole raw response itself."""
 
     def do_GET(self):
         self._answer()
@@ -2284,6 +2285,9 @@ class _WebHandler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         self.server.requests.append((self.command, self.path, self.headers, self.rfile.read(length)))
         status, headers, body = self.server.routes.get(self.path.split("?")[0], (404, {}, b"<h1>gone</h1>"))
+        if status is None:
+            body(self)
+            return
         if callable(body):
             body = body()
         self.send_response(status)
@@ -2317,11 +2321,31 @@ class WebTestCase(unittest.TestCase):
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
         self.addCleanup(self.server.server_close)
         self.addCleanup(self.server.shutdown)
+        self.ending = threading.Event()  # ends the raw writers of serve_slowly
+        self.addCleanup(self.ending.set)
 
     def serve(self, path, body, content_type="text/html", status=200, **headers):
         headers["Content-Type"] = content_type
         self.server.routes[path] = (status, headers, body)
         return self.url + path
+
+    def serve_slowly(self, path, head, piece=b"a", every=0.1, limit=15.0):
+        """Answer path with the raw bytes head, then piece every `every` seconds, for `limit`
+        seconds at most (what a client without a total deadline waits). Returns (url, asked,
+        hung_up): events set once the request came and once the client closed the connection."""
+        asked, hung_up = threading.Event(), threading.Event()
+
+        def write(handler):
+            asked.set()
+            end = time.monotonic() + limit
+            try:
+                handler.wfile.write(head)
+                while time.monotonic() < end and not self.ending.wait(every):
+                    handler.wfile.write(piece)
+            except OSError:  # the client shut the connection
+                hung_up.set()
+        self.server.routes[path] = (None, {}, write)
+        return self.url + path, asked, hung_up
 
     def run_web(self, name, **args):
         return nanocode.run_tool(self.ctx, name, args)
@@ -2439,6 +2463,49 @@ class TestWebFetch(WebTestCase):
         self.ctx.cancel.cancel()
         self.assertToolError(self.run_web("webfetch", url=self.serve("/p", b"hi")), "cancelled")
         self.assertEqual(self.server.requests, [])
+
+    # -- hostile servers: the deadline is for the whole fetch --
+
+    def assertEndsInTime(self, url, fragment, **args):
+        """webfetch of url fails with fragment within 5 s (the server would keep it 15 s)."""
+        started = time.monotonic()
+        result = self.run_web("webfetch", url=url, **args)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertToolError(result, fragment)
+
+    def test_dripped_headers_end_at_the_deadline(self):
+        # every byte comes well within the socket timeout: only a total deadline ends this
+        url, _, hung_up = self.serve_slowly("/drip", b"HTTP/1.0 200 OK\r\nX-Slow: ")
+        self.assertEndsInTime(url, "timed out after 1s fetching %s" % url, timeoutSeconds=1)
+        self.assertTrue(hung_up.wait(5), "the connection was left open")
+
+    def test_dripped_body_ends_at_the_deadline(self):
+        head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\nstart "
+        url, _, hung_up = self.serve_slowly("/drip", head)
+        self.assertEndsInTime(url, "timed out after 1s", timeoutSeconds=1)
+        self.assertTrue(hung_up.wait(5), "the connection was left open")
+
+    def test_endless_body_stops_at_the_cap_or_the_deadline(self):
+        head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n"  # no length: it ends when it ends
+        url, _, hung_up = self.serve_slowly("/fast", head, b"b" * 65536, every=0.001)
+        text = self.fetch(url, maxCharacters=100)
+        self.assertIn("[body cut at 5 MB", text)
+        self.assertTrue(hung_up.wait(5), "the connection was left open")
+        url, _, hung_up = self.serve_slowly("/slow", head, b"b" * 1024)
+        self.assertEndsInTime(url, "timed out after 1s", timeoutSeconds=1)
+        self.assertTrue(hung_up.wait(5), "the connection was left open")
+
+    def test_cancel_ends_a_hanging_fetch(self):
+        heads = {"headers": b"HTTP/1.0 200 OK\r\nX-Slow: ",
+                 "body": b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 9999\r\n\r\n"}
+        for phase, head in heads.items():
+            with self.subTest(case=phase):
+                self.ctx = nanocode.ToolContext(self.ctx.cwd)
+                url, asked, hung_up = self.serve_slowly("/" + phase, head)
+                cancel = self.ctx.cancel
+                threading.Thread(target=lambda: asked.wait(10) and cancel.cancel(), daemon=True).start()
+                self.assertEndsInTime(url, "cancelled", timeoutSeconds=60)
+                self.assertTrue(hung_up.wait(5), "the connection was left open")
 
     def test_readonly_and_schema_budget(self):
         for name in ("webfetch", "websearch"):
