@@ -2756,8 +2756,27 @@ def _open_url(url, timeout, stop, data=None, headers=None, hint="check the URL")
 
 
 def _web_opener(stop):
-    """A urllib opener whose sockets stop shuts down."""
+    """A urllib opener that follows only http(s) redirects and whose sockets stop shuts down."""
     import urllib.request
+
+    class Redirects(urllib.request.HTTPRedirectHandler):
+        # urllib follows redirects to ftp:// by itself; file:, data: and others are refused here
+        # first, so the error names the target
+        def http_error_302(self, req, fp, code, msg, headers):
+            from urllib.parse import urljoin, urlsplit
+            location = headers.get("Location") or headers.get("URI") or ""
+            try:
+                target = urljoin(req.full_url, location.strip())
+                scheme = urlsplit(target).scheme.lower()
+            except ValueError:
+                target, scheme = location, ""
+            if scheme not in ("http", "https"):
+                fp.close()
+                raise ToolError("refused the redirect from %s to %s: only http:// and https:// redirects are followed"
+                                % (one_line(req.full_url, 200), one_line(target, 200) or "an empty address"))
+            return urllib.request.HTTPRedirectHandler.http_error_302(self, req, fp, code, msg, headers)
+
+        http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
     def watched(handler_class):
         class Handler(handler_class):
@@ -2770,7 +2789,7 @@ def _web_opener(stop):
                 return handler_class.do_open(self, Connection, req, **kwargs)
         return Handler
 
-    handlers = [watched(urllib.request.HTTPHandler)]
+    handlers = [Redirects, watched(urllib.request.HTTPHandler)]
     if hasattr(urllib.request, "HTTPSHandler"):  # Python built without ssl: http only
         handlers.append(watched(urllib.request.HTTPSHandler))
     return urllib.request.build_opener(*handlers)

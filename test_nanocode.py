@@ -2507,6 +2507,19 @@ class TestWebFetch(WebTestCase):
                 self.assertEndsInTime(url, "cancelled", timeoutSeconds=60)
                 self.assertTrue(hung_up.wait(5), "the connection was left open")
 
+    def test_redirects_only_to_http(self):
+        targets = ["ftp://127.0.0.1:%d/x" % closed_port(), "file:///etc/passwd", "data:text/plain,hi",
+                   "gopher://127.0.0.1/x"]
+        for target in targets:
+            with self.subTest(case=target):
+                url = self.serve("/away", b"", status=302, Location=target)
+                self.assertToolError(self.run_web("webfetch", url=url),
+                                     "refused the redirect from %s to %s: only http:// and https://" % (url, target))
+        self.assertEqual([r[1] for r in self.server.requests], ["/away"] * len(targets))
+        self.serve("/page.html", b"<p>landed</p>")
+        self.serve("/same-scheme", b"", status=307, Location="//127.0.0.1:%d/page.html" % self.server.server_address[1])
+        self.assertIn("landed", self.fetch(self.url + "/same-scheme"))
+
     def test_readonly_and_schema_budget(self):
         for name in ("webfetch", "websearch"):
             with self.subTest(case=name):
