@@ -2906,7 +2906,9 @@ def _tidy_markdown(text):
 class _MarkdownConverter:
     """HTML to Markdown, driven by html.parser. Elements that reshape their content
     (links, list items, cells...) collect it in their own buffer on a stack and
-    render it when they close."""
+    render it when they close. Each render copies the content, so the stack is capped
+    at MAX_DEPTH: deeper elements leave their content to the innermost open one, which
+    keeps a hostile page (20,000 nested lists) linear."""
 
     DROP = frozenset("script style nav noscript svg template iframe title button select".split())
     BLOCK = frozenset("p div section article main aside figure figcaption form dl dt dd".split())
@@ -2918,10 +2920,13 @@ class _MarkdownConverter:
     #: a start tag closes an open sibling: tag -> (siblings, tags that bound the search)
     IMPLIED_END = {"a": ({"a"}, ()), "li": ({"li"}, {"ul", "ol"}), "tr": ({"tr"}, {"table"}),
                    "td": ({"td", "th"}, {"tr", "table"}), "th": ({"td", "th"}, {"tr", "table"})}
+    MAX_DEPTH = 32
 
     def __init__(self, base_url=""):
         self.base_url = base_url
         self._open = [["", {}, []]]  # [tag, attrs, pieces] of each open capturing element
+        self._at = {}  # tag -> the indexes in self._open of its open elements, innermost last
+        self._skipped = {}  # tag -> its open elements left out of self._open for being too deep
         self._drop_tag, self._drop = None, 0  # the dropped element and its nesting depth
         self._pre = 0
         self._main = 0  # inside <article>/<main>, header and footer are content
@@ -2953,14 +2958,16 @@ class _MarkdownConverter:
             self._start(tag, attrs)
 
     def _start(self, tag, attrs):
-        siblings, bounds = self.IMPLIED_END.get(tag, ((), ()))
-        for i in range(len(self._open) - 1, 0, -1):
-            if self._open[i][0] in bounds:
-                break
-            if self._open[i][0] in siblings:
-                self._close_to(i)
-                break
+        if tag in self.CAPTURE and len(self._open) > self.MAX_DEPTH:
+            self._skipped[tag] = self._skipped.get(tag, 0) + 1
+            return
+        if tag in self.IMPLIED_END:
+            siblings, bounds = self.IMPLIED_END[tag]
+            sibling = self._innermost(siblings)
+            if sibling > self._innermost(bounds):
+                self._close_to(sibling)
         if tag in self.CAPTURE:
+            self._at.setdefault(tag, []).append(len(self._open))
             self._open.append([tag, attrs, []])
             self._pre += tag == "pre"
         elif tag in self.BLOCK:
@@ -2978,11 +2985,13 @@ class _MarkdownConverter:
             return
         if tag in ("article", "main") and self._main:
             self._main -= 1
-        for i in range(len(self._open) - 1, 0, -1):
-            if self._open[i][0] == tag:
-                self._close_to(i)
-                return
-        if tag in self.BLOCK and not self._pre:
+        if self._skipped.get(tag):
+            self._skipped[tag] -= 1
+            return
+        index = self._innermost((tag,))
+        if index:
+            self._close_to(index)
+        elif tag in self.BLOCK and not self._pre:
             self._emit("\n\n")
 
     def handle_data(self, data):
@@ -3005,11 +3014,17 @@ class _MarkdownConverter:
         """Render and close the open elements from the innermost down to self._open[index]."""
         while len(self._open) > index:
             tag, attrs, pieces = self._open.pop()
+            self._at[tag].pop()
             self._pre -= tag == "pre"
             getattr(self, "_end_" + self.KIND.get(tag, tag))(tag, attrs, "".join(pieces))
 
+    def _innermost(self, tags):
+        """The index in self._open of the innermost open element among tags; 0 when none is open."""
+        return max([self._at[t][-1] for t in tags if self._at.get(t)] or [0])
+
     def _nearest(self, tags):
-        return next((e for e in reversed(self._open) if e[0] in tags), None)
+        index = self._innermost(tags)
+        return self._open[index] if index else None
 
     def _url(self, href):
         from urllib.parse import urljoin
@@ -3062,22 +3077,31 @@ class _MarkdownConverter:
         else:
             self._block(text.strip("\n"))
 
+    @staticmethod
+    def _cell(text):
+        """A cell's text on one line, its pipes escaped (those of a nested table already are)."""
+        return re.sub(r"(?<!\\)\|", r"\\|", " ".join(text.split()))
+
     def _end_cell(self, tag, attrs, text):
         row = self._nearest(("tr",))
-        cell = " ".join(text.split()).replace("|", "\\|")
+        cell = self._cell(text)
         if row is None:
             self._emit(" %s " % cell)
         else:
             row[1].setdefault("_cells", []).append(cell)
 
     def _end_tr(self, tag, attrs, text):
-        table, cells = self._nearest(("table",)), attrs.get("_cells")
+        # text outside any cell (malformed, or cells nested past MAX_DEPTH) is a cell of its own
+        table = self._nearest(("table",))
+        cells = attrs.get("_cells") or ([self._cell(text)] if text.strip() else None)
         if table is not None and cells:
             table[1].setdefault("_rows", []).append(cells)
         elif cells:
             self._block(" | ".join(cells))
 
     def _end_table(self, tag, attrs, text):
+        if text.strip():  # outside any row: browsers show it before the table
+            self._block(text.strip())
         if attrs.get("_rows"):
             self._block(_pipe_table(attrs["_rows"]))
 

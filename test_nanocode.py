@@ -2572,6 +2572,42 @@ class TestHtmlToMarkdown(unittest.TestCase):
         self.assertEqual(nanocode.html_to_markdown('<a href="../b c">x</a>', "https://h/a/p.html"),
                          "[x](https://h/b c)")
 
+    # -- hostile pages: every conversion is linear --
+
+    def assertConvertsInTime(self, html, convert=nanocode.html_to_markdown):
+        """convert(html)'s output, made in under 5 s (a quadratic step takes minutes)."""
+        started = time.monotonic()
+        out = convert(html)
+        self.assertLess(time.monotonic() - started, 5, html[:60])
+        return out
+
+    def test_deep_nesting_is_linear(self):
+        kinds = [("<ul><li>", "</li></ul>"), ("<ol><li>", ""), ("<blockquote>", "</blockquote>"),
+                 ("<b><i>", "</i></b>"), ("<table><tr><td>", "</td></tr></table>"), ("<h2><a href='/x'>", "</a></h2>"),
+                 ("<pre><code>", "</code></pre>"), ("<div>", "</div>")]
+        for start, end in kinds:
+            html = start * 20000 + "deep text" + end * 20000 + "<p>after</p>"
+            converters = (nanocode.html_to_markdown, nanocode.html_to_text)[:2 if start == "<ul><li>" else 1]
+            for convert in converters:
+                out = self.assertConvertsInTime(html, convert)
+                self.assertIn("deep text", out, start)
+                self.assertIn("after", out, start)
+                self.assertLess(len(out), len(html), start)
+
+    def test_nesting_past_the_cap_keeps_the_outer_layout(self):
+        levels = nanocode._MarkdownConverter.MAX_DEPTH // 2  # a list and its item are two elements
+        for extra, expected in ((-1, "- " * (levels - 1) + "deep **text**"), (2, "- " * levels + "deep text")):
+            html = "<ul><li>" * (levels + extra) + "deep <b>text</b>" + "</li></ul>" * (levels + extra)
+            self.assertEqual(nanocode.html_to_markdown(html + "<p>after</p>"), expected + "\n\nafter")
+        html = "<table><tr><td>" * 40 + "deep" + "</td></tr></table>" * 40
+        self.assertIn("deep", nanocode.html_to_markdown(html))
+
+    def test_nested_table_pipes_are_escaped_once(self):
+        html = "<table><tr><td><table><tr><td>a|b</td></tr></table></td></tr></table>"
+        self.assertEqual(nanocode.html_to_markdown(html), "| \\| a\\|b \\| \\| --- \\| |\n| --- |")
+        self.assertEqual(nanocode.html_to_markdown("<table>note<tr><td>a</td></tr></table>"),
+                         "note\n\n| a |\n| --- |")
+
 
 class TestWebSearch(WebTestCase):
 
