@@ -2842,6 +2842,10 @@ def _read_capped(resp, limit, cancel, url, timeout):
     return body[:limit], len(body) > limit
 
 
+#: codecs that name no page charset: slow (punycode is quadratic), failing, or escape decoders
+_NOT_CHARSETS = frozenset("punycode idna undefined unicode-escape raw-unicode-escape".split())
+
+
 def _charset(content_type, body):
     """The body's encoding: Content-Type charset, else an HTML <meta> one, else utf-8."""
     m = re.search(r"charset\s*=\s*[\"']?([\w.:-]+)", content_type, re.I)
@@ -2850,9 +2854,21 @@ def _charset(content_type, body):
         m = _META_CHARSET_RE.search(body[:8192])
         name = m.group(1).decode("ascii") if m else ""
     try:
-        return codecs.lookup(name).name
+        info = codecs.lookup(name)
     except LookupError:
         return "utf-8"
+    # base64, zlib, rot13... are bytes or str transforms, not text encodings
+    if not getattr(info, "_is_text_encoding", True) or info.name in _NOT_CHARSETS:
+        return "utf-8"
+    return info.name
+
+
+def _decode(body, content_type):
+    """The body as text in its charset (see _charset); undecodable bytes become U+FFFD."""
+    try:
+        return body.decode(_charset(content_type, body), "replace")
+    except (LookupError, UnicodeError):  # a codec that fails whatever the error handler
+        return body.decode("utf-8", "replace")
 
 
 #: a tag that could open or close the wrapper, in any case or spacing: its '<' is escaped
@@ -2884,22 +2900,61 @@ def _pipe_table(rows):
     return "\n".join(lines)
 
 
+_COMMENT_END_REVERSED_RE = re.compile(r">\s*--")  # html.parser's comment end, '--\s*>', read backwards
+
+
+def _defuse_html(html):
+    """html with the markup html.parser chokes on made plain text, the same for every page.
+
+    html.parser meets a construct that never closes (a '<' with no '>' after it, a '<!--'
+    with no '-->') and, at the end of the data, rescans the rest of the page once for each:
+    quadratic, hours for a hostile 5 MB page. No such construct can close, so its '<' is
+    escaped first. '<![' opens a bogus comment, as browsers read it, instead of a marked
+    section, on which some Python versions raise."""
+    end = html.rfind(">") + 1
+    html = html[:end].replace("<![", "<! [") + html[end:].replace("<", "&lt;")
+    m = _COMMENT_END_REVERSED_RE.search(html[::-1]) if "<!--" in html else None
+    # a comment opened at p closes at a '-->' starting at p + 4 or later
+    cut = max(len(html) - m.end() - 3, 0) if m else 0
+    if "<!--" in html[cut:]:
+        html = html[:cut] + html[cut:].replace("<!--", "&lt;!--")
+    return html
+
+
 def _parse_html(handler, html):
     """Feed html to html.parser, which calls handler.handle_starttag/endtag/data; returns handler."""
     from html.parser import HTMLParser  # imported here: html.entities alone costs ~2 ms at startup
     parser = HTMLParser(convert_charrefs=True)
     parser.handle_starttag, parser.handle_endtag = handler.handle_starttag, handler.handle_endtag
     parser.handle_data = handler.handle_data
-    parser.feed(html)
+    parser.feed(_defuse_html(html))
     parser.close()
     return handler
 
 
+def _squeeze_blank_lines(text):
+    return re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]+\n", "\n", text))
+
+
 def _tidy_markdown(text):
-    """Strip line ends and squeeze blank lines, except inside ``` code blocks."""
-    parts = re.split(r"(^ *```[^\n]*\n.*?\n *```$)", text, flags=re.M | re.S)
-    for i in range(0, len(parts), 2):
-        parts[i] = re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]+\n", "\n", parts[i]))
+    """Strip line ends and squeeze blank lines, except inside ``` code blocks.
+
+    A block runs from a ``` line to the first line of only ``` at least two lines on. Each
+    opening line is matched to its closing one with a moving index: linear, where a lazy regex
+    rescans the rest of the text for every unclosed ``` line."""
+    fences = list(re.finditer(r"^ *```.*$", text, re.M))
+    closers = [m for m in fences if m.group().lstrip(" ") == "```"]
+    parts, pos, c = [], 0, 0
+    for m in fences:
+        if m.start() < pos:  # inside the previous block
+            continue
+        while c < len(closers) and closers[c].start() <= m.end() + 1:
+            c += 1
+        if c == len(closers):  # no closing line after this one, nor after any later one
+            break
+        parts += [_squeeze_blank_lines(text[pos:m.start()]), text[m.start():closers[c].end()]]
+        pos = closers[c].end()
+    parts.append(_squeeze_blank_lines(text[pos:]))
     return "".join(parts).strip()
 
 
@@ -3141,7 +3196,7 @@ def render_web_body(body, content_type, url, fmt):
         not mime and re.match(rb"\s*<(!doctype html|html)", body[:1024], re.I))
     if not (is_html or _TEXT_TYPE_RE.search(mime) or (not mime and b"\0" not in body[:1024])):
         return None
-    text = body.decode(_charset(content_type, body), "replace")
+    text = _decode(body, content_type)
     if is_html and fmt != "html":
         return html_to_markdown(text, url) if fmt == "markdown" else html_to_text(text)
     if mime == "application/json" or mime.endswith("+json"):
@@ -3228,7 +3283,7 @@ def _search_duckduckgo(ctx, query, count):
     base = os.environ.get("NANOCODE_DDG_URL") or DDG_URL
     url = base + ("&" if "?" in base else "?") + urlencode({"q": query})
     body, _, _, content_type = _fetch(url, WEB_TIMEOUT, ctx.cancel)
-    html = body.decode(_charset(content_type, body), "replace")
+    html = _decode(body, content_type)
     results = parse_duckduckgo(html)
     if not results and "anomaly" in html:
         raise ToolError("DuckDuckGo asked for a captcha; retry later, or set EXA_API_KEY to search with Exa")
