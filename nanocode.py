@@ -924,15 +924,16 @@ class RepetitionGuard:
 
     def __init__(self):
         self._lines = {}
-        self._partial = ""
+        self._partial, self._partial_size = [], 0  # the line being written (its last 4 KB)
         self._text = []
         self._size, self._next_check = 0, 2000
 
     def feed(self, text):
         """Take a delta; raises when the answer repeats itself."""
         if "\n" in text:
-            lines = (self._partial + text).split("\n")
-            self._partial = lines.pop()
+            lines = ("".join(self._partial) + text).split("\n")
+            tail = lines.pop()
+            self._partial, self._partial_size = [tail], len(tail)
             for line in lines:
                 line = line.strip()
                 if len(line) >= 16:
@@ -940,7 +941,11 @@ class RepetitionGuard:
                     if count > LINE_REPEATS:
                         self._stop("the line %r came %d times" % (one_line(line, 60), count))
         else:
-            self._partial = (self._partial + text)[-4096:]
+            self._partial.append(text)
+            self._partial_size += len(text)
+            if self._partial_size > 8192:  # a line without end: only its last 4 KB can repeat as a line
+                joined = "".join(self._partial)[-4096:]
+                self._partial, self._partial_size = [joined], len(joined)
         self._text.append(text)
         self._size += len(text)
         if self._size >= self._next_check:

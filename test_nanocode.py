@@ -7328,7 +7328,8 @@ def bench_prefix_property(rows, fake, home, turns=20):
 
 
 def bench_stream_rate(rows, fake, count=200000):
-    body = sse(*[text_chunk("x") for _ in range(count)], finish_chunk("stop"))
+    pieces = ["%d " % i for i in range(count)]  # varied text: a looping answer would be stopped
+    body = sse(*[text_chunk(p) for p in pieces], finish_chunk("stop"))
     fake.reset()
     fake.enqueue([body[i:i + 65536] for i in range(0, len(body), 65536)])
     config = nanocode.Config(base_url=fake.url, api_key="k", model="m")
@@ -7337,7 +7338,7 @@ def bench_stream_rate(rows, fake, count=200000):
     reply = client.stream([user("hi")], None, nanocode.Cancel(), lambda t: None, lambda t, m: None)
     ours = time.perf_counter() - start
     client.close()
-    assert len(reply.text) == count, len(reply.text)
+    assert reply.text == "".join(pieces), len(reply.text)
     # reference: the same bytes through http.client with no parsing at all
     import http.client
     fake.enqueue([body[i:i + 65536] for i in range(0, len(body), 65536)])
