@@ -2104,7 +2104,8 @@ def _bash_simple(ctx, command, timeout, env):
 # glob, grep and find share one file list: `git ls-files` inside a work tree
 # (fast, and git's own .gitignore rules), else a scandir walk that applies the
 # .gitignore files it meets. grep hands the search to ripgrep when `rg` is on
-# PATH; both ways give the same output, sorted by path.
+# PATH; both ways give the same output, sorted by path. A glob becomes a regex
+# only when that cannot backtrack long (else _glob_nfa).
 
 SEARCH_MAX_FILE = 10 * 1024 * 1024  #: grep skips files larger than this (rg --max-filesize 10M)
 SEARCH_LINE_MAX = 500  #: grep cuts each output line to this many characters
@@ -2115,39 +2116,208 @@ _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would translate line ends with
 _GREP_MODES = {"content": "content", "files": "files", "files_with_matches": "files", "count": "count"}
 
 
-def _glob_regex(pattern, braces=True):
-    """Regex source for a '/'-separated glob. Example: 'src/**/*.py' -> 'src/(?:.*/)?[^/]*\\.py'."""
-    out, i, n = [], 0, len(pattern)
+_STAR, _GLOBSTAR, _DIRSTAR, _ANY = ("star",), ("globstar",), ("dirstar",), ("any",)
+_SLASH = ("lit", "/")
+
+
+def _glob_items(pattern, braces=True):
+    """The parts of a '/'-separated glob: ('lit', c), _ANY (?), ('class', regex, match), _STAR (*),
+    _GLOBSTAR (** : anything), _DIRSTAR (**/ : zero or more directories), ('alt', [parts, ...]) ({a,b}).
+
+    Runs of '*' collapse; an unclosed '[' is text.
+    Example: 'src/**/*.py' -> lit s, r, c, /, _DIRSTAR, _STAR, lit ., p, y.
+    """
+    items, i, n = [], 0, len(pattern)
     while i < n:
         c = pattern[i]
-        if pattern.startswith("**/", i):  # zero or more whole directories
-            out.append("(?:.*/)?")
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
+        if c == "*":
+            j = i
+            while j < n and pattern[j] == "*":
+                j += 1
+            item = _STAR if j - i == 1 else _DIRSTAR if pattern.startswith("/", j) else _GLOBSTAR
+            i = j + (item is _DIRSTAR)
+            if items and items[-1] in (_GLOBSTAR, _DIRSTAR) and item is not _STAR:
+                items[-1] = item if item is _GLOBSTAR else items[-1]  # '**/**' is '**', '**/**/' is '**/'
+            else:
+                items.append(item)
             continue
         i += 1
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[" and "]" in pattern[i + 1:]:
-            end = pattern.index("]", i + 1)  # a ']' right after '[' is a member
-            body = pattern[i:end].replace("\\", "\\\\").replace("[", "\\[")
-            out.append("[" + ("^" + body[1:] if body[:1] in "!^" else body) + "]")
+        if c == "?":
+            items.append(_ANY)
+        elif c == "[":
+            k = i + (pattern[i:i + 1] in ("!", "^"))
+            k += pattern[k:k + 1] == "]"  # a ']' first is a member
+            end = pattern.find("]", k)
+            if end < 0:
+                items.append(("lit", c))
+                continue
+            negate = pattern[i:i + 1] in ("!", "^")
+            source = _glob_class(pattern[i + negate:end], negate)
+            items.append(("class", source, re.compile(source).match))
             i = end + 1
         elif c == "{" and braces and "}" in pattern[i:]:  # *.{ts,tsx}, as rg and editors read it
             end = pattern.index("}", i)
-            out.append("(?:%s)" % "|".join(_glob_regex(alt, False) for alt in pattern[i:end].split(",")))
+            items.append(("alt", [_glob_items(alt, False) for alt in pattern[i:end].split(",")]))
             i = end + 1
         elif c == "\\" and i < n:
-            out.append(re.escape(pattern[i]))
+            items.append(("lit", pattern[i]))
             i += 1
         else:
-            out.append(re.escape(c))
+            items.append(("lit", c))
+    return items
+
+
+def _class_char(c):
+    """c as a member of a regex class. Example: ']' -> '\\]'."""
+    return "\\" + c if c in "\\]^-[" else c
+
+
+def _glob_class(body, negate):
+    """Regex source of the members of a [...] glob class, read as git reads them. Example: ('a-c_', False) -> '[a-c_]'.
+
+    A reversed range such as z-a holds its first character only, and no class matches '/', like * and ?.
+    """
+    out, k = [], 0
+    while k < len(body):
+        ranged = body[k + 1:k + 2] == "-" and k + 2 < len(body)
+        lo, hi = body[k], body[k + 2] if ranged else body[k]
+        out.append(_class_char(lo) + ("-" + _class_char(hi) if hi > lo else ""))
+        k += 3 if ranged else 1
+    if negate:
+        return "[^/%s]" % "".join(out)
+    source = "[%s]" % "".join(out)
+    return "(?!/)" + source if re.match(source, "/") else source
+
+
+def _glob_source(items):
+    """Regex source (for re.DOTALL) of glob parts. Example: parts of 'src/**/*.py' -> 'src/(?:.*/)?[^/]*\\.py'."""
+    out = []
+    for item in items:
+        kind = item[0]
+        if kind == "lit":
+            out.append(re.escape(item[1]))
+        elif kind == "class":
+            out.append(item[1])
+        elif kind == "alt":
+            out.append("(?:%s)" % "|".join(_glob_source(alt) for alt in item[1]))
+        else:
+            out.append({"any": "[^/]", "star": "[^/]*", "globstar": ".*", "dirstar": "(?:.*/)?"}[kind])
     return "".join(out)
+
+
+def _repeats(item):
+    """True for a glob part that repeats: *, **, **/, or a {a,b} holding one."""
+    return item in (_STAR, _GLOBSTAR, _DIRSTAR) or item[0] == "alt" and any(
+        _repeats(x) for alt in item[1] for x in alt)
+
+
+def _glob_tame(items):
+    """True when the regex of glob parts cannot backtrack for long: at most one repeat whose choices multiply.
+
+    A repeat's choices multiply the work after it unless the fixed parts that follow pin its end: the end of
+    the pattern, or (for * alone, which stops at a '/') a '/'. '*a*a*b' and '**/a/**/b' have several such
+    repeats: they are left to _glob_nfa, as are globs with many {a,b} combinations.
+    """
+    degree, choices = 0, 1
+    for k, item in enumerate(items):
+        if item[0] == "alt":
+            choices *= len(item[1])
+        if _repeats(item):
+            rest = items[k + 1:]
+            fixed = next((j for j, x in enumerate(rest) if _repeats(x)), len(rest))  # parts up to the next repeat
+            pinned = fixed == len(rest) or (item is _STAR and _SLASH in rest[:fixed])
+            degree += item[0] == "alt" or not pinned
+    return degree == 0 and choices <= 64 or degree == 1 and choices <= 8
+
+
+def _not_slash(c):
+    return c != "/"
+
+
+def _any_char(c):
+    return True
+
+
+def _glob_nfa(items):
+    """A match function for glob parts that takes O(len(text) * len(parts)) steps whatever the glob:
+    it follows every way of matching at once, one character at a time (a Thompson automaton), and
+    remembers each step it works out, so the common paths cost a dict lookup per character."""
+    nodes = [None]  # node 0 accepts; the rest: (test, next) reads a character, [a, b] moves to a and b
+
+    def read(test, nxt):
+        nodes.append((test, nxt))
+        return len(nodes) - 1
+
+    def fork(a, b):
+        nodes.append([a, b])
+        return len(nodes) - 1
+
+    def repeat(test, nxt):  # test*, then nxt
+        k = fork(None, nxt)
+        nodes[k][0] = read(test, k)
+        return k
+
+    def build(parts, nxt):
+        for item in reversed(parts):
+            kind = item[0]
+            if kind == "lit":
+                nxt = read(item[1].__eq__, nxt)
+            elif kind == "class":
+                nxt = read(item[2], nxt)
+            elif kind == "alt":
+                starts = [build(alt, nxt) for alt in item[1]]
+                nxt = starts[0]
+                for s in starts[1:]:
+                    nxt = fork(nxt, s)
+            elif item is _DIRSTAR:
+                nxt = fork(repeat(_any_char, read("/".__eq__, nxt)), nxt)
+            else:
+                nxt = read(_not_slash, nxt) if item is _ANY else repeat(
+                    _not_slash if item is _STAR else _any_char, nxt)
+        return nxt
+
+    closures = {}
+
+    def closure(k):
+        """The reading (and accepting) nodes reachable from node k without reading."""
+        found = closures.get(k)
+        if found is None:
+            found, seen, stack = set(), set(), [k]
+            while stack:
+                j = stack.pop()
+                if j not in seen:
+                    seen.add(j)
+                    if isinstance(nodes[j], list):
+                        stack.extend(nodes[j])
+                    else:
+                        found.add(j)
+            found = closures[k] = frozenset(found)
+        return found
+
+    start, steps = closure(build(items, 0)), {}  # steps: (states, character) -> states, learnt as met
+
+    def match(text):
+        states = start
+        for c in text:
+            after = steps.get((states, c))
+            if after is None:
+                after = frozenset().union(*[closure(nodes[k][1]) for k in states if k and nodes[k][0](c)])
+                if len(steps) > 50000:  # bounded memory, whatever the texts
+                    steps.clear()
+                steps[states, c] = after
+            if not after:
+                return False
+            states = after
+        return 0 in states
+    return match
+
+
+def _glob_matcher(pattern, braces=True):
+    """A test of whole '/'-separated paths against a glob: a regex, or _glob_nfa when that could backtrack long."""
+    items = _glob_items(pattern, braces)
+    if _glob_tame(items):
+        return re.compile(_glob_source(items) + r"\Z", re.DOTALL).match
+    return _glob_nfa(items)
 
 
 def _path_matcher(glob):
@@ -2158,14 +2328,14 @@ def _path_matcher(glob):
         glob = glob[2:]
     # like a .gitignore line: a '/' before the end anchors the glob at the search root
     anchored = "/" in glob.rstrip("/")
-    match = re.compile(_glob_regex(glob.strip("/")) + r"\Z").match
+    match = _glob_matcher(glob.strip("/"))
     if anchored:
-        return lambda rel: (match(rel) is None) == negate
-    return lambda rel: (match(rel[rel.rfind("/") + 1:]) is None) == negate
+        return lambda rel: (not match(rel)) == negate
+    return lambda rel: (not match(rel[rel.rfind("/") + 1:])) == negate
 
 
 def _parse_gitignore(text):
-    """Rules (negate, dir_only, anchored, regex) of a .gitignore. Example: '!/a/' -> [(True, True, True, 'a')]."""
+    """Rules (negate, dir_only, anchored, glob parts) of a .gitignore. Example: '!/a/' -> [(True, True, True, [('lit', 'a')])]."""
     rules = []
     for line in text.splitlines():
         if not line.endswith("\\ "):  # trailing spaces are dropped unless escaped
@@ -2177,33 +2347,37 @@ def _parse_gitignore(text):
         dir_only = line.endswith("/")
         line = line.rstrip("/")
         if line:  # a '/' at the start or in the middle anchors the rule to this directory
-            rules.append((negate, dir_only, "/" in line, _glob_regex(line.lstrip("/"), braces=False)))
+            rules.append((negate, dir_only, "/" in line, _glob_items(line.lstrip("/"), False)))
     return rules
 
 
 def _load_gitignore(path, base):
-    """Compiled rule groups of one .gitignore in directory base ('' or 'a/b/'), last rule first."""
+    """Rule groups (negate, dir_only, anchored, len(base), match) of one .gitignore in directory base
+    ('' or 'a/b/'), last rule first."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             rules = _parse_gitignore(f.read())
     except OSError:
         return []
-    # runs of like rules become one alternation, so a path costs a few regex calls, not one per line
+    # runs of like rules become one alternation, so a path costs a few regex calls, not one per line;
+    # a rule whose regex could backtrack long gets a group of its own, matched by _glob_nfa
     groups = []
-    for negate, dir_only, anchored, source in rules:
-        if groups and groups[-1][0] == (negate, dir_only, anchored):
-            groups[-1][1].append(source)
+    for negate, dir_only, anchored, items in rules:
+        key, tame = (negate, dir_only, anchored), _glob_tame(items)
+        if tame and groups and groups[-1][0] == key and groups[-1][1] is not None:
+            groups[-1][1].append(_glob_source(items))
         else:
-            groups.append(((negate, dir_only, anchored), [source]))
-    compiled = [(neg, dir_only, anchored, len(base), re.compile("(?:%s)\\Z" % "|".join(sources)))
-                for (neg, dir_only, anchored), sources in groups]
+            groups.append((key, [_glob_source(items)] if tame else None, items))
+    compiled = [(neg, dir_only, anchored, len(base),
+                 _glob_nfa(items) if sources is None else re.compile("(?:%s)\\Z" % "|".join(sources), re.DOTALL).match)
+                for (neg, dir_only, anchored), sources, items in groups]
     return compiled[::-1]  # the last matching rule decides, so it is tried first
 
 
 def _is_ignored(groups, rel, name):
     """True when the last .gitignore rule matching rel excludes it (groups: deepest, last rule first)."""
-    for negate, _, anchored, cut, rx in groups:
-        if rx.match(rel[cut:] if anchored else name):
+    for negate, _, anchored, cut, match in groups:
+        if match(rel[cut:] if anchored else name):
             return not negate
     return False
 
@@ -2620,12 +2794,12 @@ def tool_glob(ctx, pattern, path="."):
         path, pattern = _split_glob(ctx.path(os.path.join(path, pattern)))
     root, _ = _search_root(ctx, path)
     pattern = pattern[2:] if pattern.startswith("./") else pattern
-    match = re.compile(_glob_regex(pattern) + r"\Z").match
+    match = _glob_matcher(pattern)
     # the last part of the pattern tests names alone (so the walk can skip the rest early),
     # unless it is ** or the tail of a {a,b/c} that a '/' cut
     name = pattern.rpartition("/")[2]
     whole = "**" not in name and name.count("{") == name.count("}")
-    name_ok = re.compile(_glob_regex(name) + r"\Z").match if whole else None
+    name_ok = _glob_matcher(name) if whole else None
     prefix, found = os.path.join(root, ""), []
     for rel in [f for f in _candidate_files(root, ctx.cancel, name_ok=name_ok) if match(f)]:
         try:

@@ -2008,6 +2008,30 @@ class SearchTestCase(unittest.TestCase):
             self.skipTest("git not installed")
         subprocess.run(["git", "init", "-q"], cwd=self.root, check=True)
 
+    def run_bounded(self, body, timeout=20):
+        """What body (Python run in a fresh process, with nanocode imported and ROOT set) prints as JSON.
+
+        A regex that backtracks for hours holds the GIL, so only another process can time it out: the test
+        fails, rather than hangs, when body is still running after timeout seconds.
+        """
+        script = "import json, sys, threading, time\nsys.path.insert(0, %r)\nimport nanocode\nROOT = %r\n%s" % (
+            HERE, self.root, body)
+        try:
+            done = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.fail("still running after %d s: it hangs" % timeout)
+        self.assertEqual(done.returncode, 0, done.stderr.decode("utf-8", "replace"))
+        return json.loads(done.stdout.decode("utf-8"))
+
+    def timed_calls(self, calls, setup=""):
+        """[(text, seconds)] of tool calls [(name, args)] run one after another in a fresh process (run_bounded)."""
+        return self.run_bounded(setup + "\nout = []\nfor name, args in %r:\n"
+                                "    start = time.monotonic()\n"
+                                "    text = nanocode.run_tool(nanocode.ToolContext(ROOT), name, args).text\n"
+                                "    out.append((text, time.monotonic() - start))\n"
+                                "print(json.dumps(out))\n" % (calls,))
+
 
 
 
@@ -2060,6 +2084,33 @@ class TestGlob(SearchTestCase):
         write_tree(self.root, {"src/a.py": ""})
         self.assertEqual(self.run_search("glob", pattern=os.path.join(self.root, "src", "*.py")), "a.py")
         self.assertEqual(self.run_search("glob", pattern="*.rs"), "no files found")
+
+    def test_many_stars_against_a_long_name_do_not_hang(self):
+        # issue 8: '*a*a*...*b' against a 200-character name backtracked for hours in the glob's regex
+        stars, a200, b200 = "*a" * 10 + "*b", "a" * 200, "a" * 199 + "b"
+        write_tree(self.root, {a200: "x\n", b200: "x\n", "sub/.gitignore": stars + "\n", "sub/" + a200: "x\n",
+                               "sub/" + b200: "x\n"})
+        calls = [("glob", {"pattern": stars}), ("find", {"pattern": stars}), ("glob", {"pattern": "sub/*"}),
+                 ("grep", {"pattern": "x", "glob": stars, "outputMode": "files"})]
+        results = self.timed_calls(calls)
+        texts = [sorted(text.splitlines()) for text, _ in results]  # glob lists newest first
+        self.assertEqual(texts, [[b200], [b200], ["sub/.gitignore", "sub/" + a200], [b200]])
+        for (name, args), (_, seconds) in zip(calls, results):
+            self.assertLess(seconds, 5, (name, args))
+
+    def test_linear_glob_matcher_agrees_with_the_regex(self):
+        # globs whose regex could backtrack long are matched by _glob_nfa instead: it must give the same answers
+        patterns = ["*.py", "**/*.py", "src/**", "**/x/**/*.py", "*a*b*", "{a,b/c}*.{py,md}", "[!a]?/**", "a**b",
+                    "x/**/", "[z-a]*", "**/**/a", "*/*", "?[ab]*"]
+        paths = ["a.py", "src/b.py", "src/x/y/c.py", "ab", "b/c.md", "b/cd.py", "zq", "a/b", "x/", "xa/b", "aab", "",
+                 "z/a", "x/q/a"]
+        for pattern in patterns:
+            items = nanocode._glob_items(pattern)
+            regex, linear = re.compile(nanocode._glob_source(items) + r"\Z", re.DOTALL), nanocode._glob_nfa(items)
+            for path in paths:
+                with self.subTest(pattern=pattern, path=path):
+                    self.assertEqual(linear(path), bool(regex.match(path)))
+
 
 
 class TestGrep(SearchTestCase):
