@@ -2105,7 +2105,9 @@ def _bash_simple(ctx, command, timeout, env):
 # (fast, and git's own .gitignore rules), else a scandir walk that applies the
 # .gitignore files it meets. grep hands the search to ripgrep when `rg` is on
 # PATH; both ways give the same output, sorted by path. A glob becomes a regex
-# only when that cannot backtrack long (else _glob_nfa).
+# only when that cannot backtrack long (else _glob_nfa). One bad entry (a symlink
+# loop, a .gitignore line git never matches) is left out and named in a last
+# line, not a failed search.
 
 SEARCH_MAX_FILE = 10 * 1024 * 1024  #: grep skips files larger than this (rg --max-filesize 10M)
 SEARCH_LINE_MAX = 500  #: grep cuts each output line to this many characters
@@ -2116,15 +2118,19 @@ _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would translate line ends with
 _GREP_MODES = {"content": "content", "files": "files", "files_with_matches": "files", "count": "count"}
 
 
+class _GlobError(ToolError):
+    """A .gitignore line git never matches, as one with an unclosed '['; it is skipped and counted."""
+
+
 _STAR, _GLOBSTAR, _DIRSTAR, _ANY = ("star",), ("globstar",), ("dirstar",), ("any",)
 _SLASH = ("lit", "/")
 
 
-def _glob_items(pattern, braces=True):
+def _glob_items(pattern, braces=True, strict=False):
     """The parts of a '/'-separated glob: ('lit', c), _ANY (?), ('class', regex, match), _STAR (*),
     _GLOBSTAR (** : anything), _DIRSTAR (**/ : zero or more directories), ('alt', [parts, ...]) ({a,b}).
 
-    Runs of '*' collapse; an unclosed '[' is text.
+    Runs of '*' collapse. strict (.gitignore lines): an unclosed '[' is a _GlobError, as git never matches it.
     Example: 'src/**/*.py' -> lit s, r, c, /, _DIRSTAR, _STAR, lit ., p, y.
     """
     items, i, n = [], 0, len(pattern)
@@ -2149,6 +2155,8 @@ def _glob_items(pattern, braces=True):
             k += pattern[k:k + 1] == "]"  # a ']' first is a member
             end = pattern.find("]", k)
             if end < 0:
+                if strict:
+                    raise _GlobError("unclosed [ in %r" % pattern)
                 items.append(("lit", c))
                 continue
             negate = pattern[i:i + 1] in ("!", "^")
@@ -2157,7 +2165,7 @@ def _glob_items(pattern, braces=True):
             i = end + 1
         elif c == "{" and braces and "}" in pattern[i:]:  # *.{ts,tsx}, as rg and editors read it
             end = pattern.index("}", i)
-            items.append(("alt", [_glob_items(alt, False) for alt in pattern[i:end].split(",")]))
+            items.append(("alt", [_glob_items(alt, False, strict) for alt in pattern[i:end].split(",")]))
             i = end + 1
         elif c == "\\" and i < n:
             items.append(("lit", pattern[i]))
@@ -2334,9 +2342,39 @@ def _path_matcher(glob):
     return lambda rel: (not match(rel[rel.rfind("/") + 1:])) == negate
 
 
+class _Skipped:
+    """What a search left out instead of failing, for one line after its results."""
+
+    def __init__(self):
+        self.bad_lines = {}  # .gitignore path -> lines git never matches (an unclosed '[')
+        self.loops = []  # symlinks that lead back to themselves
+
+    def note(self):
+        """'(skipped: 1 invalid .gitignore line in sub/.gitignore; 1 symlink loop: a/l)', or ''."""
+        parts = ["%d invalid .gitignore line%s in %s" % (n, "s" if n > 1 else "", path)
+                 for path, n in sorted(self.bad_lines.items())]
+        if self.loops:
+            loops = sorted(self.loops)
+            parts.append("%d symlink loop%s: %s" % (len(loops), "s" if len(loops) > 1 else "",
+                                                    ", ".join(loops[:3]) + (", ..." if len(loops) > 3 else "")))
+        return "(skipped: %s)" % "; ".join(parts) if parts else ""
+
+    def add_to(self, text):
+        """text with the note as its last line."""
+        note = self.note()
+        return text + "\n" + note if note else text
+
+
+def _is_loop(err):
+    """True for the OSError of a symlink loop (ELOOP)."""
+    import errno
+    return err.errno == getattr(errno, "ELOOP", None)
+
+
 def _parse_gitignore(text):
-    """Rules (negate, dir_only, anchored, glob parts) of a .gitignore. Example: '!/a/' -> [(True, True, True, [('lit', 'a')])]."""
-    rules = []
+    """(rules, invalid): rules (negate, dir_only, anchored, glob parts) of a .gitignore, and the number of
+    lines git ignores as invalid. Example: '!/a/' -> ([(True, True, True, [('lit', 'a')])], 0)."""
+    rules, invalid = [], 0
     for line in text.splitlines():
         if not line.endswith("\\ "):  # trailing spaces are dropped unless escaped
             line = line.rstrip()
@@ -2347,18 +2385,23 @@ def _parse_gitignore(text):
         dir_only = line.endswith("/")
         line = line.rstrip("/")
         if line:  # a '/' at the start or in the middle anchors the rule to this directory
-            rules.append((negate, dir_only, "/" in line, _glob_items(line.lstrip("/"), False)))
-    return rules
+            try:
+                rules.append((negate, dir_only, "/" in line, _glob_items(line.lstrip("/"), False, True)))
+            except _GlobError:
+                invalid += 1
+    return rules, invalid
 
 
-def _load_gitignore(path, base):
+def _load_gitignore(path, base, skipped=None):
     """Rule groups (negate, dir_only, anchored, len(base), match) of one .gitignore in directory base
-    ('' or 'a/b/'), last rule first."""
+    ('' or 'a/b/'), last rule first; lines git ignores are counted in skipped."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            rules = _parse_gitignore(f.read())
+            rules, invalid = _parse_gitignore(f.read())
     except OSError:
         return []
+    if invalid and skipped is not None:
+        skipped.bad_lines[base + ".gitignore"] = invalid
     # runs of like rules become one alternation, so a path costs a few regex calls, not one per line;
     # a rule whose regex could backtrack long gets a group of its own, matched by _glob_nfa
     groups = []
@@ -2382,8 +2425,11 @@ def _is_ignored(groups, rel, name):
     return False
 
 
-def _walk_files(root, cancel, hidden=True, name_ok=None):
-    """Relative paths of the files under root, pruning .git, .gitignore'd and (unless hidden) dot entries."""
+def _walk_files(root, cancel, hidden=True, name_ok=None, skipped=None):
+    """Relative paths of the files under root, pruning .git, .gitignore'd and (unless hidden) dot entries.
+
+    A symlink loop is left out and named in skipped, as are .gitignore lines git ignores.
+    """
     stack = [("", [], [])]  # (directory, rules for its subdirectories, rules for its files)
     while stack:
         if cancel.is_set():
@@ -2396,7 +2442,7 @@ def _walk_files(root, cancel, hidden=True, name_ok=None):
             continue  # unreadable directory: skip it, as find and rg do
         if any(e.name == ".gitignore" for e in entries):  # the listing answers; no extra stat
             # a deeper .gitignore overrides the ones above it; files skip the rules for directories (x/)
-            rules = _load_gitignore(os.path.join(root, rel, ".gitignore"), rel)
+            rules = _load_gitignore(os.path.join(root, rel, ".gitignore"), rel, skipped)
             dir_rules, file_rules = rules + dir_rules, [g for g in rules if not g[1]] + file_rules
         for e in entries:
             name = e.name
@@ -2405,8 +2451,16 @@ def _walk_files(root, cancel, hidden=True, name_ok=None):
             if e.is_dir(follow_symlinks=False):  # symlinked dirs are not followed: no cycles
                 if not (dir_rules and _is_ignored(dir_rules, rel + name, name)):
                     stack.append((rel + name + "/", dir_rules, file_rules))
-            elif (name_ok is None or name_ok(name)) and e.is_file() and not (
-                    file_rules and _is_ignored(file_rules, rel + name, name)):
+                continue
+            if name_ok is not None and not name_ok(name):
+                continue
+            try:
+                is_file = e.is_file()  # follows a symlink: a loop raises ELOOP
+            except OSError as err:
+                if _is_loop(err) and skipped is not None:
+                    skipped.loops.append(rel + name)
+                continue
+            if is_file and not (file_rules and _is_ignored(file_rules, rel + name, name)):
                 yield rel + name
 
 
@@ -2452,14 +2506,15 @@ def _git_files(root, cancel):
     return list(dict.fromkeys(os.fsdecode(p) for p in out.split(b"\0") if p))
 
 
-def _candidate_files(root, cancel, hidden=True, name_ok=None):
+def _candidate_files(root, cancel, hidden=True, name_ok=None, skipped=None):
     """Paths (relative to root, '/'-separated) of the files a search covers: .gitignore respected, .git skipped.
 
     name_ok, a test on file names, may drop files early: the walk then skips their ignore checks.
+    skipped (a _Skipped) collects what the walk left out rather than failing.
     """
     files = _git_files(root, cancel)
     if files is None:
-        return list(_walk_files(root, cancel, hidden, name_ok))
+        return list(_walk_files(root, cancel, hidden, name_ok, skipped))
     if not hidden:
         files = [f for f in files if not f.startswith(".") and "/." not in f]
     return files if name_ok is None else [f for f in files if name_ok(f[f.rfind("/") + 1:])]
@@ -2491,11 +2546,12 @@ class _FileReader:
         self.buf = bytearray(1 << 20)
 
     def read(self, path):
-        """Bytes of path now in self.buf; -1 when unreadable, over SEARCH_MAX_FILE or binary (NUL in the first 8 KB)."""
+        """Bytes of path now in self.buf; -1 when unreadable, over SEARCH_MAX_FILE or binary (NUL in the first 8 KB),
+        -2 for a symlink loop."""
         try:
             fd = os.open(path, os.O_RDONLY | _O_BINARY)
-        except OSError:
-            return -1
+        except OSError as e:
+            return -2 if _is_loop(e) else -1
         try:
             n = self._read_into(fd)
             if n == len(self.buf):  # a big file: size it, then read it again whole
@@ -2671,9 +2727,9 @@ def _split_glob(pattern):
     return "/".join(parts[:i]) or ("/" if pattern.startswith("/") else "."), "/".join(parts[i:])
 
 
-def _python_grep(root, target, match, glob, mode, cancel):
+def _python_grep(root, target, match, glob, mode, cancel, skipped=None):
     """(path, [(line number, line)]) for each file with a match, in path order, searched here."""
-    files = [target] if target else sorted(_candidate_files(root, cancel))
+    files = [target] if target else sorted(_candidate_files(root, cancel, skipped=skipped))
     if glob and not target:
         keep = _path_matcher(glob)
         files = [f for f in files if keep(f)]
@@ -2685,6 +2741,8 @@ def _python_grep(root, target, match, glob, mode, cancel):
         hits = match(reader.buf, n, first_only) if n > 0 else None
         if hits:
             yield rel, hits
+        elif n == -2 and skipped is not None:
+            skipped.loops.append(rel)
 
 
 def _rg_grep(rg, root, target, pattern, glob, ignore_case, mode, cancel):
@@ -2763,6 +2821,14 @@ def _format_grep(root, results, mode, limit, context):
     return _more(out, extra, "raise limit or narrow the pattern")
 
 
+def _stdlib_grep(job, cancel, match=None):
+    """grep's output from the search here (no rg), with a line on what it skipped. job: tool_grep's arguments."""
+    match = match or _line_matcher(job["pattern"], job["ignore_case"])
+    skipped = _Skipped()
+    results = _python_grep(job["root"], job["target"], match, job["glob"], job["mode"], cancel, skipped)
+    return skipped.add_to(_format_grep(job["root"], results, job["mode"], job["limit"], job["context"]) or "no matches")
+
+
 @tool("grep", "Regex search in files (respects .gitignore). Output: path:line:text", readonly=True,
       pattern="string", path="string? dir/file", glob="string? e.g. *.py", ignoreCase="boolean?",
       context="integer?", outputMode="string? content|files|count", limit="integer?")
@@ -2781,9 +2847,11 @@ def tool_grep(ctx, pattern, path=".", glob="", ignoreCase=False, context=0, outp
     rg, results = shutil.which("rg"), None
     if rg:
         results = _rg_grep(rg, root, target, pattern, glob, ignoreCase, mode, ctx.cancel)
-    if results is None:
-        results = _python_grep(root, target, match, glob, mode, ctx.cancel)
-    return _format_grep(root, results, mode, limit, context) or "no matches"
+    if results is not None:
+        return _format_grep(root, results, mode, limit, context) or "no matches"
+    job = {"root": root, "target": target, "pattern": pattern, "ignore_case": ignoreCase, "glob": glob,
+           "mode": mode, "limit": limit, "context": context}
+    return _stdlib_grep(job, ctx.cancel, match)
 
 
 @tool("glob", "Files matching a glob (** = any dirs), newest first; respects .gitignore", readonly=True,
@@ -2800,16 +2868,27 @@ def tool_glob(ctx, pattern, path="."):
     name = pattern.rpartition("/")[2]
     whole = "**" not in name and name.count("{") == name.count("}")
     name_ok = _glob_matcher(name) if whole else None
-    prefix, found = os.path.join(root, ""), []
-    for rel in [f for f in _candidate_files(root, ctx.cancel, name_ok=name_ok) if match(f)]:
+    prefix, found, skipped = os.path.join(root, ""), [], _Skipped()
+    for rel in [f for f in _candidate_files(root, ctx.cancel, name_ok=name_ok, skipped=skipped) if match(f)]:
         try:
             st = os.stat(prefix + rel)
-        except OSError:
-            continue  # deleted but still in git's index
+        except OSError as e:  # deleted but still in git's index, or a symlink loop
+            if _is_loop(e):
+                skipped.loops.append(rel)
+            continue
         if st.st_mode & 0o170000 == 0o100000:  # a regular file (stat.S_ISREG); git lists submodules too
             found.append((-st.st_mtime, rel))
     found.sort()  # newest first; equal times by path, so the order is stable
-    return _more([rel for _, rel in found[:1000]], len(found) - 1000, "narrow the pattern") or "no files found"
+    text = _more([rel for _, rel in found[:1000]], len(found) - 1000, "narrow the pattern")
+    return skipped.add_to(text or "no files found")
+
+
+def _entry_is_dir(entry):
+    """True for a directory or a symlink to one; False for anything else, a symlink loop included."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 @tool("ls", "List a directory (dirs end with /)", readonly=True, path="string?", limit="integer?")
@@ -2819,7 +2898,7 @@ def tool_ls(ctx, path=".", limit=500):
     limit = clamp(limit, 1)
     try:
         with os.scandir(root) as it:
-            names = [e.name + ("/" if e.is_dir() else "") for e in it]
+            names = [e.name + ("/" if _entry_is_dir(e) else "") for e in it]
     except OSError as e:
         raise ToolError("cannot list %s: %s" % (path, e.strerror or e))
     names.sort(key=lambda s: (s.lower(), s))  # case-insensitive, as pi's ls
@@ -2843,12 +2922,13 @@ def tool_find(ctx, pattern, path=".", limit=1000, hidden=False):
     """Files and directories under path matching pattern, sorted by path; directories end with /."""
     root, _ = _search_root(ctx, path)
     match, limit = _path_matcher(pattern), clamp(limit, 1)
-    files = _candidate_files(root, ctx.cancel, hidden)
+    skipped = _Skipped()
+    files = _candidate_files(root, ctx.cancel, hidden, skipped=skipped)
     # directories come from the file list: ignored or empty ones are not shown
     found = sorted([f for f in files if match(f)] + [d + "/" for d in _parent_dirs(files) if match(d)])
     # git lists a deleted file until the deletion is committed: check just the ones shown
     shown = [f for f in found[:limit] if f.endswith("/") or os.path.lexists(os.path.join(root, f))]
-    return _more(shown, len(found) - limit, "raise limit or narrow the pattern") or "no files found"
+    return skipped.add_to(_more(shown, len(found) - limit, "raise limit or narrow the pattern") or "no files found")
 
 
 # =============================================================================

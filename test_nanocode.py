@@ -2032,6 +2032,13 @@ class SearchTestCase(unittest.TestCase):
                                 "    out.append((text, time.monotonic() - start))\n"
                                 "print(json.dumps(out))\n" % (calls,))
 
+    def make_symlink(self, target, name):
+        """A symlink in the temp dir (skips the test where symlinks cannot be made)."""
+        try:
+            os.symlink(target, os.path.join(self.root, name))
+        except (OSError, NotImplementedError) as e:
+            self.skipTest("no symlinks here: %s" % e)
+
 
 
 
@@ -2239,6 +2246,39 @@ class TestGrepRipgrepInterop(SearchTestCase):
     def test_same_output_in_git_repo(self):
         self.git_init()
         self.assertSameOutput()
+
+
+class TestSearchSkips(SearchTestCase):
+    """Issue 8: one bad entry is left out and named in a last line, instead of failing the whole search."""
+
+    def test_symlink_loop(self):
+        write_tree(self.root, {"a.txt": "foo\n", "sub/b.txt": "foo\n"})
+        self.make_symlink("loop", "sub/loop")  # sub/loop -> sub/loop
+        note = "(skipped: 1 symlink loop: sub/loop)"
+        self.assertEqual(self.run_search("find", pattern="*").splitlines(), ["a.txt", "sub/", "sub/b.txt", note])
+        self.assertEqual(self.run_search("ls", path="sub"), "b.txt\nloop")
+        for in_git in (False, True):
+            if in_git:
+                self.git_init()  # git lists the link as a file
+            with self.subTest(in_git=in_git):
+                lines = self.run_search("glob", pattern="**").splitlines()
+                self.assertEqual((sorted(lines[:-1]), lines[-1]), (["a.txt", "sub/b.txt"], note))
+                self.assertEqual(self.run_search("grep", pattern="foo", outputMode="files"), "a.txt\nsub/b.txt\n" + note)
+
+    def test_gitignore_lines_git_ignores(self):
+        # 'data[' and '[!]x' have no closing ']': git never matches them; '[z-a]' failed the whole search in
+        # re.compile, while git reads a reversed range as its first character
+        write_tree(self.root, {".gitignore": "[z-a]\n", "z": "foo\n", "a": "foo\n", "sub/.gitignore": "*.tmp\ndata[\n[!]x\n",
+                               "sub/data[": "foo\n", "sub/x.tmp": "foo\n", "sub/x": "foo\n"})
+        kept, note = [".gitignore", "a", "sub/.gitignore", "sub/data[", "sub/x"], \
+            "(skipped: 2 invalid .gitignore lines in sub/.gitignore)"
+        lines = self.run_search("glob", pattern="**").splitlines()
+        self.assertEqual((sorted(lines[:-1]), lines[-1]), (kept, note))
+        self.assertEqual(self.run_search("find", pattern="*").splitlines(), ["a", "sub/", "sub/data[", "sub/x", note])
+        self.assertEqual(self.run_search("grep", pattern="foo", outputMode="files").splitlines(),
+                         ["a", "sub/data[", "sub/x", note])
+        self.git_init()  # git keeps the same files
+        self.assertEqual(sorted(self.run_search("glob", pattern="**").splitlines()), kept)
 
 
 class TestLs(SearchTestCase):
