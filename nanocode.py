@@ -2396,7 +2396,7 @@ def _load_gitignore(path, base, skipped=None):
     """Rule groups (negate, dir_only, anchored, len(base), match) of one .gitignore in directory base
     ('' or 'a/b/'), last rule first; lines git ignores are counted in skipped."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is dropped
             rules, invalid = _parse_gitignore(f.read())
     except OSError:
         return []

@@ -2118,6 +2118,11 @@ class TestGlob(SearchTestCase):
                 with self.subTest(pattern=pattern, path=path):
                     self.assertEqual(linear(path), bool(regex.match(path)))
 
+    def test_gitignore_byte_order_mark_is_dropped(self):
+        write_tree(self.root, {".gitignore": b"\xef\xbb\xbf*.log\n", "x.log": "", "a.py": ""})
+        self.assertEqual(sorted(self.run_search("glob", pattern="**").splitlines()), [".gitignore", "a.py"])
+        self.git_init()  # git drops the mark too
+        self.assertEqual(sorted(self.run_search("glob", pattern="**").splitlines()), [".gitignore", "a.py"])
 
 
 class TestGrep(SearchTestCase):
