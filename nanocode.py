@@ -2104,13 +2104,16 @@ def _bash_simple(ctx, command, timeout, env):
 # glob, grep and find share one file list: `git ls-files` inside a work tree
 # (fast, and git's own .gitignore rules), else a scandir walk that applies the
 # .gitignore files it meets. grep hands the search to ripgrep when `rg` is on
-# PATH; both ways give the same output, sorted by path. A glob becomes a regex
-# only when that cannot backtrack long (else _glob_nfa). One bad entry (a symlink
-# loop, a .gitignore line git never matches) is left out and named in a last
-# line, not a failed search.
+# PATH; both ways give the same output, sorted by path. Nothing may hang: the
+# stdlib search runs a regex that could backtrack for minutes in a child process
+# with a deadline, and a glob becomes a regex only when that cannot backtrack
+# long (else _glob_nfa). One bad entry (a symlink loop, a .gitignore line git
+# never matches) is left out and named in a last line, not a failed search.
 
 SEARCH_MAX_FILE = 10 * 1024 * 1024  #: grep skips files larger than this (rg --max-filesize 10M)
 SEARCH_LINE_MAX = 500  #: grep cuts each output line to this many characters
+#: deadline in seconds of a stdlib grep whose regex could backtrack badly (it runs in a child process)
+GREP_CHILD_TIMEOUT = 30.0
 _REGEX_META = frozenset(".^$*+?{}[]\\|()")
 _GLOB_META = frozenset("*?[{")
 _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would translate line ends without it
@@ -2745,6 +2748,61 @@ def _python_grep(root, target, match, glob, mode, cancel, skipped=None):
             skipped.loops.append(rel)
 
 
+def _regex_may_explode(pattern):
+    """True when a regex could backtrack for minutes (Python's re has no deadline): a repeated group that
+    holds a repeat or a '|' ((a+)+, (a|aa)*), a backreference, a look-around, a conditional, verbose mode,
+    or three repeats without bound. A static guess, on the safe side; rg would run the pattern in linear time.
+    Example: '(a+)+$' -> True, 'def \\w+\\(' -> False.
+    """
+    frames = [[False, False]]  # per open group: holds a repeat, holds a '|' (a closed group passes both up)
+    last, unbounded, i, n = None, 0, 0, len(pattern)  # last: the closed group a repeat here would apply to
+    while i < n:
+        c = pattern[i]
+        rep = _REPEAT.match(pattern, i) if c in "*+?{" else None
+        if rep and (c != "{" or rep.group(1) or rep.group(2)):  # '{}' and 'a{x}' are text
+            lo, comma, hi = rep.group(1, 2, 3)
+            endless = c in "*+" or bool(comma and (not hi or int(hi) > 32))
+            if last and (last[0] or last[1]) and (endless or c == "{" and int(hi or lo or 0) > 1):
+                return True
+            frames[-1][0], unbounded, last = True, unbounded + endless, None
+            if unbounded >= 3:
+                return True
+            i = rep.end() + (pattern[rep.end():rep.end() + 1] in ("?", "+"))  # lazy or possessive
+            continue
+        last = None
+        if c == "\\":
+            if pattern[i + 1:i + 2] in tuple("123456789"):  # a backreference
+                return True
+            i = (pattern.find("}", i) + 1 or n) if pattern.startswith("N{", i + 1) else i + 2
+        elif c == "[":
+            i = _skip_class(pattern, i)
+        elif c == "(":
+            head = _GROUP_HEAD.match(pattern, i)
+            if head is None or "x" in (head.group("flags") or ""):
+                return True  # a look-around, (?P=name), (?(1)...), or verbose (a repeat may stand apart)
+            if head.group("comment"):
+                i = pattern.find(")", i) + 1 or n
+            elif head.group(0).endswith(")"):  # (?i): flags, not a group
+                i = head.end()
+            else:
+                frames.append([False, False])
+                i = head.end()
+        elif c == ")" and len(frames) > 1:
+            last = frames.pop()
+            frames[-1][0] |= last[0]
+            frames[-1][1] |= last[1]
+            i += 1
+        else:
+            frames[-1][1] |= c == "|"
+            i += 1
+    return False
+
+
+_REPEAT = re.compile(r"[*+?]|\{(\d*)(,?)(\d*)\}")
+#: how a group opens: '(', '(?:', '(?P<n>', '(?>', inline flags '(?i)' or '(?i:', a comment '(?#'
+_GROUP_HEAD = re.compile(r"\((?:(?!\?)|\?P<\w+>|\?>|\?(?P<flags>[aiLmsux]*(?:-[imsx]*)?)[:)]|\?(?P<comment>#))")
+
+
 def _rg_grep(rg, root, target, pattern, glob, ignore_case, mode, cancel):
     """(path, [(line number, line)]) pairs from ripgrep in path order; None when rg fails."""
     # --null: path\0line:text, unambiguous; --no-require-git: .gitignore counts outside git too, as in
@@ -2829,6 +2887,60 @@ def _stdlib_grep(job, cancel, match=None):
     return skipped.add_to(_format_grep(job["root"], results, job["mode"], job["limit"], job["context"]) or "no matches")
 
 
+def _grep_in_child(job, cancel):
+    """_stdlib_grep(job) in a child process, killed at GREP_CHILD_TIMEOUT or on cancel: Python's re holds
+    the GIL, so nothing in this process could stop a regex that backtracks for hours."""
+    import subprocess  # imported here, as in tool_bash: it costs startup time
+    # the child loads this very file, whatever its name (sys.path and 'import nanocode' would need nanocode.py)
+    code = ("import sys, importlib.machinery as m, importlib.util as u\n"
+            "l = m.SourceFileLoader('nanocode', %r)\n"
+            "n = sys.modules['nanocode'] = u.module_from_spec(u.spec_from_loader('nanocode', l))\n"
+            "l.exec_module(n)\nn._grep_child()\n" % os.path.abspath(__file__))
+    try:  # -I -S: no PYTHON* variables, user site or site-packages; only the standard library is needed
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", code], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as e:
+        raise ToolError("cannot start a process to run this pattern in (%s); simplify the pattern" % e)
+    unregister = cancel.on_cancel(proc.kill)
+    try:
+        out, err = proc.communicate(json.dumps(dict(job, timeout=GREP_CHILD_TIMEOUT)).encode("ascii"),
+                                    GREP_CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise ToolError("the pattern took too long (over %g s): simplify it (a repeated group holding a repeat, "
+                        "like (a+)+, or a backreference can take exponential time) or narrow path or glob"
+                        % GREP_CHILD_TIMEOUT)
+    finally:
+        unregister()
+        if proc.poll() is None:  # e.g. KeyboardInterrupt while waiting
+            proc.kill()
+    if cancel.is_set():
+        raise ToolError("cancelled")
+    try:
+        reply = json.loads(out.decode("ascii"))
+    except ValueError:
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        raise ToolError("the search process failed: %s" % (lines[-1] if lines else "exit code %s" % proc.returncode))
+    if "error" in reply:
+        raise ToolError(reply["error"])
+    return reply["text"]
+
+
+def _grep_child():
+    """The child's side of _grep_in_child: a job as JSON on stdin, {"text": ...} or {"error": ...} on stdout."""
+    import faulthandler
+    job = json.loads(sys.stdin.buffer.read().decode("ascii"))
+    # should the parent be gone, this ends the process, even in the middle of a regex holding the GIL
+    faulthandler.dump_traceback_later(job["timeout"] + 5, exit=True)
+    try:
+        reply = {"text": _stdlib_grep(job, Cancel())}
+    except ToolError as e:
+        reply = {"error": str(e)}
+    sys.stdout.buffer.write(json.dumps(reply).encode("ascii"))
+    sys.stdout.flush()
+
+
 @tool("grep", "Regex search in files (respects .gitignore). Output: path:line:text", readonly=True,
       pattern="string", path="string? dir/file", glob="string? e.g. *.py", ignoreCase="boolean?",
       context="integer?", outputMode="string? content|files|count", limit="integer?")
@@ -2851,6 +2963,8 @@ def tool_grep(ctx, pattern, path=".", glob="", ignoreCase=False, context=0, outp
         return _format_grep(root, results, mode, limit, context) or "no matches"
     job = {"root": root, "target": target, "pattern": pattern, "ignore_case": ignoreCase, "glob": glob,
            "mode": mode, "limit": limit, "context": context}
+    if _regex_may_explode(pattern):
+        return _grep_in_child(job, ctx.cancel)
     return _stdlib_grep(job, ctx.cancel, match)
 
 

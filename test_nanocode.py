@@ -2214,6 +2214,85 @@ class TestGrep(SearchTestCase):
         self.assertEqual(self.run_search("grep", pattern="foo", path="src/*.py"), "a.py:1:foo")
 
 
+class TestGrepRunaway(SearchTestCase):
+    """Issue 8: a regex that backtracks for hours runs in a child process, killed at a deadline or on cancel."""
+
+    def test_catastrophic_regex_times_out(self):
+        write_tree(self.root, {"a.txt": "a" * 40 + "b\n", "b.txt": "aaa\n"})
+        [(text, seconds)] = self.timed_calls([("grep", {"pattern": "(a+)+$"})], "nanocode.GREP_CHILD_TIMEOUT = 1.0")
+        self.assertTrue(text.startswith("error: the pattern took too long"), text)
+        self.assertIn("simplify it", text)
+        self.assertLess(seconds, 10)
+
+    def test_look_around_that_rg_refuses(self):
+        write_tree(self.root, {"a.txt": "a" * 40 + "b\n"})
+        fake_bin = os.path.join(self.tmp, "bin-fake-rg")
+        os.makedirs(fake_bin)
+        log = os.path.join(self.tmp, "rg-called")
+        with open(os.path.join(fake_bin, "rg"), "w") as f:  # refuses the regex the way rg refuses look-arounds
+            f.write("#!/bin/sh\necho called >> '%s'\necho 'regex parse error: look-around' >&2\nexit 2\n" % log)
+        os.chmod(os.path.join(fake_bin, "rg"), 0o755)
+        with mock.patch.dict(os.environ, {"PATH": fake_bin + os.pathsep + os.environ["PATH"]}):
+            [(text, seconds)] = self.timed_calls([("grep", {"pattern": "(?=(a+)+$)a"})],
+                                                 "nanocode.GREP_CHILD_TIMEOUT = 1.0")
+        self.assertTrue(os.path.exists(log), "the fake rg was not asked")
+        self.assertTrue(text.startswith("error: the pattern took too long"), text)
+        self.assertLess(seconds, 10)
+
+    def test_cancel_kills_the_child(self):
+        write_tree(self.root, {"a.txt": "a" * 40 + "b\n"})
+        pids, result, seconds = self.run_bounded("""
+import subprocess
+started, real = [], subprocess.Popen
+class Spy(real):
+    def __init__(self, *args, **kwargs):
+        real.__init__(self, *args, **kwargs)
+        started.append(self)
+subprocess.Popen = Spy
+ctx, out = nanocode.ToolContext(ROOT), []
+worker = threading.Thread(target=lambda: out.append(nanocode.run_tool(ctx, "grep", {"pattern": "(a+)+$"}).text))
+worker.start()
+deadline = time.monotonic() + 10
+while not started and time.monotonic() < deadline:
+    time.sleep(0.01)
+begin = time.monotonic()
+ctx.cancel.cancel()
+worker.join(10)
+print(json.dumps([[p.wait(10) for p in started], out, time.monotonic() - begin]))
+""")
+        self.assertEqual(len(pids), 1)  # the search's child, ended by the kill
+        self.assertEqual(result, ["error: cancelled"])
+        self.assertLess(seconds, 5)
+
+    def test_risky_patterns_run_in_the_child_and_find_matches(self):
+        write_tree(self.root, {"c.txt": "book\nfoo bar\nfood\n", "d.txt": "aaa\n"})
+        with mock.patch.object(nanocode, "_grep_in_child", wraps=nanocode._grep_in_child) as child:
+            self.assertEqual(self.run_search("grep", pattern=r"(o)\1k"), "c.txt:1:book")
+            self.assertEqual(self.run_search("grep", pattern=r"foo(?=\s)", context="1"),
+                             "c.txt-1-book\nc.txt:2:foo bar\nc.txt-3-food")
+            self.assertEqual(self.run_search("grep", pattern=r"(a+)+$", outputMode="count"), "d.txt:1")
+            self.assertEqual(self.run_search("grep", pattern=r"(?<=x)y"), "no matches")
+            self.assertTrue(self.run_search("grep", pattern=r"(?<=x+)y").startswith("error: bad regex"))
+        self.assertEqual(child.call_count, 4)
+
+    def test_plain_patterns_stay_in_process(self):
+        write_tree(self.root, {"a.py": "def foo(x):\n    return 12345  # TODO\n"})
+        with mock.patch.object(nanocode, "_grep_in_child", side_effect=AssertionError("a child process ran")):
+            for pattern in ("foo", r"def \w+\(", r"\d{5,}", "TODO|FIXME", "def.*:", "(TODO|FIXME)", r"\(x\)+"):
+                with self.subTest(pattern=pattern):
+                    self.assertNotIn("error", self.run_search("grep", pattern=pattern))
+
+    def test_which_patterns_may_backtrack_badly(self):
+        risky = [r"(a+)+$", r"(a|aa)*b", r"(\w)\1", r"foo(?=\s)", r"(?<!x)y", r"(?P<q>a)(?P=q)", r"(a)?(?(1)b|c)",
+                 r"(?x) ( a + ) +", r"\w+\s*=\s*\w+", r"((ab)*c)+", r"(?:\s*,\s*\w+)*", r"(a{1,5}){2,}", r"(.*a){12}",
+                 r"(?i:(a+)+)"]
+        plain = [r"foo", r"def \w+\(", r"\d{5,}", r"TODO|FIXME", r"foo.*bar", r"(TODO|FIXME):", r"(?i)foo", r"[(+*]",
+                 r"\(a+\)+", r"(ab)+", r"(?:abc){2}", r"(?#(a+)+)b", r"\\1", r"[\1]", r"^\s*def\s+\w"]
+        for pattern in risky + plain:
+            with self.subTest(pattern=pattern):
+                self.assertEqual(nanocode._regex_may_explode(pattern), pattern in risky)
+
+
 class TestGrepRipgrepInterop(SearchTestCase):
     """rg and the stdlib search print the same; skipped without rg unless NANOCODE_INTEROP=1."""
 
