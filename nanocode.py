@@ -3400,10 +3400,16 @@ def _bash_simple(ctx, command, timeout, env):
 # glob, grep and find share one file list: `git ls-files` inside a work tree
 # (fast, and git's own .gitignore rules), else a scandir walk that applies the
 # .gitignore files it meets. grep hands the search to ripgrep when `rg` is on
-# PATH; both ways give the same output, sorted by path.
+# PATH; both ways give the same output, sorted by path. Nothing may hang: the
+# stdlib search runs a regex that could backtrack for minutes in a child process
+# with a deadline, and a glob becomes a regex only when that cannot backtrack
+# long (else _glob_nfa). One bad entry (a symlink loop, a .gitignore line git
+# never matches) is left out and named in a last line, not a failed search.
 
 SEARCH_MAX_FILE = 10 * 1024 * 1024  #: grep skips files larger than this (rg --max-filesize 10M)
 SEARCH_LINE_MAX = 500  #: grep cuts each output line to this many characters
+#: deadline in seconds of a stdlib grep whose regex could backtrack badly (it runs in a child process)
+GREP_CHILD_TIMEOUT = 30.0
 _REGEX_META = frozenset(".^$*+?{}[]\\|()")
 _GLOB_META = frozenset("*?[{")
 _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would translate line ends without it
@@ -3411,39 +3417,214 @@ _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows would translate line ends with
 _GREP_MODES = {"content": "content", "files": "files", "files_with_matches": "files", "count": "count"}
 
 
-def _glob_regex(pattern, braces=True):
-    """Regex source for a '/'-separated glob. Example: 'src/**/*.py' -> 'src/(?:.*/)?[^/]*\\.py'."""
-    out, i, n = [], 0, len(pattern)
+class _GlobError(ToolError):
+    """A .gitignore line git never matches, as one with an unclosed '['; it is skipped and counted."""
+
+
+_STAR, _GLOBSTAR, _DIRSTAR, _ANY = ("star",), ("globstar",), ("dirstar",), ("any",)
+_SLASH = ("lit", "/")
+
+
+def _glob_items(pattern, braces=True, strict=False):
+    """The parts of a '/'-separated glob: ('lit', c), _ANY (?), ('class', regex, match), _STAR (*),
+    _GLOBSTAR (** : anything), _DIRSTAR (**/ : zero or more directories), ('alt', [parts, ...]) ({a,b}).
+
+    Runs of '*' collapse. strict (.gitignore lines): an unclosed '[' is a _GlobError, as git never matches it.
+    Example: 'src/**/*.py' -> lit s, r, c, /, _DIRSTAR, _STAR, lit ., p, y.
+    """
+    items, i, n = [], 0, len(pattern)
     while i < n:
         c = pattern[i]
-        if pattern.startswith("**/", i):  # zero or more whole directories
-            out.append("(?:.*/)?")
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
+        if c == "*":
+            j = i
+            while j < n and pattern[j] == "*":
+                j += 1
+            item = _STAR if j - i == 1 else _DIRSTAR if pattern.startswith("/", j) else _GLOBSTAR
+            i = j + (item is _DIRSTAR)
+            if items and items[-1] in (_GLOBSTAR, _DIRSTAR) and item is not _STAR:
+                items[-1] = item if item is _GLOBSTAR else items[-1]  # '**/**' is '**', '**/**/' is '**/'
+            else:
+                items.append(item)
             continue
         i += 1
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif c == "[" and "]" in pattern[i + 1:]:
-            end = pattern.index("]", i + 1)  # a ']' right after '[' is a member
-            body = pattern[i:end].replace("\\", "\\\\").replace("[", "\\[")
-            out.append("[" + ("^" + body[1:] if body[:1] in "!^" else body) + "]")
+        if c == "?":
+            items.append(_ANY)
+        elif c == "[":
+            k = i + (pattern[i:i + 1] in ("!", "^"))
+            k += pattern[k:k + 1] == "]"  # a ']' first is a member
+            end = pattern.find("]", k)
+            if end < 0:
+                if strict:
+                    raise _GlobError("unclosed [ in %r" % pattern)
+                items.append(("lit", c))
+                continue
+            negate = pattern[i:i + 1] in ("!", "^")
+            source = _glob_class(pattern[i + negate:end], negate)
+            items.append(("class", source, re.compile(source).match))
             i = end + 1
         elif c == "{" and braces and "}" in pattern[i:]:  # *.{ts,tsx}, as rg and editors read it
             end = pattern.index("}", i)
-            out.append("(?:%s)" % "|".join(_glob_regex(alt, False) for alt in pattern[i:end].split(",")))
+            items.append(("alt", [_glob_items(alt, False, strict) for alt in pattern[i:end].split(",")]))
             i = end + 1
         elif c == "\\" and i < n:
-            out.append(re.escape(pattern[i]))
+            items.append(("lit", pattern[i]))
             i += 1
         else:
-            out.append(re.escape(c))
+            items.append(("lit", c))
+    return items
+
+
+def _class_char(c):
+    """c as a member of a regex class. Example: ']' -> '\\]'."""
+    return "\\" + c if c in "\\]^-[" else c
+
+
+def _glob_class(body, negate):
+    """Regex source of the members of a [...] glob class, read as git reads them. Example: ('a-c_', False) -> '[a-c_]'.
+
+    A reversed range such as z-a holds its first character only, and no class matches '/', like * and ?.
+    """
+    out, k = [], 0
+    while k < len(body):
+        ranged = body[k + 1:k + 2] == "-" and k + 2 < len(body)
+        lo, hi = body[k], body[k + 2] if ranged else body[k]
+        out.append(_class_char(lo) + ("-" + _class_char(hi) if hi > lo else ""))
+        k += 3 if ranged else 1
+    if negate:
+        return "[^/%s]" % "".join(out)
+    source = "[%s]" % "".join(out)
+    return "(?!/)" + source if re.match(source, "/") else source
+
+
+def _glob_source(items):
+    """Regex source (for re.DOTALL) of glob parts. Example: parts of 'src/**/*.py' -> 'src/(?:.*/)?[^/]*\\.py'."""
+    out = []
+    for item in items:
+        kind = item[0]
+        if kind == "lit":
+            out.append(re.escape(item[1]))
+        elif kind == "class":
+            out.append(item[1])
+        elif kind == "alt":
+            out.append("(?:%s)" % "|".join(_glob_source(alt) for alt in item[1]))
+        else:
+            out.append({"any": "[^/]", "star": "[^/]*", "globstar": ".*", "dirstar": "(?:.*/)?"}[kind])
     return "".join(out)
+
+
+def _repeats(item):
+    """True for a glob part that repeats: *, **, **/, or a {a,b} holding one."""
+    return item in (_STAR, _GLOBSTAR, _DIRSTAR) or item[0] == "alt" and any(
+        _repeats(x) for alt in item[1] for x in alt)
+
+
+def _glob_tame(items):
+    """True when the regex of glob parts cannot backtrack for long: at most one repeat whose choices multiply.
+
+    A repeat's choices multiply the work after it unless the fixed parts that follow pin its end: the end of
+    the pattern, or (for * alone, which stops at a '/') a '/'. '*a*a*b' and '**/a/**/b' have several such
+    repeats: they are left to _glob_nfa, as are globs with many {a,b} combinations.
+    """
+    degree, choices = 0, 1
+    for k, item in enumerate(items):
+        if item[0] == "alt":
+            choices *= len(item[1])
+        if _repeats(item):
+            rest = items[k + 1:]
+            fixed = next((j for j, x in enumerate(rest) if _repeats(x)), len(rest))  # parts up to the next repeat
+            pinned = fixed == len(rest) or (item is _STAR and _SLASH in rest[:fixed])
+            degree += item[0] == "alt" or not pinned
+    return degree == 0 and choices <= 64 or degree == 1 and choices <= 8
+
+
+def _not_slash(c):
+    return c != "/"
+
+
+def _any_char(c):
+    return True
+
+
+def _glob_nfa(items):
+    """A match function for glob parts that takes O(len(text) * len(parts)) steps whatever the glob:
+    it follows every way of matching at once, one character at a time (a Thompson automaton), and
+    remembers each step it works out, so the common paths cost a dict lookup per character."""
+    nodes = [None]  # node 0 accepts; the rest: (test, next) reads a character, [a, b] moves to a and b
+
+    def read(test, nxt):
+        nodes.append((test, nxt))
+        return len(nodes) - 1
+
+    def fork(a, b):
+        nodes.append([a, b])
+        return len(nodes) - 1
+
+    def repeat(test, nxt):  # test*, then nxt
+        k = fork(None, nxt)
+        nodes[k][0] = read(test, k)
+        return k
+
+    def build(parts, nxt):
+        for item in reversed(parts):
+            kind = item[0]
+            if kind == "lit":
+                nxt = read(item[1].__eq__, nxt)
+            elif kind == "class":
+                nxt = read(item[2], nxt)
+            elif kind == "alt":
+                starts = [build(alt, nxt) for alt in item[1]]
+                nxt = starts[0]
+                for s in starts[1:]:
+                    nxt = fork(nxt, s)
+            elif item is _DIRSTAR:
+                nxt = fork(repeat(_any_char, read("/".__eq__, nxt)), nxt)
+            else:
+                nxt = read(_not_slash, nxt) if item is _ANY else repeat(
+                    _not_slash if item is _STAR else _any_char, nxt)
+        return nxt
+
+    closures = {}
+
+    def closure(k):
+        """The reading (and accepting) nodes reachable from node k without reading."""
+        found = closures.get(k)
+        if found is None:
+            found, seen, stack = set(), set(), [k]
+            while stack:
+                j = stack.pop()
+                if j not in seen:
+                    seen.add(j)
+                    if isinstance(nodes[j], list):
+                        stack.extend(nodes[j])
+                    else:
+                        found.add(j)
+            found = closures[k] = frozenset(found)
+        return found
+
+    start, steps = closure(build(items, 0)), {}  # steps: (states, character) -> states, learnt as met
+
+    def match(text):
+        states = start
+        for c in text:
+            after = steps.get((states, c))
+            if after is None:
+                after = frozenset().union(*[closure(nodes[k][1]) for k in states if k and nodes[k][0](c)])
+                if len(steps) > 50000:  # bounded memory, whatever the texts
+                    steps.clear()
+                steps[states, c] = after
+            if not after:
+                return False
+            states = after
+        return 0 in states
+    return match
+
+
+def _glob_matcher(pattern, braces=True):
+    """A test of whole '/'-separated paths against a glob: a regex, or _glob_nfa when that could backtrack long."""
+    items = _glob_items(pattern, braces)
+    if _glob_tame(items):
+        return re.compile(_glob_source(items) + r"\Z", re.DOTALL).match
+    return _glob_nfa(items)
 
 
 def _path_matcher(glob):
@@ -3454,15 +3635,45 @@ def _path_matcher(glob):
         glob = glob[2:]
     # like a .gitignore line: a '/' before the end anchors the glob at the search root
     anchored = "/" in glob.rstrip("/")
-    match = re.compile(_glob_regex(glob.strip("/")) + r"\Z").match
+    match = _glob_matcher(glob.strip("/"))
     if anchored:
-        return lambda rel: (match(rel) is None) == negate
-    return lambda rel: (match(rel[rel.rfind("/") + 1:]) is None) == negate
+        return lambda rel: (not match(rel)) == negate
+    return lambda rel: (not match(rel[rel.rfind("/") + 1:])) == negate
+
+
+class _Skipped:
+    """What a search left out instead of failing, for one line after its results."""
+
+    def __init__(self):
+        self.bad_lines = {}  # .gitignore path -> lines git never matches (an unclosed '[')
+        self.loops = []  # symlinks that lead back to themselves
+
+    def note(self):
+        """'(skipped: 1 invalid .gitignore line in sub/.gitignore; 1 symlink loop: a/l)', or ''."""
+        parts = ["%d invalid .gitignore line%s in %s" % (n, "s" if n > 1 else "", path)
+                 for path, n in sorted(self.bad_lines.items())]
+        if self.loops:
+            loops = sorted(self.loops)
+            parts.append("%d symlink loop%s: %s" % (len(loops), "s" if len(loops) > 1 else "",
+                                                    ", ".join(loops[:3]) + (", ..." if len(loops) > 3 else "")))
+        return "(skipped: %s)" % "; ".join(parts) if parts else ""
+
+    def add_to(self, text):
+        """text with the note as its last line."""
+        note = self.note()
+        return text + "\n" + note if note else text
+
+
+def _is_loop(err):
+    """True for the OSError of a symlink loop (ELOOP)."""
+    import errno
+    return err.errno == getattr(errno, "ELOOP", None)
 
 
 def _parse_gitignore(text):
-    """Rules (negate, dir_only, anchored, regex) of a .gitignore. Example: '!/a/' -> [(True, True, True, 'a')]."""
-    rules = []
+    """(rules, invalid): rules (negate, dir_only, anchored, glob parts) of a .gitignore, and the number of
+    lines git ignores as invalid. Example: '!/a/' -> ([(True, True, True, [('lit', 'a')])], 0)."""
+    rules, invalid = [], 0
     for line in text.splitlines():
         if not line.endswith("\\ "):  # trailing spaces are dropped unless escaped
             line = line.rstrip()
@@ -3473,39 +3684,51 @@ def _parse_gitignore(text):
         dir_only = line.endswith("/")
         line = line.rstrip("/")
         if line:  # a '/' at the start or in the middle anchors the rule to this directory
-            rules.append((negate, dir_only, "/" in line, _glob_regex(line.lstrip("/"), braces=False)))
-    return rules
+            try:
+                rules.append((negate, dir_only, "/" in line, _glob_items(line.lstrip("/"), False, True)))
+            except _GlobError:
+                invalid += 1
+    return rules, invalid
 
 
-def _load_gitignore(path, base):
-    """Compiled rule groups of one .gitignore in directory base ('' or 'a/b/'), last rule first."""
+def _load_gitignore(path, base, skipped=None):
+    """Rule groups (negate, dir_only, anchored, len(base), match) of one .gitignore in directory base
+    ('' or 'a/b/'), last rule first; lines git ignores are counted in skipped."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            rules = _parse_gitignore(f.read())
+        with open(path, encoding="utf-8-sig", errors="replace") as f:  # -sig: a byte-order mark is dropped
+            rules, invalid = _parse_gitignore(f.read())
     except OSError:
         return []
-    # runs of like rules become one alternation, so a path costs a few regex calls, not one per line
+    if invalid and skipped is not None:
+        skipped.bad_lines[base + ".gitignore"] = invalid
+    # runs of like rules become one alternation, so a path costs a few regex calls, not one per line;
+    # a rule whose regex could backtrack long gets a group of its own, matched by _glob_nfa
     groups = []
-    for negate, dir_only, anchored, source in rules:
-        if groups and groups[-1][0] == (negate, dir_only, anchored):
-            groups[-1][1].append(source)
+    for negate, dir_only, anchored, items in rules:
+        key, tame = (negate, dir_only, anchored), _glob_tame(items)
+        if tame and groups and groups[-1][0] == key and groups[-1][1] is not None:
+            groups[-1][1].append(_glob_source(items))
         else:
-            groups.append(((negate, dir_only, anchored), [source]))
-    compiled = [(neg, dir_only, anchored, len(base), re.compile("(?:%s)\\Z" % "|".join(sources)))
-                for (neg, dir_only, anchored), sources in groups]
+            groups.append((key, [_glob_source(items)] if tame else None, items))
+    compiled = [(neg, dir_only, anchored, len(base),
+                 _glob_nfa(items) if sources is None else re.compile("(?:%s)\\Z" % "|".join(sources), re.DOTALL).match)
+                for (neg, dir_only, anchored), sources, items in groups]
     return compiled[::-1]  # the last matching rule decides, so it is tried first
 
 
 def _is_ignored(groups, rel, name):
     """True when the last .gitignore rule matching rel excludes it (groups: deepest, last rule first)."""
-    for negate, _, anchored, cut, rx in groups:
-        if rx.match(rel[cut:] if anchored else name):
+    for negate, _, anchored, cut, match in groups:
+        if match(rel[cut:] if anchored else name):
             return not negate
     return False
 
 
-def _walk_files(root, cancel, hidden=True, name_ok=None):
-    """Relative paths of the files under root, pruning .git, .gitignore'd and (unless hidden) dot entries."""
+def _walk_files(root, cancel, hidden=True, name_ok=None, skipped=None):
+    """Relative paths of the files under root, pruning .git, .gitignore'd and (unless hidden) dot entries.
+
+    A symlink loop is left out and named in skipped, as are .gitignore lines git ignores.
+    """
     stack = [("", [], [])]  # (directory, rules for its subdirectories, rules for its files)
     while stack:
         if cancel.is_set():
@@ -3518,7 +3741,7 @@ def _walk_files(root, cancel, hidden=True, name_ok=None):
             continue  # unreadable directory: skip it, as find and rg do
         if any(e.name == ".gitignore" for e in entries):  # the listing answers; no extra stat
             # a deeper .gitignore overrides the ones above it; files skip the rules for directories (x/)
-            rules = _load_gitignore(os.path.join(root, rel, ".gitignore"), rel)
+            rules = _load_gitignore(os.path.join(root, rel, ".gitignore"), rel, skipped)
             dir_rules, file_rules = rules + dir_rules, [g for g in rules if not g[1]] + file_rules
         for e in entries:
             name = e.name
@@ -3527,8 +3750,16 @@ def _walk_files(root, cancel, hidden=True, name_ok=None):
             if e.is_dir(follow_symlinks=False):  # symlinked dirs are not followed: no cycles
                 if not (dir_rules and _is_ignored(dir_rules, rel + name, name)):
                     stack.append((rel + name + "/", dir_rules, file_rules))
-            elif (name_ok is None or name_ok(name)) and e.is_file() and not (
-                    file_rules and _is_ignored(file_rules, rel + name, name)):
+                continue
+            if name_ok is not None and not name_ok(name):
+                continue
+            try:
+                is_file = e.is_file()  # follows a symlink: a loop raises ELOOP
+            except OSError as err:
+                if _is_loop(err) and skipped is not None:
+                    skipped.loops.append(rel + name)
+                continue
+            if is_file and not (file_rules and _is_ignored(file_rules, rel + name, name)):
                 yield rel + name
 
 
@@ -3574,14 +3805,15 @@ def _git_files(root, cancel):
     return list(dict.fromkeys(os.fsdecode(p) for p in out.split(b"\0") if p))
 
 
-def _candidate_files(root, cancel, hidden=True, name_ok=None):
+def _candidate_files(root, cancel, hidden=True, name_ok=None, skipped=None):
     """Paths (relative to root, '/'-separated) of the files a search covers: .gitignore respected, .git skipped.
 
     name_ok, a test on file names, may drop files early: the walk then skips their ignore checks.
+    skipped (a _Skipped) collects what the walk left out rather than failing.
     """
     files = _git_files(root, cancel)
     if files is None:
-        return list(_walk_files(root, cancel, hidden, name_ok))
+        return list(_walk_files(root, cancel, hidden, name_ok, skipped))
     if not hidden:
         files = [f for f in files if not f.startswith(".") and "/." not in f]
     return files if name_ok is None else [f for f in files if name_ok(f[f.rfind("/") + 1:])]
@@ -3613,11 +3845,12 @@ class _FileReader:
         self.buf = bytearray(1 << 20)
 
     def read(self, path):
-        """Bytes of path now in self.buf; -1 when unreadable, over SEARCH_MAX_FILE or binary (NUL in the first 8 KB)."""
+        """Bytes of path now in self.buf; -1 when unreadable, over SEARCH_MAX_FILE or binary (NUL in the first 8 KB),
+        -2 for a symlink loop."""
         try:
             fd = os.open(path, os.O_RDONLY | _O_BINARY)
-        except OSError:
-            return -1
+        except OSError as e:
+            return -2 if _is_loop(e) else -1
         try:
             n = self._read_into(fd)
             if n == len(self.buf):  # a big file: size it, then read it again whole
@@ -3793,9 +4026,9 @@ def _split_glob(pattern):
     return "/".join(parts[:i]) or ("/" if pattern.startswith("/") else "."), "/".join(parts[i:])
 
 
-def _python_grep(root, target, match, glob, mode, cancel):
+def _python_grep(root, target, match, glob, mode, cancel, skipped=None):
     """(path, [(line number, line)]) for each file with a match, in path order, searched here."""
-    files = [target] if target else sorted(_candidate_files(root, cancel))
+    files = [target] if target else sorted(_candidate_files(root, cancel, skipped=skipped))
     if glob and not target:
         keep = _path_matcher(glob)
         files = [f for f in files if keep(f)]
@@ -3807,6 +4040,63 @@ def _python_grep(root, target, match, glob, mode, cancel):
         hits = match(reader.buf, n, first_only) if n > 0 else None
         if hits:
             yield rel, hits
+        elif n == -2 and skipped is not None:
+            skipped.loops.append(rel)
+
+
+def _regex_may_explode(pattern):
+    """True when a regex could backtrack for minutes (Python's re has no deadline): a repeated group that
+    holds a repeat or a '|' ((a+)+, (a|aa)*), a backreference, a look-around, a conditional, verbose mode,
+    or three repeats without bound. A static guess, on the safe side; rg would run the pattern in linear time.
+    Example: '(a+)+$' -> True, 'def \\w+\\(' -> False.
+    """
+    frames = [[False, False]]  # per open group: holds a repeat, holds a '|' (a closed group passes both up)
+    last, unbounded, i, n = None, 0, 0, len(pattern)  # last: the closed group a repeat here would apply to
+    while i < n:
+        c = pattern[i]
+        rep = _REPEAT.match(pattern, i) if c in "*+?{" else None
+        if rep and (c != "{" or rep.group(1) or rep.group(2)):  # '{}' and 'a{x}' are text
+            lo, comma, hi = rep.group(1, 2, 3)
+            endless = c in "*+" or bool(comma and (not hi or int(hi) > 32))
+            if last and (last[0] or last[1]) and (endless or c == "{" and int(hi or lo or 0) > 1):
+                return True
+            frames[-1][0], unbounded, last = True, unbounded + endless, None
+            if unbounded >= 3:
+                return True
+            i = rep.end() + (pattern[rep.end():rep.end() + 1] in ("?", "+"))  # lazy or possessive
+            continue
+        last = None
+        if c == "\\":
+            if pattern[i + 1:i + 2] in tuple("123456789"):  # a backreference
+                return True
+            i = (pattern.find("}", i) + 1 or n) if pattern.startswith("N{", i + 1) else i + 2
+        elif c == "[":
+            i = _skip_class(pattern, i)
+        elif c == "(":
+            head = _GROUP_HEAD.match(pattern, i)
+            if head is None or "x" in (head.group("flags") or ""):
+                return True  # a look-around, (?P=name), (?(1)...), or verbose (a repeat may stand apart)
+            if head.group("comment"):
+                i = pattern.find(")", i) + 1 or n
+            elif head.group(0).endswith(")"):  # (?i): flags, not a group
+                i = head.end()
+            else:
+                frames.append([False, False])
+                i = head.end()
+        elif c == ")" and len(frames) > 1:
+            last = frames.pop()
+            frames[-1][0] |= last[0]
+            frames[-1][1] |= last[1]
+            i += 1
+        else:
+            frames[-1][1] |= c == "|"
+            i += 1
+    return False
+
+
+_REPEAT = re.compile(r"[*+?]|\{(\d*)(,?)(\d*)\}")
+#: how a group opens: '(', '(?:', '(?P<n>', '(?>', inline flags '(?i)' or '(?i:', a comment '(?#'
+_GROUP_HEAD = re.compile(r"\((?:(?!\?)|\?P<\w+>|\?>|\?(?P<flags>[aiLmsux]*(?:-[imsx]*)?)[:)]|\?(?P<comment>#))")
 
 
 def _rg_grep(rg, root, target, pattern, glob, ignore_case, mode, cancel):
@@ -3885,6 +4175,68 @@ def _format_grep(root, results, mode, limit, context):
     return _more(out, extra, "raise limit or narrow the pattern")
 
 
+def _stdlib_grep(job, cancel, match=None):
+    """grep's output from the search here (no rg), with a line on what it skipped. job: tool_grep's arguments."""
+    match = match or _line_matcher(job["pattern"], job["ignore_case"])
+    skipped = _Skipped()
+    results = _python_grep(job["root"], job["target"], match, job["glob"], job["mode"], cancel, skipped)
+    return skipped.add_to(_format_grep(job["root"], results, job["mode"], job["limit"], job["context"]) or "no matches")
+
+
+def _grep_in_child(job, cancel):
+    """_stdlib_grep(job) in a child process, killed at GREP_CHILD_TIMEOUT or on cancel: Python's re holds
+    the GIL, so nothing in this process could stop a regex that backtracks for hours."""
+    import subprocess  # imported here, as in tool_bash: it costs startup time
+    # the child loads this very file, whatever its name (sys.path and 'import nanocode' would need nanocode.py)
+    code = ("import sys, importlib.machinery as m, importlib.util as u\n"
+            "l = m.SourceFileLoader('nanocode', %r)\n"
+            "n = sys.modules['nanocode'] = u.module_from_spec(u.spec_from_loader('nanocode', l))\n"
+            "l.exec_module(n)\nn._grep_child()\n" % os.path.abspath(__file__))
+    try:  # -I -S: no PYTHON* variables, user site or site-packages; only the standard library is needed
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", code], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as e:
+        raise ToolError("cannot start a process to run this pattern in (%s); simplify the pattern" % e)
+    unregister = cancel.on_cancel(proc.kill)
+    try:
+        out, err = proc.communicate(json.dumps(dict(job, timeout=GREP_CHILD_TIMEOUT)).encode("ascii"),
+                                    GREP_CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise ToolError("the pattern took too long (over %g s): simplify it (a repeated group holding a repeat, "
+                        "like (a+)+, or a backreference can take exponential time) or narrow path or glob"
+                        % GREP_CHILD_TIMEOUT)
+    finally:
+        unregister()
+        if proc.poll() is None:  # e.g. KeyboardInterrupt while waiting
+            proc.kill()
+    if cancel.is_set():
+        raise ToolError("cancelled")
+    try:
+        reply = json.loads(out.decode("ascii"))
+    except ValueError:
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        raise ToolError("the search process failed: %s" % (lines[-1] if lines else "exit code %s" % proc.returncode))
+    if "error" in reply:
+        raise ToolError(reply["error"])
+    return reply["text"]
+
+
+def _grep_child():
+    """The child's side of _grep_in_child: a job as JSON on stdin, {"text": ...} or {"error": ...} on stdout."""
+    import faulthandler
+    job = json.loads(sys.stdin.buffer.read().decode("ascii"))
+    # should the parent be gone, this ends the process, even in the middle of a regex holding the GIL
+    faulthandler.dump_traceback_later(job["timeout"] + 5, exit=True)
+    try:
+        reply = {"text": _stdlib_grep(job, Cancel())}
+    except ToolError as e:
+        reply = {"error": str(e)}
+    sys.stdout.buffer.write(json.dumps(reply).encode("ascii"))
+    sys.stdout.flush()
+
+
 @tool("grep", "Regex search in files (respects .gitignore). Output: path:line:text", readonly=True,
       pattern="string", path="string? dir/file", glob="string? e.g. *.py", ignoreCase="boolean?",
       context="integer?", outputMode="string? content|files|count", limit="integer?")
@@ -3903,9 +4255,13 @@ def tool_grep(ctx, pattern, path=".", glob="", ignoreCase=False, context=0, outp
     rg, results = shutil.which("rg"), None
     if rg:
         results = _rg_grep(rg, root, target, pattern, glob, ignoreCase, mode, ctx.cancel)
-    if results is None:
-        results = _python_grep(root, target, match, glob, mode, ctx.cancel)
-    return _format_grep(root, results, mode, limit, context) or "no matches"
+    if results is not None:
+        return _format_grep(root, results, mode, limit, context) or "no matches"
+    job = {"root": root, "target": target, "pattern": pattern, "ignore_case": ignoreCase, "glob": glob,
+           "mode": mode, "limit": limit, "context": context}
+    if _regex_may_explode(pattern):
+        return _grep_in_child(job, ctx.cancel)
+    return _stdlib_grep(job, ctx.cancel, match)
 
 
 @tool("glob", "Files matching a glob (** = any dirs), newest first; respects .gitignore", readonly=True,
@@ -3916,22 +4272,33 @@ def tool_glob(ctx, pattern, path="."):
         path, pattern = _split_glob(ctx.path(os.path.join(path, pattern)))
     root, _ = _search_root(ctx, path)
     pattern = pattern[2:] if pattern.startswith("./") else pattern
-    match = re.compile(_glob_regex(pattern) + r"\Z").match
+    match = _glob_matcher(pattern)
     # the last part of the pattern tests names alone (so the walk can skip the rest early),
     # unless it is ** or the tail of a {a,b/c} that a '/' cut
     name = pattern.rpartition("/")[2]
     whole = "**" not in name and name.count("{") == name.count("}")
-    name_ok = re.compile(_glob_regex(name) + r"\Z").match if whole else None
-    prefix, found = os.path.join(root, ""), []
-    for rel in [f for f in _candidate_files(root, ctx.cancel, name_ok=name_ok) if match(f)]:
+    name_ok = _glob_matcher(name) if whole else None
+    prefix, found, skipped = os.path.join(root, ""), [], _Skipped()
+    for rel in [f for f in _candidate_files(root, ctx.cancel, name_ok=name_ok, skipped=skipped) if match(f)]:
         try:
             st = os.stat(prefix + rel)
-        except OSError:
-            continue  # deleted but still in git's index
+        except OSError as e:  # deleted but still in git's index, or a symlink loop
+            if _is_loop(e):
+                skipped.loops.append(rel)
+            continue
         if st.st_mode & 0o170000 == 0o100000:  # a regular file (stat.S_ISREG); git lists submodules too
             found.append((-st.st_mtime, rel))
     found.sort()  # newest first; equal times by path, so the order is stable
-    return _more([rel for _, rel in found[:1000]], len(found) - 1000, "narrow the pattern") or "no files found"
+    text = _more([rel for _, rel in found[:1000]], len(found) - 1000, "narrow the pattern")
+    return skipped.add_to(text or "no files found")
+
+
+def _entry_is_dir(entry):
+    """True for a directory or a symlink to one; False for anything else, a symlink loop included."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 @tool("ls", "List a directory (dirs end with /)", readonly=True, path="string?", limit="integer?")
@@ -3941,7 +4308,7 @@ def tool_ls(ctx, path=".", limit=500):
     limit = clamp(limit, 1)
     try:
         with os.scandir(root) as it:
-            names = [e.name + ("/" if e.is_dir() else "") for e in it]
+            names = [e.name + ("/" if _entry_is_dir(e) else "") for e in it]
     except OSError as e:
         raise ToolError("cannot list %s: %s" % (path, e.strerror or e))
     names.sort(key=lambda s: (s.lower(), s))  # case-insensitive, as pi's ls
@@ -3965,12 +4332,13 @@ def tool_find(ctx, pattern, path=".", limit=1000, hidden=False):
     """Files and directories under path matching pattern, sorted by path; directories end with /."""
     root, _ = _search_root(ctx, path)
     match, limit = _path_matcher(pattern), clamp(limit, 1)
-    files = _candidate_files(root, ctx.cancel, hidden)
+    skipped = _Skipped()
+    files = _candidate_files(root, ctx.cancel, hidden, skipped=skipped)
     # directories come from the file list: ignored or empty ones are not shown
     found = sorted([f for f in files if match(f)] + [d + "/" for d in _parent_dirs(files) if match(d)])
     # git lists a deleted file until the deletion is committed: check just the ones shown
     shown = [f for f in found[:limit] if f.endswith("/") or os.path.lexists(os.path.join(root, f))]
-    return _more(shown, len(found) - limit, "raise limit or narrow the pattern") or "no files found"
+    return skipped.add_to(_more(shown, len(found) - limit, "raise limit or narrow the pattern") or "no files found")
 
 
 # =============================================================================

@@ -2845,6 +2845,37 @@ class SearchTestCase(unittest.TestCase):
             self.skipTest("git not installed")
         subprocess.run(["git", "init", "-q"], cwd=self.root, check=True)
 
+    def run_bounded(self, body, timeout=20):
+        """What body (Python run in a fresh process, with nanocode imported and ROOT set) prints as JSON.
+
+        A regex that backtracks for hours holds the GIL, so only another process can time it out: the test
+        fails, rather than hangs, when body is still running after timeout seconds.
+        """
+        script = "import json, sys, threading, time\nsys.path.insert(0, %r)\nimport nanocode\nROOT = %r\n%s" % (
+            HERE, self.root, body)
+        try:
+            done = subprocess.run([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.fail("still running after %d s: it hangs" % timeout)
+        self.assertEqual(done.returncode, 0, done.stderr.decode("utf-8", "replace"))
+        return json.loads(done.stdout.decode("utf-8"))
+
+    def timed_calls(self, calls, setup=""):
+        """[(text, seconds)] of tool calls [(name, args)] run one after another in a fresh process (run_bounded)."""
+        return self.run_bounded(setup + "\nout = []\nfor name, args in %r:\n"
+                                "    start = time.monotonic()\n"
+                                "    text = nanocode.run_tool(nanocode.ToolContext(ROOT), name, args).text\n"
+                                "    out.append((text, time.monotonic() - start))\n"
+                                "print(json.dumps(out))\n" % (calls,))
+
+    def make_symlink(self, target, name):
+        """A symlink in the temp dir (skips the test where symlinks cannot be made)."""
+        try:
+            os.symlink(target, os.path.join(self.root, name))
+        except (OSError, NotImplementedError) as e:
+            self.skipTest("no symlinks here: %s" % e)
+
 
 
 
@@ -2897,6 +2928,38 @@ class TestGlob(SearchTestCase):
         write_tree(self.root, {"src/a.py": ""})
         self.assertEqual(self.run_search("glob", pattern=os.path.join(self.root, "src", "*.py")), "a.py")
         self.assertEqual(self.run_search("glob", pattern="*.rs"), "no files found")
+
+    def test_many_stars_against_a_long_name_do_not_hang(self):
+        # issue 8: '*a*a*...*b' against a 200-character name backtracked for hours in the glob's regex
+        stars, a200, b200 = "*a" * 10 + "*b", "a" * 200, "a" * 199 + "b"
+        write_tree(self.root, {a200: "x\n", b200: "x\n", "sub/.gitignore": stars + "\n", "sub/" + a200: "x\n",
+                               "sub/" + b200: "x\n"})
+        calls = [("glob", {"pattern": stars}), ("find", {"pattern": stars}), ("glob", {"pattern": "sub/*"}),
+                 ("grep", {"pattern": "x", "glob": stars, "outputMode": "files"})]
+        results = self.timed_calls(calls)
+        texts = [sorted(text.splitlines()) for text, _ in results]  # glob lists newest first
+        self.assertEqual(texts, [[b200], [b200], ["sub/.gitignore", "sub/" + a200], [b200]])
+        for (name, args), (_, seconds) in zip(calls, results):
+            self.assertLess(seconds, 5, (name, args))
+
+    def test_linear_glob_matcher_agrees_with_the_regex(self):
+        # globs whose regex could backtrack long are matched by _glob_nfa instead: it must give the same answers
+        patterns = ["*.py", "**/*.py", "src/**", "**/x/**/*.py", "*a*b*", "{a,b/c}*.{py,md}", "[!a]?/**", "a**b",
+                    "x/**/", "[z-a]*", "**/**/a", "*/*", "?[ab]*"]
+        paths = ["a.py", "src/b.py", "src/x/y/c.py", "ab", "b/c.md", "b/cd.py", "zq", "a/b", "x/", "xa/b", "aab", "",
+                 "z/a", "x/q/a"]
+        for pattern in patterns:
+            items = nanocode._glob_items(pattern)
+            regex, linear = re.compile(nanocode._glob_source(items) + r"\Z", re.DOTALL), nanocode._glob_nfa(items)
+            for path in paths:
+                with self.subTest(pattern=pattern, path=path):
+                    self.assertEqual(linear(path), bool(regex.match(path)))
+
+    def test_gitignore_byte_order_mark_is_dropped(self):
+        write_tree(self.root, {".gitignore": b"\xef\xbb\xbf*.log\n", "x.log": "", "a.py": ""})
+        self.assertEqual(sorted(self.run_search("glob", pattern="**").splitlines()), [".gitignore", "a.py"])
+        self.git_init()  # git drops the mark too
+        self.assertEqual(sorted(self.run_search("glob", pattern="**").splitlines()), [".gitignore", "a.py"])
 
 
 class TestGrep(SearchTestCase):
@@ -2988,6 +3051,85 @@ class TestGrep(SearchTestCase):
         self.assertEqual(self.run_search("grep", pattern="foo", path="src/*.py"), "a.py:1:foo")
 
 
+class TestGrepRunaway(SearchTestCase):
+    """Issue 8: a regex that backtracks for hours runs in a child process, killed at a deadline or on cancel."""
+
+    def test_catastrophic_regex_times_out(self):
+        write_tree(self.root, {"a.txt": "a" * 40 + "b\n", "b.txt": "aaa\n"})
+        [(text, seconds)] = self.timed_calls([("grep", {"pattern": "(a+)+$"})], "nanocode.GREP_CHILD_TIMEOUT = 1.0")
+        self.assertTrue(text.startswith("error: the pattern took too long"), text)
+        self.assertIn("simplify it", text)
+        self.assertLess(seconds, 10)
+
+    def test_look_around_that_rg_refuses(self):
+        write_tree(self.root, {"a.txt": "a" * 40 + "b\n"})
+        fake_bin = os.path.join(self.tmp, "bin-fake-rg")
+        os.makedirs(fake_bin)
+        log = os.path.join(self.tmp, "rg-called")
+        with open(os.path.join(fake_bin, "rg"), "w") as f:  # refuses the regex the way rg refuses look-arounds
+            f.write("#!/bin/sh\necho called >> '%s'\necho 'regex parse error: look-around' >&2\nexit 2\n" % log)
+        os.chmod(os.path.join(fake_bin, "rg"), 0o755)
+        with mock.patch.dict(os.environ, {"PATH": fake_bin + os.pathsep + os.environ["PATH"]}):
+            [(text, seconds)] = self.timed_calls([("grep", {"pattern": "(?=(a+)+$)a"})],
+                                                 "nanocode.GREP_CHILD_TIMEOUT = 1.0")
+        self.assertTrue(os.path.exists(log), "the fake rg was not asked")
+        self.assertTrue(text.startswith("error: the pattern took too long"), text)
+        self.assertLess(seconds, 10)
+
+    def test_cancel_kills_the_child(self):
+        write_tree(self.root, {"a.txt": "a" * 40 + "b\n"})
+        pids, result, seconds = self.run_bounded("""
+import subprocess
+started, real = [], subprocess.Popen
+class Spy(real):
+    def __init__(self, *args, **kwargs):
+        real.__init__(self, *args, **kwargs)
+        started.append(self)
+subprocess.Popen = Spy
+ctx, out = nanocode.ToolContext(ROOT), []
+worker = threading.Thread(target=lambda: out.append(nanocode.run_tool(ctx, "grep", {"pattern": "(a+)+$"}).text))
+worker.start()
+deadline = time.monotonic() + 10
+while not started and time.monotonic() < deadline:
+    time.sleep(0.01)
+begin = time.monotonic()
+ctx.cancel.cancel()
+worker.join(10)
+print(json.dumps([[p.wait(10) for p in started], out, time.monotonic() - begin]))
+""")
+        self.assertEqual(len(pids), 1)  # the search's child, ended by the kill
+        self.assertEqual(result, ["error: cancelled"])
+        self.assertLess(seconds, 5)
+
+    def test_risky_patterns_run_in_the_child_and_find_matches(self):
+        write_tree(self.root, {"c.txt": "book\nfoo bar\nfood\n", "d.txt": "aaa\n"})
+        with mock.patch.object(nanocode, "_grep_in_child", wraps=nanocode._grep_in_child) as child:
+            self.assertEqual(self.run_search("grep", pattern=r"(o)\1k"), "c.txt:1:book")
+            self.assertEqual(self.run_search("grep", pattern=r"foo(?=\s)", context="1"),
+                             "c.txt-1-book\nc.txt:2:foo bar\nc.txt-3-food")
+            self.assertEqual(self.run_search("grep", pattern=r"(a+)+$", outputMode="count"), "d.txt:1")
+            self.assertEqual(self.run_search("grep", pattern=r"(?<=x)y"), "no matches")
+            self.assertTrue(self.run_search("grep", pattern=r"(?<=x+)y").startswith("error: bad regex"))
+        self.assertEqual(child.call_count, 4)
+
+    def test_plain_patterns_stay_in_process(self):
+        write_tree(self.root, {"a.py": "def foo(x):\n    return 12345  # TODO\n"})
+        with mock.patch.object(nanocode, "_grep_in_child", side_effect=AssertionError("a child process ran")):
+            for pattern in ("foo", r"def \w+\(", r"\d{5,}", "TODO|FIXME", "def.*:", "(TODO|FIXME)", r"\(x\)+"):
+                with self.subTest(pattern=pattern):
+                    self.assertNotIn("error", self.run_search("grep", pattern=pattern))
+
+    def test_which_patterns_may_backtrack_badly(self):
+        risky = [r"(a+)+$", r"(a|aa)*b", r"(\w)\1", r"foo(?=\s)", r"(?<!x)y", r"(?P<q>a)(?P=q)", r"(a)?(?(1)b|c)",
+                 r"(?x) ( a + ) +", r"\w+\s*=\s*\w+", r"((ab)*c)+", r"(?:\s*,\s*\w+)*", r"(a{1,5}){2,}", r"(.*a){12}",
+                 r"(?i:(a+)+)"]
+        plain = [r"foo", r"def \w+\(", r"\d{5,}", r"TODO|FIXME", r"foo.*bar", r"(TODO|FIXME):", r"(?i)foo", r"[(+*]",
+                 r"\(a+\)+", r"(ab)+", r"(?:abc){2}", r"(?#(a+)+)b", r"\\1", r"[\1]", r"^\s*def\s+\w"]
+        for pattern in risky + plain:
+            with self.subTest(pattern=pattern):
+                self.assertEqual(nanocode._regex_may_explode(pattern), pattern in risky)
+
+
 class TestGrepRipgrepInterop(SearchTestCase):
     """rg and the stdlib search print the same; skipped without rg unless NANOCODE_INTEROP=1."""
 
@@ -3025,6 +3167,39 @@ class TestGrepRipgrepInterop(SearchTestCase):
     def test_same_output_in_git_repo(self):
         self.git_init()
         self.assertSameOutput()
+
+
+class TestSearchSkips(SearchTestCase):
+    """Issue 8: one bad entry is left out and named in a last line, instead of failing the whole search."""
+
+    def test_symlink_loop(self):
+        write_tree(self.root, {"a.txt": "foo\n", "sub/b.txt": "foo\n"})
+        self.make_symlink("loop", "sub/loop")  # sub/loop -> sub/loop
+        note = "(skipped: 1 symlink loop: sub/loop)"
+        self.assertEqual(self.run_search("find", pattern="*").splitlines(), ["a.txt", "sub/", "sub/b.txt", note])
+        self.assertEqual(self.run_search("ls", path="sub"), "b.txt\nloop")
+        for in_git in (False, True):
+            if in_git:
+                self.git_init()  # git lists the link as a file
+            with self.subTest(in_git=in_git):
+                lines = self.run_search("glob", pattern="**").splitlines()
+                self.assertEqual((sorted(lines[:-1]), lines[-1]), (["a.txt", "sub/b.txt"], note))
+                self.assertEqual(self.run_search("grep", pattern="foo", outputMode="files"), "a.txt\nsub/b.txt\n" + note)
+
+    def test_gitignore_lines_git_ignores(self):
+        # 'data[' and '[!]x' have no closing ']': git never matches them; '[z-a]' failed the whole search in
+        # re.compile, while git reads a reversed range as its first character
+        write_tree(self.root, {".gitignore": "[z-a]\n", "z": "foo\n", "a": "foo\n", "sub/.gitignore": "*.tmp\ndata[\n[!]x\n",
+                               "sub/data[": "foo\n", "sub/x.tmp": "foo\n", "sub/x": "foo\n"})
+        kept, note = [".gitignore", "a", "sub/.gitignore", "sub/data[", "sub/x"], \
+            "(skipped: 2 invalid .gitignore lines in sub/.gitignore)"
+        lines = self.run_search("glob", pattern="**").splitlines()
+        self.assertEqual((sorted(lines[:-1]), lines[-1]), (kept, note))
+        self.assertEqual(self.run_search("find", pattern="*").splitlines(), ["a", "sub/", "sub/data[", "sub/x", note])
+        self.assertEqual(self.run_search("grep", pattern="foo", outputMode="files").splitlines(),
+                         ["a", "sub/data[", "sub/x", note])
+        self.git_init()  # git keeps the same files
+        self.assertEqual(sorted(self.run_search("glob", pattern="**").splitlines()), kept)
 
 
 class TestLs(SearchTestCase):
