@@ -2144,6 +2144,7 @@ def run_tool(ctx, name, args, active=None):
 
 ToolSet = record("ToolSet", "The tools of one model request: names, wire schemas, wire name -> tool name.", (
     ("names", ()), ("schemas", []), ("wire_names", {}),
+    ("tokens", 0),  # the schemas' size, estimated
 ))
 
 
@@ -2188,7 +2189,7 @@ class ToolRegistry:
                     wire = provider_tool_name(name, wire_names)
                     wire_names[wire] = name
                     schemas.append(tool_schema(t, wire))
-                self._snapshot = ToolSet(tuple(self._tools), schemas, wire_names)
+                self._snapshot = ToolSet(tuple(self._tools), schemas, wire_names, len(dump_json(schemas)) // 4)
             return self._snapshot
 
 
@@ -5248,6 +5249,7 @@ class Session:
         self.checkpoints = Checkpoints(store.blob_dir if store else None)
         self.files = FileTracker()  # what the model has seen of each file: write refuses what it has not
         self.messages, self._seqs, self._sizes = [], [], []
+        self._total = 0  # sum of _sizes, kept as the history changes (context_tokens runs before every request)
         self._next_seq = 0
         self.prompt_seqs = set()  # seqs of the user messages that began a prompt (what /undo removes)
         self.usage = zero_usage()
@@ -5266,7 +5268,9 @@ class Session:
             self.latest_user = message["content"]
         self.messages.append(message)
         self._seqs.append(seq)
-        self._sizes.append(message_tokens(message))
+        size = message_tokens(message)
+        self._sizes.append(size)
+        self._total += size
         if prompt:
             self.prompt_seqs.add(seq)
             self.checkpoints.begin_prompt(seq)
@@ -5278,6 +5282,7 @@ class Session:
         """Replace the history (compaction, undo, resume); entry goes to the session file."""
         self.messages, self._seqs = list(messages), list(seqs)
         self._sizes = [message_tokens(m) for m in self.messages]
+        self._total = sum(self._sizes)
         self._anchor = None
         if self.store and entry:
             self.store.write(entry)
@@ -5287,8 +5292,7 @@ class Session:
         """Context in use: the provider's count for the last request plus an estimate for what came since."""
         if self._anchor and self._anchor[1] <= len(self._sizes):
             return self._anchor[0] + sum(self._sizes[self._anchor[1]:])
-        schemas = toolset.schemas if toolset else self.tools.snapshot().schemas
-        return sum(self._sizes) + len(dump_json(schemas)) // 4
+        return self._total + (toolset or self.tools.snapshot()).tokens
 
     # -- configuration and events --------------------------------------------------
 
@@ -5505,6 +5509,7 @@ class Session:
             self.config = self.client.config = c._replace(**changes)
         if text_mode:  # before the first answer, so the system prompt says how to call tools
             system = {"role": "system", "content": system_prompt(self.config, self.tools.names())}
+            self._total += message_tokens(system) - self._sizes[0]
             self.messages[0], self._sizes[0] = system, message_tokens(system)
             if self.store:
                 self.store.write({"type": "rewrite", "messages": {str(self._seqs[0]): system}})

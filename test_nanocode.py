@@ -7574,7 +7574,7 @@ def bench_prompt_size(rows):
     system = len(agent.messages[0]["content"])
     rows.append(("system prompt", "%d chars" % system, "", "~%d tokens" % (system // 4), "-"))
     total = system
-    for schema in agent.tool_schemas:
+    for schema in agent.tools.snapshot().schemas:
         size = len(json.dumps(schema))
         total += size
         rows.append(("  tool %s" % schema["function"]["name"], "%d chars" % size, "", "~%d tokens" % (size // 4), "-"))
