@@ -7460,7 +7460,7 @@ def _launch_to_request(fake, home, args, runs=5):
 
 
 def write_long_session(path, messages=2000):
-    """A session file of a long tool-using conversation (about 2 KB a tool result)."""
+    """A session file of a long tool-using conversation that still fits a 128k window (no compaction on resume)."""
     store = nanocode.SessionStore(path, "bench", {"type": "session", "version": 1, "id": "bench", "cwd": "/",
                                                   "model": "m", "created": "2026-01-01T00:00:00Z"})
     store.message(0, {"role": "system", "content": "system prompt"})
@@ -7471,7 +7471,7 @@ def write_long_session(path, messages=2000):
         call = {"id": "c%d" % seq, "type": "function", "function": {"name": "read", "arguments": '{"path":"f%d.py"}' % seq}}
         store.message(seq, {"role": "assistant", "content": None, "tool_calls": [call]})
         seq += 1
-        store.message(seq, {"role": "tool", "tool_call_id": "c%d" % (seq - 1), "content": "x = 1\n" * 300})
+        store.message(seq, {"role": "tool", "tool_call_id": "c%d" % (seq - 1), "content": "x = %d\n" % seq * 20})
     store.close()
 
 
