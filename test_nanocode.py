@@ -3605,7 +3605,9 @@ class TestContextFiles(ContextTestCase):
         self.assertIn("context files: ~/work/repo/CLAUDE.md (300 B), AGENTS.md (2.0 KB)", text)
         self.assertIn("skills: 1 · 1 warning: /skills", text)
         self.assertRegex(text, r"system prompt: \d+ chars")
-        repl = nanocode.Repl(self.config(), stdin=io.StringIO(""), stdout=ThreadSafeOutput())
+        # a hosted endpoint: no background probe of a local server writes into the temp dir (nothing is sent)
+        repl = nanocode.Repl(self.config(base_url="https://api.example.invalid/v1"), stdin=io.StringIO(""),
+                             stdout=ThreadSafeOutput())
         self.addCleanup(repl.shutdown)
         repl.print_banner()
         self.assertIn("context files: ~/work/repo/CLAUDE.md (300 B), AGENTS.md (2.0 KB)", repl.out.getvalue())
