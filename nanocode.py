@@ -17,6 +17,7 @@ Table of contents (each section opens with a numbered banner):
     9. Search                glob / grep / ls / find over one .gitignore-aware file list
    10. Web                   webfetch (HTML to Markdown), websearch
    11. Context               system prompt, @path mentions, token estimates
+   11b. Context files        AGENTS.md / CLAUDE.md, SYSTEM.md, Agent Skills: discovery, frontmatter, /skill:NAME
    12. Agent core            Session: history, the one agent loop, tool calls, before_tool hook
    13. Compaction            thresholds, the cut, the summary, overflow recovery
    14. Session files         JSONL store, resume and repair, the session list, undo
@@ -127,9 +128,10 @@ _ConfigBase = record("Config", "Everything a run needs, built once by load_confi
     ("reserve_ratio", 0.15),
     ("keep_recent_tokens", 20000),  # kept verbatim by a compaction (at most half the usable window)
     ("tools", ()),  # active tool names; () means none
-    ("system_prompt", ""),  # replaces the built-in prompt when set
+    ("system_prompt", ""),  # replaces the built-in prompt (and SYSTEM.md) when set
     ("append_system_prompt", ""),
-    ("context_files", True),
+    ("context_files", True),  # AGENTS.md / CLAUDE.md, SYSTEM.md, APPEND_SYSTEM.md (--no-context-files)
+    ("skills", True),  # Agent Skills discovery (--no-skills)
     ("quiet", False),
     ("mode", "text"),  # "text" or "json"
     ("print_mode", False),
@@ -481,6 +483,23 @@ def no_key_message(env):
             "endpoint, or start a local model server%s" % (url_host(DEFAULT_BASE_URL), extra))
 
 
+def text_or_file(value, flag):
+    """A flag's text, or the contents of the file it names (~ expands, relative to the cwd). A value that
+    looks like a file name (one word ending .md or .txt) but names no file is an error, not a prompt."""
+    if not value:
+        return ""
+    path = os.path.expanduser(value)
+    if "\n" not in value and os.path.isfile(path):
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode("utf-8", "replace")
+        except OSError as e:
+            raise ConfigError("%s %s: cannot read it: %s" % (flag, value, e.strerror or e))
+    if re.match(r"^\S+\.(md|txt)$", value):
+        raise ConfigError("%s %s: no such file (give the text itself, or a file that exists)" % (flag, value))
+    return value
+
+
 def load_config(args, env, known_tools=()):
     """Build the one Config from parsed flags, the environment and settings.json."""
     home = env.get("NANOCODE_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".nanocode")
@@ -510,8 +529,9 @@ def load_config(args, env, known_tools=()):
         reserve_ratio=_number(env, settings, "NANOCODE_COMPACTION_REMAINING_RATIO", "compactionRemainingRatio", float, 0.15),
         keep_recent_tokens=_number(env, settings, "NANOCODE_COMPACTION_KEEP_RECENT_TOKENS", "compactionKeepRecentTokens", int, 20000),
         tools=parse_tool_list(args.tools if args.tools is not None else _setting(settings, "tools", str, None), known_tools),
-        system_prompt=args.system_prompt or "", append_system_prompt=args.append_system_prompt or "",
-        context_files=not args.no_context_files, quiet=args.quiet, mode=args.mode,
+        system_prompt=text_or_file(args.system_prompt, "--system-prompt"),
+        append_system_prompt=text_or_file(args.append_system_prompt, "--append-system-prompt"),
+        context_files=not args.no_context_files, skills=not getattr(args, "no_skills", False), quiet=args.quiet, mode=args.mode,
         print_mode=args.print or args.mode == "json", save_session=not args.no_session,
         cwd=os.getcwd(), home=home, max_attempts=_setting(settings, "maxAttempts", int, 4),
         retry_base=_number(env, {}, "NANOCODE_RETRY_BASE_MS", "", float, 1000) / 1000.0,
@@ -5009,17 +5029,22 @@ Keep changes minimal and in the project's style; run the tests or the code when 
 Be concise: short Markdown, no preamble. When you finish, say what you changed."""
 
 
-def system_prompt(config, tool_names):
-    """The system message: the built-in prompt (or --system-prompt) plus facts about this run.
+def system_prompt(config, tool_names, context=None):
+    """The system message: the built-in prompt (or SYSTEM.md, or --system-prompt) plus facts about this
+    run, the project's context files, the skill catalogue, then APPEND_SYSTEM.md files and
+    --append-system-prompt. context is what load_context found (None: nothing).
     It holds the date, never the time, so it stays byte-stable for prompt caches."""
-    text = config.system_prompt or SYSTEM_PROMPT
+    context = context or ProjectContext()
+    text = config.system_prompt or (context.system.text if context.system else SYSTEM_PROMPT)
     system = {"linux": "Linux", "darwin": "macOS", "win32": "Windows"}.get(sys.platform, sys.platform)
     facts = "\n\nWorking directory: %s\nPlatform: %s\nDate: %s" % (config.cwd, system, time.strftime("%Y-%m-%d"))
     if not tool_names:
         facts += "\nNo tools are available in this run."
     elif config.compat.tool_calls == "text":
         facts += "\n\n" + text_tools_prompt([TOOLS[n] for n in tool_names if n in TOOLS])
-    return text + facts + ("\n\n" + config.append_system_prompt if config.append_system_prompt else "")
+    parts = [context_files_prompt(context.files), skills_prompt(context.skills, tool_names)]
+    parts += [f.text for f in context.appends] + [config.append_system_prompt]
+    return text.rstrip() + facts + "".join("\n\n" + p.strip() for p in parts if p and p.strip())
 
 
 def text_tools_prompt(tools):
@@ -5056,6 +5081,623 @@ def is_user_text(message):
 def message_tokens(message):
     """A message's size in tokens, estimated as characters / 4."""
     return len(dump_json(message)) // 4 + 1
+
+
+# =============================================================================
+# 11b. Context files and skills
+# =============================================================================
+# Found once per session (load_context) and kept in the system prompt, which stays
+# byte-stable: /reload rescans and rewrites the system message on purpose.
+#   context files  ~/.nanocode/AGENTS.md, then from the git root down to the cwd each
+#                  directory's AGENTS.md (else CLAUDE.md) and .nanocode/AGENTS.md (else CLAUDE.md)
+#   SYSTEM.md      .nanocode/SYSTEM.md of the nearest directory, else ~/.nanocode/SYSTEM.md: replaces the prompt
+#   APPEND_SYSTEM  ~/.nanocode/APPEND_SYSTEM.md, then each directory's .nanocode/APPEND_SYSTEM.md: appended
+#   skills         .nanocode/skills, .agents/skills, .claude/skills from the cwd up to the git root, then the
+#                  same under the home directory (~/.nanocode/skills is the nanocode dir's); nearest wins
+
+CONTEXT_NAMES = ("AGENTS.md", "agents.md", "CLAUDE.md", "claude.md")
+SYSTEM_NAMES = ("SYSTEM.md", "system.md")
+APPEND_NAMES = ("APPEND_SYSTEM.md", "append_system.md", "append-system.md")
+SKILL_FILES = ("SKILL.md", "skill.md")
+SKILL_DIRS = (".nanocode", ".agents", ".claude")  # each holds a skills/ folder; loose *.md count in .nanocode's
+CONTEXT_CAP = 32 * 1024  #: bytes of context files in the system prompt, all files together
+SKILL_KEYS = ("name", "description", "license", "compatibility", "metadata", "allowed-tools",
+              "disable-model-invocation")
+SKILL_NAME_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+SKILL_SCAN_DEPTH = 6  #: folders below a skills folder searched for SKILL.md
+SKILL_READ_LIMIT = 256 * 1024  #: bytes of a skill file read to find its frontmatter
+
+ContextFile = record("ContextFile", "A context, SYSTEM or APPEND_SYSTEM file as loaded.", (
+    ("path", ""), ("text", ""),  # text: what goes into the system prompt (maybe cut)
+    ("size", 0),  # bytes of the file
+    ("cut", ""),  # "": whole; "cut": its start only; "out": left out (CONTEXT_CAP)
+))
+Skill = record("Skill", "One skill: its SKILL.md (or loose .md) and what its frontmatter says.", (
+    ("name", ""), ("description", ""), ("path", ""),
+    ("base_dir", ""),  # the skill's folder: its relative paths resolve against it
+    ("source", ""),  # where it was found, e.g. 'project .claude/skills' or 'user ~/.agents/skills'
+    ("hidden", False),  # disable-model-invocation: not in the model's catalogue, /skill:NAME still works
+    ("meta", {}),  # the frontmatter as parsed
+    ("warnings", ()),  # what validation said; the skill is loaded anyway
+))
+_ProjectContextBase = record("ProjectContext", "", (
+    ("files", ()),  # ContextFile, farthest first (nearer files come later and win)
+    ("system", None),  # ContextFile of the SYSTEM.md in force, or None
+    ("appends", ()),  # ContextFile of APPEND_SYSTEM.md files
+    ("skills", ()),  # Skill, in precedence order
+    ("problems", ()),  # 'path[:line]: message' of files not loaded (malformed skills, unreadable files)
+))
+
+
+class ProjectContext(_ProjectContextBase):
+    """What load_context found for a session: context files, SYSTEM.md, APPEND_SYSTEM.md and skills."""
+
+    __slots__ = ()
+
+    def skill(self, name):
+        """The skill called name, or None."""
+        return next((s for s in self.skills if s.name == name), None)
+
+    def warnings(self):
+        """Every warning: files not loaded, then each skill's."""
+        return list(self.problems) + ["%s: %s" % (s.path, w) for s in self.skills for w in s.warnings]
+
+
+class FrontmatterError(ValueError):
+    """Frontmatter the YAML subset cannot read; line is the file's 1-based line number."""
+
+    def __init__(self, line, message):
+        ValueError.__init__(self, "line %d: %s" % (line, message))
+        self.line = line
+
+
+def parse_frontmatter(text):
+    """A Markdown file's YAML frontmatter and its body: ({key: value}, body); ({}, text) without
+    frontmatter. Example: '---\\nname: a\\n---\\nHi' -> ({'name': 'a'}, 'Hi'). Raises FrontmatterError."""
+    text = text[1:] if text.startswith("\ufeff") else text
+    lines = text.split("\n")
+    if lines[0].rstrip() != "---":
+        return {}, text
+    for end in range(1, len(lines)):
+        if lines[end].rstrip() in ("---", "..."):
+            break
+    else:
+        raise FrontmatterError(1, "the frontmatter opened here is never closed with ---")
+    data = parse_yaml_subset([line.rstrip("\r") for line in lines[1:end]], 2)
+    return data, "\n".join(lines[end + 1:]).lstrip("\r\n")
+
+
+def parse_yaml_subset(lines, first=1):
+    """The YAML that frontmatter uses: `key: value` with plain, quoted, multi-line plain and `|` / `>`
+    block scalars, flow lists and maps on one line, and one level of block lists or maps below a key.
+    first: the line number of lines[0]. Raises FrontmatterError for anything else."""
+    data, i = {}, 0
+    while i < len(lines):
+        line, number = lines[i], first + i
+        i += 1
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if line[0] in " \t":
+            raise FrontmatterError(number, "unexpected indentation (every key starts at the left margin)")
+        m = re.match(r"^([^\s#:'\"\[\]{},&*!|>%@`-][^:]*?)[ \t]*:(?:[ \t]+(.*))?$", line)
+        if not m:
+            raise FrontmatterError(number, "expected `key: value`, found %r" % one_line(line, 60))
+        key, rest = m.group(1), (m.group(2) or "").strip()
+        if key in data:
+            raise FrontmatterError(number, "%r is given twice" % key)
+        block = []  # the indented (or blank) lines that follow: this key's
+        while i < len(lines) and (not lines[i].strip() or lines[i][0] in " \t"):
+            block.append((first + i, lines[i]))
+            i += 1
+        data[key] = _yaml_value(rest, block, number)
+    return data
+
+
+def _yaml_value(rest, block, number):
+    """The value of one key: rest is what follows `key:` on its line, block the indented lines below."""
+    for n, line in block:
+        if "\t" in line[:len(line) - len(line.lstrip())]:
+            raise FrontmatterError(n, "a tab in the indentation (YAML indents with spaces)")
+    if re.match(r"^[|>][-+]?$", rest):
+        return _block_scalar(rest, block, number)  # keep chomping (+) keeps the trailing blank lines
+    while block and not block[-1][1].strip():
+        block = block[:-1]
+    if rest.startswith("#"):
+        rest = ""
+    items = [(n, l) for n, l in block if l.strip() and not l.strip().startswith("#")]
+    if rest[:1] in ("[", "{") or (not rest and items and items[0][1].strip()[:1] in ("[", "{")):
+        # a flow collection, maybe over several lines (JSON written into YAML)
+        return parse_flow("\n".join([rest] + [l for n, l in block]) if rest else "\n".join(l for n, l in block),
+                          number if rest else block[0][0])
+    if not rest:
+        if not items:
+            return None
+        indent = len(items[0][1]) - len(items[0][1].lstrip())
+        is_list = items[0][1].strip().startswith("-")
+        out = [] if is_list else {}
+        for n, line in items:
+            if len(line) - len(line.lstrip()) != indent:
+                raise FrontmatterError(n, "only one level of nesting is read here (indentation differs)")
+            s = line.strip()
+            if is_list:
+                if not (s == "-" or s.startswith("- ")):
+                    raise FrontmatterError(n, "expected a list item `- value`")
+                out.append(_yaml_scalar(s[1:].strip(), n))
+                continue
+            m = re.match(r"^([^\s#:'\"-][^:]*?|\"[^\"]*\"|'[^']*')[ \t]*:(?:[ \t]+(.*))?$", s)
+            if not m:
+                raise FrontmatterError(n, "expected `key: value` inside the map, found %r" % one_line(s, 60))
+            if not (m.group(2) or "").strip():
+                raise FrontmatterError(n, "only one level of nesting is read here (%r has no value)" % m.group(1))
+            out[m.group(1).strip("'\"")] = _yaml_scalar(m.group(2).strip(), n)
+        return out
+    if block:  # a quoted or plain scalar continued on indented lines: folded
+        if any(l.strip().startswith("- ") for n, l in block) and rest[0] not in "'\"":
+            raise FrontmatterError(block[0][0], "a list cannot follow a value on the key's line")
+        for n, line in block:
+            rest += "\n" if not line.strip() else ("" if rest.endswith("\n") else " ") + line.strip()
+    return _yaml_scalar(rest, number)
+
+
+def _block_scalar(style, block, number):
+    """`|` (lines kept) or `>` (lines folded) with chomping - (no final newline) or + (all kept)."""
+    texts = [l for n, l in block if l.strip()]
+    indent = min(len(l) - len(l.lstrip()) for l in texts) if texts else 0
+    lines = [l[indent:] if l.strip() else "" for n, l in block]
+    if style[0] == "|":
+        text = "\n".join(lines)
+    else:
+        text, gap = "", False
+        for line in lines:
+            if not line:
+                text += "\n"
+                gap = True
+            else:
+                text += ("" if not text or gap else " ") + line
+                gap = False
+    if style.endswith("-"):
+        return text.rstrip("\n")
+    return text + "\n" if style.endswith("+") else text.rstrip("\n") + "\n"
+
+
+def _yaml_scalar(text, number):
+    """One scalar: 'single', "double" (JSON escapes), [flow, list], {flow: map}, true/false/null, or plain text."""
+    if not text:
+        return None
+    if text[0] in "'\"":
+        q = text[0]
+        i = 1
+        while True:
+            i = text.find(q, i)
+            if i < 0:
+                raise FrontmatterError(number, "the %s-quoted string is never closed" % ("double" if q == '"' else "single"))
+            if q == "'" and text[i + 1:i + 2] == "'":
+                i += 2
+                continue
+            if q == '"' and (len(text[:i]) - len(text[:i].rstrip("\\"))) % 2:
+                i += 1
+                continue
+            break
+        inner, tail = text[1:i], text[i + 1:].strip()
+        if tail and not tail.startswith("#"):
+            raise FrontmatterError(number, "text after the closing quote: %r" % one_line(tail, 40))
+        if q == "'":
+            return inner.replace("''", "'")
+        try:
+            return json.JSONDecoder(strict=False).decode('"%s"' % inner)
+        except ValueError:
+            raise FrontmatterError(number, "a bad escape in the double-quoted string")
+    if text[0] in "[{":
+        return parse_flow(text, number)
+    text = re.sub(r"(^|\s)#.*$", "", text).strip()
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("null", "~", ""):
+        return None
+    return text
+
+
+def parse_flow(text, number):
+    """A YAML flow collection: JSON, plus plain words, single quotes, comments and trailing commas, over
+    any number of lines. number: the line text starts on. Example: '[a, "b", {c: 1},]' -> ['a', 'b', {'c': '1'}]."""
+    pos = [0]
+
+    def fail(message):
+        raise FrontmatterError(number + text.count("\n", 0, pos[0]), message)
+
+    def skip():
+        while pos[0] < len(text):
+            c = text[pos[0]]
+            if c == "#" and (pos[0] == 0 or text[pos[0] - 1] in " \t\n"):
+                end = text.find("\n", pos[0])
+                pos[0] = len(text) if end < 0 else end
+            elif c in " \t\r\n":
+                pos[0] += 1
+            else:
+                return
+
+    def value():
+        skip()
+        if pos[0] >= len(text):
+            fail("the flow collection is never closed")
+        c = text[pos[0]]
+        if c in "[{":
+            pos[0] += 1
+            out = [] if c == "[" else {}
+            close = "]" if c == "[" else "}"
+            while True:
+                skip()
+                if text[pos[0]:pos[0] + 1] == close:
+                    pos[0] += 1
+                    return out
+                item = value()
+                if close == "}":
+                    skip()
+                    if text[pos[0]:pos[0] + 1] != ":":
+                        fail("expected `key: value` in the flow map")
+                    pos[0] += 1
+                    out[str(item)] = value()
+                else:
+                    out.append(item)
+                skip()
+                if text[pos[0]:pos[0] + 1] == ",":
+                    pos[0] += 1
+                elif text[pos[0]:pos[0] + 1] != close:
+                    fail("expected `,` or `%s` in the flow %s" % (close, "list" if close == "]" else "map")
+                         if pos[0] < len(text) else "the flow collection is never closed")
+        if c in "'\"":
+            end = pos[0] + 1
+            while True:
+                end = text.find(c, end)
+                if end < 0:
+                    fail("the quoted string is never closed")
+                if c == "'" and text[end + 1:end + 2] == "'":
+                    end += 2
+                elif c == '"' and (end - len(text[:end].rstrip("\\"))) % 2:
+                    end += 1
+                else:
+                    break
+            start, pos[0] = pos[0], end + 1
+            return _yaml_scalar(text[start:end + 1].replace("\n", " "), number + text.count("\n", 0, start))
+        m = re.compile(r"(?:[^,\[\]{}:#\n]|:(?=[^\s,\]}])|#(?<=\S#))+").match(text, pos[0])
+        if not m:
+            fail("unexpected %r in the flow collection" % c)
+        pos[0] = m.end()
+        return _yaml_scalar(m.group(0).strip(), number)
+
+    result = value()
+    skip()
+    if pos[0] < len(text):
+        fail("text after the flow collection: %r" % one_line(text[pos[0]:], 40))
+    return result
+
+
+def _read_text(path, limit=-1):
+    """A file's text (its first limit bytes when limit >= 0); returns (text, size of the file)."""
+    with open(path, "rb") as f:
+        return f.read(limit).decode("utf-8", "replace"), os.fstat(f.fileno()).st_size
+
+
+def project_dirs(cwd):
+    """The directories from the git root (the filesystem root outside git) down to cwd, root first."""
+    d, chain = os.path.abspath(cwd), []
+    while True:
+        chain.append(d)
+        parent = os.path.dirname(d)
+        if os.path.exists(os.path.join(d, ".git")) or parent == d:
+            return chain[::-1]
+        d = parent
+
+
+def _first_file(folder, names):
+    """The first of names that is a file in folder, or None."""
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _file_key(path):
+    """What identifies a file whatever the path to it (symlinks, case-insensitive file systems)."""
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(path)
+    except OSError:
+        return os.path.realpath(path)
+
+
+def _read_once(paths, seen, problems, limit=-1):
+    """ContextFile for each path not seen yet (by real file), skipping empty and unreadable ones;
+    limit: bytes read of each at most (-1: all)."""
+    out = []
+    for path in paths:
+        if path is None or _file_key(path) in seen:
+            continue
+        seen.add(_file_key(path))
+        try:
+            text, size = _read_text(path, limit)
+        except OSError as e:
+            problems.append("%s: not read: %s" % (path, e.strerror or e))
+            continue
+        if text.strip():  # a file longer than limit is cut already
+            out.append(ContextFile(path, text.strip(), size, "cut" if 0 <= limit < size else ""))
+    return out
+
+
+def cap_context_files(files, cap=CONTEXT_CAP):
+    """Fit files into cap bytes, the nearest (last) first: a file that does not fit is cut at the cap,
+    farther ones are left out (kept 0). Example: 40 KiB of one AGENTS.md -> its first 32 KiB."""
+    out, left = [], cap
+    for f in reversed(files):
+        data = f.text.encode("utf-8")
+        if len(data) <= left and not f.cut:
+            out.append(f)
+            left -= len(data)
+            continue
+        text = data[:max(0, left)].decode("utf-8", "ignore")
+        text = text[:text.rfind("\n")].rstrip() if "\n" in text else text
+        out.append(f._replace(text=text, cut="cut" if text else "out"))
+        left = 0
+    return out[::-1]
+
+
+def load_context(config):
+    """Find the context files, SYSTEM.md, APPEND_SYSTEM.md and skills for config (its cwd and nanocode
+    dir); --no-context-files turns off the first three, --no-skills the last."""
+    chain = project_dirs(config.cwd)
+    home = os.path.expanduser(config.home)
+    files, system, appends, problems = [], None, [], []
+    if config.context_files:
+        seen = set()
+        found = [_first_file(home, CONTEXT_NAMES)]
+        for d in chain:
+            found += [_first_file(d, CONTEXT_NAMES), _first_file(os.path.join(d, ".nanocode"), CONTEXT_NAMES)]
+        files = cap_context_files(_read_once(found, seen, problems, CONTEXT_CAP + 1))
+        nearest = [_first_file(os.path.join(d, ".nanocode"), SYSTEM_NAMES) for d in reversed(chain)]
+        path = next((p for p in nearest if p), None) or _first_file(home, SYSTEM_NAMES)
+        system = (_read_once([path], set(), problems) or [None])[0]
+        appends = _read_once([_first_file(home, APPEND_NAMES)] + [
+            _first_file(os.path.join(d, ".nanocode"), APPEND_NAMES) for d in chain], set(), problems)
+    skills = discover_skills(config, chain, problems) if config.skills else []
+    return ProjectContext(tuple(files), system, tuple(appends), tuple(skills), tuple(problems))
+
+
+def context_files_prompt(files):
+    """The context files for the system prompt, each under its path, with a note where the cap cut."""
+    shown = [f for f in files if f.cut != "out"]
+    if not shown:
+        return ""
+    parts = ["# Project context\n\nInstructions from the project's context files; later files are nearer the "
+             "working directory and take precedence."]
+    left_out = [f.path for f in files if f.cut == "out"]
+    if left_out:
+        parts.append("[nanocode: left out to keep context files under %d KiB: %s]" % (CONTEXT_CAP // 1024, ", ".join(left_out)))
+    for f in shown:
+        note = "\n\n[nanocode: cut here: context files are capped at %d KiB in all; %d of %d bytes shown, read the " \
+            "file for the rest]" % (CONTEXT_CAP // 1024, len(f.text.encode("utf-8")), f.size) if f.cut else ""
+        parts.append("## %s\n\n%s%s" % (f.path, f.text, note))
+    return "\n\n".join(parts)
+
+
+def _xml(text):
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def skills_prompt(skills, tool_names):
+    """The skill catalogue (name, description, location) for the model; empty without the read tool."""
+    shown = [s for s in skills if not s.hidden]
+    if not shown or "read" not in tool_names:
+        return ""
+    lines = ["The following skills give specialised instructions for some tasks. When a task matches a skill's "
+             "description, read its file with the read tool first; relative paths in a skill resolve against "
+             "the skill's folder.", "", "<available_skills>"]
+    for s in shown:
+        lines += ["  <skill>", "    <name>%s</name>" % _xml(s.name),
+                  "    <description>%s</description>" % _xml(one_line(s.description, 1024)),
+                  "    <location>%s</location>" % _xml(s.path), "  </skill>"]
+    return "\n".join(lines + ["</available_skills>"])
+
+
+def skill_roots(config, chain):
+    """(folder, source label, loose .md files count) for every place skills live, nearest first."""
+    roots = []
+    for d in reversed(chain):
+        for base in SKILL_DIRS:
+            roots.append((os.path.join(d, base, "skills"), "project %s/skills" % base, base == ".nanocode"))
+    user = os.path.expanduser("~")
+    roots.append((os.path.join(os.path.expanduser(config.home), "skills"), "user ~/.nanocode/skills", True))
+    for base in SKILL_DIRS[1:]:
+        roots.append((os.path.join(user, base, "skills"), "user ~/%s/skills" % base, False))
+    return roots
+
+
+def _skill_files(folder, loose, seen, depth=0):
+    """The skill files under folder: a folder holding SKILL.md is a skill (its subfolders are its own
+    files); other folders are searched, symlinked ones followed once; dot folders and node_modules skipped."""
+    real = os.path.realpath(folder)
+    if real in seen or depth > SKILL_SCAN_DEPTH:
+        return []
+    seen.add(real)
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    if depth:
+        for name in SKILL_FILES:
+            if name in names and os.path.isfile(os.path.join(folder, name)):
+                return [os.path.join(folder, name)]
+    out = []
+    for name in names:
+        path = os.path.join(folder, name)
+        if name.startswith(".") or name == "node_modules":
+            continue
+        if os.path.isdir(path):
+            out += _skill_files(path, False, seen, depth + 1)
+        elif loose and not depth and name.endswith(".md") and name.lower() != "readme.md" and os.path.isfile(path):
+            out.append(path)
+    return out
+
+
+def discover_skills(config, chain, problems):
+    """Skills from every location, nearest first; a name already taken keeps the nearer skill (the
+    farther one is named in problems)."""
+    skills, seen_dirs, seen_files = [], set(), set()
+    for folder, source, loose in skill_roots(config, chain):
+        if not os.path.isdir(folder):
+            continue
+        for path in _skill_files(folder, loose, seen_dirs):
+            if _file_key(path) in seen_files:
+                continue
+            seen_files.add(_file_key(path))
+            skill = load_skill(path, source, problems)
+            if skill is None:
+                continue
+            winner = next((s for s in skills if s.name == skill.name), None)
+            if winner:
+                problems.append("%s: skill %r is also at %s, which is nearer and wins" % (path, skill.name, winner.path))
+            else:
+                skills.append(skill)
+    return skills
+
+
+def load_skill(path, source, problems):
+    """A Skill from its file, validated as the Agent Skills standard says; None (and a line in problems)
+    when it cannot be used: malformed frontmatter, or no description."""
+    try:
+        meta, _ = parse_frontmatter(_read_text(path, SKILL_READ_LIMIT)[0])
+    except OSError as e:
+        problems.append("%s: not read: %s" % (path, e.strerror or e))
+        return None
+    except FrontmatterError as e:
+        problems.append("%s:%d: %s" % (path, e.line, str(e).split(": ", 1)[1]))
+        return None
+    folder = os.path.basename(os.path.dirname(path))
+    if os.path.basename(path) not in SKILL_FILES:  # a loose .md file: its name stands for the folder
+        folder = os.path.splitext(os.path.basename(path))[0]
+    warnings = skill_warnings(meta, folder)
+    description = meta.get("description")
+    if not isinstance(description, str) or not description.strip():
+        problems.append("%s: skipped: %s" % (path, "the description is missing" if description in (None, "")
+                                              else "the description must be text"))
+        return None
+    name = meta.get("name") if isinstance(meta.get("name"), str) and meta.get("name").strip() else folder
+    return Skill(name.strip(), description.strip(), os.path.abspath(path), os.path.dirname(os.path.abspath(path)),
+                 source, meta.get("disable-model-invocation") is True, meta, tuple(warnings))
+
+
+def skill_warnings(meta, folder):
+    """What the standard's rules say of a frontmatter (the skill is loaded anyway)."""
+    out = []
+    name = meta.get("name")
+    if name is None or name == "":
+        out.append("name is missing (the folder's name %r is used)" % folder)
+    elif not isinstance(name, str):
+        out.append("name must be text")
+    else:
+        if len(name) > 64:
+            out.append("name is longer than 64 characters (%d)" % len(name))
+        if not re.match(r"^[a-z0-9-]+$", name):
+            out.append("name %r may hold only lowercase letters, digits and hyphens" % name)
+        elif not SKILL_NAME_RE.match(name):
+            out.append("name %r must not start or end with a hyphen or hold two in a row" % name)
+        if name != folder:
+            out.append("name %r does not match its folder %r" % (name, folder))
+    description = meta.get("description")
+    if isinstance(description, str) and len(description.strip()) > 1024:
+        out.append("description is longer than 1,024 characters (%d)" % len(description.strip()))
+    compat = meta.get("compatibility")
+    if compat is not None and not isinstance(compat, str):
+        out.append("compatibility must be text")
+    elif compat and len(compat) > 500:
+        out.append("compatibility is longer than 500 characters (%d)" % len(compat))
+    if meta.get("metadata") is not None and not isinstance(meta.get("metadata"), dict):
+        out.append("metadata must be a map of keys to values")
+    if meta.get("disable-model-invocation") not in (None, True, False):
+        out.append("disable-model-invocation must be true or false")
+    for key in meta:
+        if key not in SKILL_KEYS:
+            out.append("unknown key %r (the standard's keys: %s)" % (key, ", ".join(SKILL_KEYS[:6])))
+    return out
+
+
+def skill_prompt(skill, args):
+    """The user message of /skill:NAME args: the skill's body with $ARGUMENTS (all of args) and $1, $2…
+    (its words) substituted, in a <skill> block saying where its relative paths resolve; args follow
+    the block when the body has no placeholder. Raises OSError or FrontmatterError."""
+    _, body = parse_frontmatter(_read_text(skill.path)[0])
+    try:
+        import shlex
+        words = shlex.split(args)
+    except ValueError:  # an unbalanced quote: plain words
+        words = args.split()
+    used = []
+
+    def substitute(m):
+        used.append(m.group(1))
+        if m.group(1) == "ARGUMENTS":
+            return args
+        n = int(m.group(1))
+        return words[n - 1] if n <= len(words) else ""
+    body = re.sub(r"\$\{?(ARGUMENTS|[1-9][0-9]*)\}?", substitute, body)
+    text = '<skill name="%s" location="%s">\nRelative paths in this skill resolve against its folder: %s\n\n%s\n</skill>' % (
+        _xml(skill.name), _xml(skill.path), skill.base_dir, body.strip())
+    return text + ("\n\n" + args if args and not used else "")
+
+
+def expand_skill_command(context, line):
+    """'/skill:NAME args' -> the user message for it; raises NanocodeError for an unknown or unreadable skill."""
+    m = re.match(r"^/skill:(\S*)\s*(.*)$", line.strip(), re.S)
+    name, args = m.group(1), m.group(2).strip()
+    skill = context.skill(name)
+    if skill is None:
+        import difflib
+        close = difflib.get_close_matches(name, [s.name for s in context.skills], n=1)
+        raise NanocodeError("unknown skill %r%s" % (name, "; did you mean /skill:%s?" % close[0] if close else
+                                                    "; /skills lists them" if context.skills else "; no skills were found"))
+    try:
+        return skill_prompt(skill, args)
+    except (OSError, FrontmatterError) as e:
+        raise NanocodeError("skill %s cannot be read: %s" % (name, e))
+
+
+def human_size(n):
+    """Example: 312 -> '312 B', 2048 -> '2.0 KB'."""
+    return "%d B" % n if n < 1024 else "%.1f KB" % (n / 1024.0)
+
+
+def display_path(path, cwd):
+    """path relative to cwd when inside it, with ~ for the home directory otherwise."""
+    try:
+        rel = os.path.relpath(path, cwd)
+    except ValueError:  # another drive (Windows)
+        rel = ".."
+    if not rel.startswith(".." + os.sep) and rel != "..":
+        return rel
+    home = os.path.expanduser("~")
+    return "~" + path[len(home):] if home != os.sep and path.startswith(home + os.sep) else path
+
+
+def describe_context(context, cwd):
+    """Lines naming the files loaded and their sizes, and the skills. Example:
+    ['context files: AGENTS.md (1.2 KB), ../CLAUDE.md (300 B)', 'skills: 3 (1 warning: /skills)']."""
+    lines = []
+    if context.files:
+        lines.append("context files: " + ", ".join(
+            "%s (%s%s)" % (display_path(f.path, cwd), human_size(f.size), ", left out: over %d KiB" % (CONTEXT_CAP // 1024)
+                           if f.cut == "out" else ", cut to %s" % human_size(len(f.text.encode("utf-8"))) if f.cut else "")
+            for f in context.files))
+    for label, files in (("system prompt from", [context.system] if context.system else []),
+                         ("appended to the system prompt", context.appends)):
+        if files:
+            lines.append("%s: %s" % (label, ", ".join("%s (%s)" % (display_path(f.path, cwd), human_size(f.size)) for f in files)))
+    warnings = len(context.warnings())
+    if context.skills or warnings:
+        hidden = sum(1 for s in context.skills if s.hidden)
+        lines.append("skills: %d%s%s" % (len(context.skills), " (%d only as /skill:NAME)" % hidden if hidden else "",
+                                         " · %d warning%s: /skills" % (warnings, "" if warnings == 1 else "s") if warnings else ""))
+    return lines
 
 
 # =============================================================================
@@ -5201,9 +5843,11 @@ class Session:
     that calls run(); front ends never touch a Session's history themselves.
     """
 
-    def __init__(self, config, sink, client=None, store=None, tools=None):
+    def __init__(self, config, sink, client=None, store=None, tools=None, context=None):
         self.sink = sink  # where events go; a front end may swap it
         self.config = config
+        # context files and skills, found once: the system prompt stays byte-stable (reload_context rescans)
+        self.context = context if context is not None else load_context(config)
         self.client = client or ChatClient(config, self.emit)
         self.tools = tools if tools is not None else ToolRegistry(TOOLS[n] for n in config.tools if n in TOOLS)
         self.inbox = Inbox()
@@ -5236,7 +5880,31 @@ class Session:
     def start(self, store=None):
         """Begin an empty conversation (the system message only), written to store when given."""
         self.reset(store)
-        self.append({"role": "system", "content": system_prompt(self.config, self.tools.names())})
+        self.append(self.system_message())
+
+    def system_message(self):
+        """The system message for this session's config, tools and context."""
+        return {"role": "system", "content": system_prompt(self.config, self.tools.names(), self.context)}
+
+    def set_system_message(self, system):
+        """Replace the system message of the conversation (a `rewrite` entry in the session file). Only
+        on purpose: the text tool-call switch and /reload; it costs the provider's prompt cache."""
+        if not self.messages or self.messages[0].get("role") != "system":
+            return
+        self._total += message_tokens(system) - self._sizes[0]
+        self.messages[0], self._sizes[0], self._anchor = system, message_tokens(system), None
+        if self.store:
+            self.store.write({"type": "rewrite", "messages": {str(self._seqs[0]): system}})
+
+    def reload_context(self):
+        """Rescan context files and skills; the system message is rewritten when its text changed.
+        Returns True when it was."""
+        self.context = load_context(self.config)
+        system = self.system_message()
+        if self.messages and self.messages[0] == system:
+            return False
+        self.set_system_message(system)
+        return True
 
     def reset(self, store=None):
         """Forget everything of the conversation; the history is empty until append or replace_history."""
@@ -5312,6 +5980,8 @@ class Session:
         return {"type": "session", "version": EVENT_SCHEMA_VERSION, "id": self.id, "cwd": self.config.cwd,
                 "model": self.config.model, "baseUrl": display_url(self.config.api_url or self.config.base_url),
                 "tools": self.tools.names(),
+                "contextFiles": [{"path": f.path, "bytes": f.size, "cut": f.cut or None} for f in self.context.files],
+                "skills": [s.name for s in self.context.skills],
                 "nanocodeVersion": VERSION, "keySource": self.config.key_source,
                 "path": self.store.path if self.store else None}
 
@@ -5488,6 +6158,12 @@ class Session:
                 job["done"].set()
         threading.Thread(target=work, daemon=True).start()
 
+    def settle(self, timeout=PROFILE_WAIT):
+        """Wait (briefly) for background work of the session, e.g. before its folder goes away at exit."""
+        job = self._profile_job
+        if job is not None:
+            job["done"].wait(timeout)
+
     def _apply_profile(self):
         """Use what was learned: its context for the gauge and compaction, an output cap a quarter of it,
         and tool calls as text when the server's template takes no tools. Said in one line."""
@@ -5508,11 +6184,7 @@ class Session:
         if changes:
             self.config = self.client.config = c._replace(**changes)
         if text_mode:  # before the first answer, so the system prompt says how to call tools
-            system = {"role": "system", "content": system_prompt(self.config, self.tools.names())}
-            self._total += message_tokens(system) - self._sizes[0]
-            self.messages[0], self._sizes[0] = system, message_tokens(system)
-            if self.store:
-                self.store.write({"type": "rewrite", "messages": {str(self._seqs[0]): system}})
+            self.set_system_message(self.system_message())
         if profile.kind or profile.context or profile.tools is not None:
             self.emit({"type": "info", "command": "profile",
                        "text": describe_profile(profile) + (" → tool calls as text" if text_mode else "")})
@@ -5653,7 +6325,7 @@ class Session:
             with gate:
                 if not cancel.is_set():
                     done[call["id"]] = self._run_call(call, events, cancel)
-        threads = [threading.Thread(target=work, args=(c,), daemon=True) for c in batch]
+        threads = [threading.Thread(target=work, args=(c,), daemon=True, name="nanocode-tool %s" % c["id"]) for c in batch]
         for t in threads:
             t.start()
         for t in threads:
@@ -6327,8 +6999,11 @@ class CommandLoop:
         return False
 
     def command(self, line):
-        """Run a slash line such as '/undo 2'."""
-        name, _, arg = line.strip()[1:].partition(" ")
+        """Run a slash line such as '/undo 2'; '/skill:NAME args' sends that skill as a message."""
+        m = re.match(r"(\S*)\s*(.*)$", line.strip()[1:], re.S)
+        name, arg = m.group(1), m.group(2)
+        if name.startswith("skill:"):
+            return cmd_skill(self, line)
         cmd = SLASH_COMMANDS.get(name)
         if cmd is None:
             import difflib
@@ -6432,6 +7107,7 @@ def cmd_help(loop, arg):
         seen.add(cmd.name)
         names = ", ".join("/" + n for n in (cmd.name,) + cmd.aliases)
         lines.append("  %-22s %s" % (names, cmd.help))
+    lines.append("  %-22s %s" % ("/skill:NAME [args]", "send a skill as your message ($ARGUMENTS, $1, $2… filled in)"))
     lines.append("  %-22s %s" % ("!command", "run a shell command and add its output to the conversation"))
     lines.append("  %-22s %s" % ("@path", "attach a file or directory listing to your message"))
     loop.info("\n".join(lines), "help")
@@ -6451,13 +7127,54 @@ def cmd_context(loop, arg):
     chars = sum(len(dump_json(m)) for m in s.messages)
     schemas = len(dump_json(s.tools.snapshot().schemas))
     used = s.context_tokens()
-    loop.info("  messages: %d (%d chars ≈ %d tokens)\n  tool schemas: %d chars ≈ %d tokens\n"
+    system = len(s.messages[0].get("content") or "") if s.messages and s.messages[0].get("role") == "system" else 0
+    found = ["  " + line for line in describe_context(s.context, s.config.cwd)] or ["  context files: none found"]
+    loop.info("  messages: %d (%d chars ≈ %d tokens)\n  system prompt: %d chars ≈ %d tokens\n%s\n"
+              "  tool schemas: %d chars ≈ %d tokens\n"
               "  context: ≈%d of %d tokens (%d%%); compacts above %d%s\n  last request: %s"
-              % (len(s.messages), chars, chars // 4, schemas, schemas // 4, used, s.context_window,
-                 100 * used // max(1, s.context_window), compaction_threshold(s),
+              % (len(s.messages), chars, chars // 4, system, system // 4, "\n".join(found), schemas, schemas // 4,
+                 used, s.context_window, 100 * used // max(1, s.context_window), compaction_threshold(s),
                  "" if s.config.compaction else " (automatic compaction off)",
                  "%d tokens in, %d out" % (s.last_usage["input"], s.last_usage["output"]) if s.last_usage else "none yet"),
               "context")
+
+
+@slash("skills", "list the skills found, where from, and their warnings")
+def cmd_skills(loop, arg):
+    context, cwd = loop.session.context, loop.session.config.cwd
+    lines = []
+    for s in context.skills:
+        lines.append("  %s%s — %s" % (s.name, " (only as /skill:%s)" % s.name if s.hidden else "", one_line(s.description, 100)))
+        lines.append("      %s · %s" % (display_path(s.path, cwd), s.source))
+        lines += ["      ⚠ %s" % w for w in s.warnings]
+    if context.problems:
+        lines.append("  not loaded or shadowed:")
+        lines += ["    ⚠ %s" % p for p in context.problems]
+    if not context.skills:
+        where = ", ".join("%s/skills" % d for d in SKILL_DIRS)
+        lines.insert(0, "  no skills found%s (looked for SKILL.md in %s from here up to the git root, and in the home "
+                     "directory's)" % (" (--no-skills)" if not loop.session.config.skills else "", where))
+    loop.info("\n".join(lines), "skills")
+
+
+def cmd_skill(loop, line):
+    """/skill:NAME args: the skill's body (arguments filled in) goes to the agent as a user message."""
+    try:
+        text = expand_skill_command(loop.session.context, line)
+    except NanocodeError as e:
+        return loop.session.emit({"type": "error", "message": str(e), "fatal": False})
+    name = line.strip()[len("/skill:"):].split(None, 1)[0]
+    if loop.prompt(text):
+        loop.info("↳ skill %s queued" % name, "skill")
+
+
+@slash("reload", "rescan context files and skills (the system prompt is rebuilt when they changed)", when="idle")
+def cmd_reload(loop, arg):
+    s = loop.session
+    changed = s.reload_context()
+    found = describe_context(s.context, s.config.cwd) or ["no context files or skills found"]
+    loop.info("\n".join(found + ["system prompt rebuilt: the provider's prompt cache starts over" if changed
+                                  else "system prompt unchanged"]), "reload")
 
 
 @slash("cost", "tokens used and cost so far")
@@ -6677,11 +7394,23 @@ def run_headless(config, prompt, resume=None):
     except NanocodeError as e:
         sys.stderr.write("nanocode: error: %s\n" % e)
         return 2
+    if prompt.startswith("/skill:"):  # the one slash command a headless prompt can be
+        try:
+            prompt = expand_skill_command(session.context, prompt)
+        except NanocodeError as e:
+            sys.stderr.write("nanocode: error: %s\n" % e)
+            session.client.close()
+            if session.store:
+                session.store.close()
+            return 2
     session.sink = emit
     session.learn_server()
     loop = box["loop"] = CommandLoop(session)
     if not config.quiet and not config.missing_key:  # a missing key is said once, as the run's error
-        for note in list(config.notes) + warnings:
+        problems = ["warning: " + w for w in session.context.warnings()]
+        if len(problems) > 10:
+            problems[10:] = ["%d more warnings: /skills in the REPL lists them" % (len(problems) - 10)]
+        for note in list(config.notes) + warnings + problems:
             sys.stderr.write("nanocode: %s\n" % note)
     if json_mode:
         emit(session.session_event())
@@ -6704,6 +7433,7 @@ def run_headless(config, prompt, resume=None):
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         loop.quit()
+        session.settle()
         session.client.close()
         if session.store:
             session.store.close()
@@ -7117,6 +7847,7 @@ class Repl:
     def shutdown(self):
         """Stop the agent and child processes, close the session file, save history."""
         self.loop.quit()
+        self.session.settle()
         PROCESS_GROUPS.kill_all()
         self.session.client.close()
         if self.session.store:
@@ -7124,11 +7855,13 @@ class Repl:
         self.save_history()
 
     def print_banner(self):
-        """One line: model, provider, key source, cwd, and what was found."""
+        """One line: model, provider, key source, cwd; then the context files and skills, and what was found."""
         c = self.config
         host = url_host(c.api_url or c.base_url)
         line = "nanocode %s · %s · %s · key: %s · %s" % (VERSION, c.model, c.provider or host, c.key_source, c.cwd)
         self.screen.print(self.style(line, "bold"))
+        for found in describe_context(self.session.context, c.cwd):
+            self.screen.print(self.style(found, "gray"))
         for note in list(c.notes) + self.warnings:
             self.screen.print(self.style(note, "yellow"))
         if self.resume is not None:
@@ -7266,7 +7999,8 @@ class Repl:
     def complete(self, text, state):
         """readline completer: /commands, @paths."""
         if text.startswith("/"):
-            options = ["/" + n for n in command_names() if ("/" + n).startswith(text)]
+            names = command_names() + ["skill:" + s.name for s in self.session.context.skills]
+            options = ["/" + n for n in names if ("/" + n).startswith(text)]
         elif text.startswith("@"):
             import glob as globmod
             base = resolve_path(self.config.cwd, text[1:] or ".") if text[1:] else self.config.cwd + "/"
@@ -7360,9 +8094,11 @@ def build_parser():
     p.add_argument("-r", "--resume", nargs="?", const="", metavar="ID", help="resume a session by id or path (REPL: pick from a list)")
     p.add_argument("--session", metavar="PATH", help="use this session file (resumed when it exists)")
     p.add_argument("--no-session", action="store_true", help="do not save the session")
-    p.add_argument("--system-prompt", help="replace the built-in system prompt")
-    p.add_argument("--append-system-prompt", help="text added to the system prompt")
-    p.add_argument("--no-context-files", action="store_true", help="do not load AGENTS.md / CLAUDE.md")
+    p.add_argument("--system-prompt", metavar="TEXT|FILE", help="replace the built-in system prompt (text, or a file)")
+    p.add_argument("--append-system-prompt", metavar="TEXT|FILE", help="add to the system prompt (text, or a file)")
+    p.add_argument("--no-context-files", action="store_true",
+                   help="do not load AGENTS.md / CLAUDE.md, SYSTEM.md or APPEND_SYSTEM.md")
+    p.add_argument("--no-skills", action="store_true", help="do not load Agent Skills (SKILL.md)")
     p.add_argument("--quiet", action="store_true", help="print only the final answer")
     p.add_argument("--max-turns", type=int, help="stop after N model requests (default 100)")
     p.add_argument("--doctor", action="store_true", help="check the endpoint: what it is, streaming, tool calls; exit 0/1")

@@ -3739,6 +3739,546 @@ class TestContext(EndToEndTestCase):
                 self.assertTrue(check(message_text(system)), message_text(system)[:600])
 
 
+def put(path, text=""):
+    """Write text to path, making its folders; returns path."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def skill_md(name=None, description="Does a thing.", extra="", body="Do the thing."):
+    """A SKILL.md text; name/description None leave the key out."""
+    lines = ["---"]
+    if name is not None:
+        lines.append("name: %s" % name)
+    if description is not None:
+        lines.append("description: %s" % description)
+    return "\n".join(lines + ([extra] if extra else []) + ["---", "", body, ""])
+
+
+class ContextTestCase(EndToEndTestCase):
+    """A git work tree under the work dir (repo/, the cwd is repo/a/b) and helpers for the system prompt."""
+
+    def setUp(self):
+        EndToEndTestCase.setUp(self)
+        self.repo = os.path.join(self.cwd, "repo")
+        self.deep = os.path.join(self.repo, "a", "b")
+        os.makedirs(os.path.join(self.repo, ".git"))
+        os.makedirs(self.deep)
+
+    def config(self, cwd=None, **overrides):
+        options = dict(base_url=self.fake.url, api_key="k", model="m", cwd=cwd or self.deep, home=self.home,
+                       tools=tuple(nanocode.TOOLS), save_session=False, color=False)
+        options.update(overrides)
+        return nanocode.Config(**options)
+
+    def system_sent(self, *args, **kwargs):
+        """Run nanocode (json, in repo/a/b unless cwd=) and return the system prompt of its first request."""
+        self.fake.reset()
+        self.fake.enqueue(answer())
+        rc, events, err = self.run_json(*(list(args) + ["hi"]), cwd=kwargs.pop("cwd", self.deep), **kwargs)
+        self.assertEqual(rc, 0, err)
+        self.session_event, self.stderr = events[0], err
+        return message_text(self.fake.posts[0].json["messages"][0])
+
+    def assertInOrder(self, text, needles):
+        """Each needle occurs exactly once in text, in this order."""
+        for needle in needles:
+            self.assertEqual(text.count(needle), 1, "%r occurs %d times in:\n%s" % (needle, text.count(needle), text[:4000]))
+        positions = [text.index(n) for n in needles]
+        self.assertEqual(positions, sorted(positions), "out of order: %s" % needles)
+
+
+class TestContextFiles(ContextTestCase):
+    """AGENTS.md / CLAUDE.md discovery, the 32 KiB cap, SYSTEM.md and APPEND_SYSTEM.md, the flags."""
+
+    def test_order_from_global_to_nearest_each_file_once_through_symlinks(self):
+        put(os.path.join(self.home, "AGENTS.md"), "GLOBAL-AGENTS")
+        put(os.path.join(self.home, "CLAUDE.md"), "GLOBAL-CLAUDE-UNUSED")  # AGENTS.md is there
+        put(os.path.join(self.cwd, "AGENTS.md"), "ABOVE-THE-GIT-ROOT")  # outside the work tree: not read
+        put(os.path.join(self.repo, "CLAUDE.md"), "ROOT-CLAUDE")
+        put(os.path.join(self.repo, "a", "AGENTS.md"), "A-AGENTS")
+        put(os.path.join(self.repo, "a", "CLAUDE.md"), "A-CLAUDE-UNUSED")
+        put(os.path.join(self.repo, "a", ".nanocode", "claude.md"), "A-DOT-NANOCODE-CLAUDE")  # a case variant
+        os.symlink(os.path.join(self.repo, "a", "AGENTS.md"), os.path.join(self.deep, "agents.md"))  # the same file
+        os.symlink(os.path.join(self.repo, "CLAUDE.md"), os.path.join(self.deep, ".nanocode"))  # not a folder: ignored
+        system = self.system_sent()
+        self.assertInOrder(system, ["Working directory: " + self.deep, "# Project context", "GLOBAL-AGENTS",
+                                    "ROOT-CLAUDE", "A-AGENTS", "A-DOT-NANOCODE-CLAUDE"])
+        for unused in ("GLOBAL-CLAUDE-UNUSED", "ABOVE-THE-GIT-ROOT", "A-CLAUDE-UNUSED"):
+            self.assertNotIn(unused, system)
+        self.assertIn("## %s\n\nROOT-CLAUDE" % os.path.join(self.repo, "CLAUDE.md"), system)
+        self.assertEqual([f["path"] for f in self.session_event["contextFiles"]], [
+            os.path.join(self.home, "AGENTS.md"), os.path.join(self.repo, "CLAUDE.md"),
+            os.path.join(self.repo, "a", "AGENTS.md"), os.path.join(self.repo, "a", ".nanocode", "claude.md")])
+        self.assertEqual(self.session_event["contextFiles"][1]["bytes"], len("ROOT-CLAUDE"))
+        # outside git: every directory from the filesystem root down, so the one above the repo is read too
+        self.assertIn("ABOVE-THE-GIT-ROOT", self.system_sent(cwd=self.cwd))
+
+    def test_a_global_file_reached_again_from_the_tree_counts_once(self):
+        put(os.path.join(self.home, "AGENTS.md"), "ONCE-ONLY")
+        os.symlink(self.home, os.path.join(self.repo, ".nanocode"))  # repo/.nanocode/AGENTS.md is the global file
+        self.assertEqual(self.system_sent().count("ONCE-ONLY"), 1)
+
+    def test_the_total_is_capped_at_32_kib_nearest_files_first_with_a_visible_note(self):
+        put(os.path.join(self.home, "AGENTS.md"), "FAR-FILE " * 100)
+        line = "near instructions, one line of many\n"
+        put(os.path.join(self.deep, "AGENTS.md"), "NEAR-START\n" + line * 1200 + "NEAR-END\n")  # ~43 KiB
+        system = self.system_sent()
+        self.assertIn("NEAR-START", system)
+        self.assertNotIn("NEAR-END", system)
+        self.assertNotIn("FAR-FILE", system)
+        self.assertIn("[nanocode: left out to keep context files under 32 KiB: %s]" % os.path.join(self.home, "AGENTS.md"), system)
+        self.assertRegex(system, r"\[nanocode: cut here: context files are capped at 32 KiB in all; \d+ of \d+ bytes shown, "
+                                 r"read the file for the rest\]")
+        kept = system[system.index("NEAR-START"):system.index("[nanocode: cut here")]
+        self.assertLessEqual(len(kept.encode("utf-8")), 32 * 1024)
+        self.assertGreater(len(kept.encode("utf-8")), 31 * 1024)
+        self.assertEqual([f["cut"] for f in self.session_event["contextFiles"]], ["out", "cut"])
+        # small files are whole
+        put(os.path.join(self.deep, "AGENTS.md"), "SMALL-NEAR")
+        system = self.system_sent()
+        self.assertIn("FAR-FILE", system)
+        self.assertNotIn("[nanocode:", system)
+
+    def test_system_md_replaces_and_append_system_md_appends(self):
+        default = self.system_sent()
+        self.assertTrue(default.startswith(nanocode.SYSTEM_PROMPT))
+        nano = lambda d, name: os.path.join(d, ".nanocode", name)
+        cases = [
+            # (files, flags, expected start, expected present in order)
+            ({nano(self.repo, "SYSTEM.md"): "ROOT-SYSTEM"}, [], "ROOT-SYSTEM", []),
+            ({nano(self.repo, "system.md"): "LOWER-SYSTEM"}, [], "LOWER-SYSTEM", []),
+            ({os.path.join(self.home, "SYSTEM.md"): "HOME-SYSTEM"}, [], "HOME-SYSTEM", []),
+            ({os.path.join(self.home, "SYSTEM.md"): "HOME-SYSTEM", nano(self.repo, "SYSTEM.md"): "ROOT-SYSTEM",
+              nano(self.deep, "SYSTEM.md"): "NEAREST-SYSTEM"}, [], "NEAREST-SYSTEM", []),
+            ({nano(self.repo, "SYSTEM.md"): "ROOT-SYSTEM"}, ["--system-prompt", "FLAG-SYSTEM"], "FLAG-SYSTEM", []),
+            ({nano(self.repo, "APPEND_SYSTEM.md"): "APPEND-UPPER"}, [], nanocode.SYSTEM_PROMPT, ["APPEND-UPPER"]),
+            ({nano(self.repo, "append_system.md"): "APPEND-SNAKE"}, [], nanocode.SYSTEM_PROMPT, ["APPEND-SNAKE"]),
+            ({nano(self.repo, "append-system.md"): "APPEND-KEBAB"}, [], nanocode.SYSTEM_PROMPT, ["APPEND-KEBAB"]),
+            ({os.path.join(self.home, "APPEND_SYSTEM.md"): "APPEND-HOME", nano(self.repo, "APPEND_SYSTEM.md"): "APPEND-ROOT",
+              nano(self.deep, "APPEND_SYSTEM.md"): "APPEND-DEEP", os.path.join(self.deep, "AGENTS.md"): "CONTEXT"},
+             ["--append-system-prompt", "APPEND-FLAG"], nanocode.SYSTEM_PROMPT,
+             ["Working directory:", "CONTEXT", "APPEND-HOME", "APPEND-ROOT", "APPEND-DEEP", "APPEND-FLAG"]),
+        ]
+        for files, flags, start, order in cases:
+            with self.subTest(files=sorted(os.path.basename(p) for p in files), flags=flags):
+                for path, text in files.items():
+                    put(path, text)
+                try:
+                    system = self.system_sent(*flags)
+                    self.assertTrue(system.startswith(start), system[:300])
+                    self.assertIn("Working directory: %s" % self.deep, system)
+                    if start != nanocode.SYSTEM_PROMPT:
+                        self.assertNotIn(nanocode.SYSTEM_PROMPT[:60], system)
+                    if order:
+                        self.assertInOrder(system, order)
+                        self.assertTrue(system.endswith(order[-1]), system[-300:])
+                finally:
+                    for path in files:
+                        os.remove(path)
+
+    def test_no_context_files_turns_discovery_off_and_no_skills_the_catalogue(self):
+        put(os.path.join(self.deep, "AGENTS.md"), "PROJECT-AGENTS")
+        put(os.path.join(self.home, "AGENTS.md"), "GLOBAL-AGENTS")
+        put(os.path.join(self.repo, ".nanocode", "SYSTEM.md"), "PROJECT-SYSTEM")
+        put(os.path.join(self.repo, ".nanocode", "APPEND_SYSTEM.md"), "PROJECT-APPEND")
+        put(os.path.join(self.repo, ".agents", "skills", "lint", "SKILL.md"), skill_md("lint", "Lints the code."))
+        full = self.system_sent()
+        for needle in ("PROJECT-AGENTS", "GLOBAL-AGENTS", "PROJECT-SYSTEM", "PROJECT-APPEND", "<name>lint</name>"):
+            self.assertIn(needle, full)
+        bare = self.system_sent("--no-context-files")
+        for needle in ("PROJECT-AGENTS", "GLOBAL-AGENTS", "PROJECT-SYSTEM", "PROJECT-APPEND", "# Project context"):
+            self.assertNotIn(needle, bare)
+        self.assertTrue(bare.startswith(nanocode.SYSTEM_PROMPT))
+        self.assertIn("<name>lint</name>", bare)  # skills are not context files
+        self.assertEqual(self.session_event["contextFiles"], [])
+        none = self.system_sent("--no-context-files", "--no-skills")
+        self.assertNotIn("available_skills", none)
+        self.assertEqual(self.session_event["skills"], [])
+
+    def test_system_prompt_flags_take_a_file(self):
+        put(os.path.join(self.deep, "prompts", "mine.md"), "SYSTEM-FROM-FILE\nsecond line\n")
+        put(os.path.join(self.tmp, "extra.txt"), "APPEND-FROM-FILE")
+        system = self.system_sent("--system-prompt", "prompts/mine.md", "--append-system-prompt", "~/extra.txt")
+        self.assertTrue(system.startswith("SYSTEM-FROM-FILE\nsecond line\n\nWorking directory:"), system[:200])
+        self.assertTrue(system.endswith("APPEND-FROM-FILE"), system[-200:])
+        for flag in ("--system-prompt", "--append-system-prompt"):
+            with self.subTest(flag=flag):
+                rc, out, err, _ = self.run_nanocode(["-p", flag, "missing.md", "hi"], cwd=self.deep)
+                self.assertEqual(rc, 2)
+                self.assertIn("%s missing.md: no such file" % flag, err)
+        self.assertEqual(len(self.fake.posts), 1)
+
+    def test_the_system_prompt_stays_the_same_while_files_change_during_a_run(self):
+        put(os.path.join(self.deep, "AGENTS.md"), "BEFORE")
+        self.fake.enqueue(tool_answer("write", {"path": os.path.join(self.repo, "CLAUDE.md"), "content": "WRITTEN-MID-RUN"}))
+        self.fake.enqueue(answer("done"))
+        rc, events, err = self.run_json("go", cwd=self.deep)
+        self.assertEqual(rc, 0, err)
+        first, second = [p.json["messages"][0] for p in self.fake.posts]
+        self.assertEqual(first, second)
+        self.assertIn("BEFORE", message_text(first))
+        self.assertNotIn("WRITTEN-MID-RUN", message_text(second))
+
+    def test_default_prompt_and_every_tool_schema_fit_the_budget(self):
+        config = self.config(context_files=False, skills=False)
+        session = nanocode.Session(config, lambda e: None)
+        self.addCleanup(session.client.close)
+        total = len(session.messages[0]["content"]) + sum(len(json.dumps(s)) for s in session.tools.snapshot().schemas)
+        self.assertLessEqual(total, 5200)
+
+    def test_context_and_the_banner_name_the_files_and_their_sizes(self):
+        put(os.path.join(self.deep, "AGENTS.md"), "x" * 2048)
+        put(os.path.join(self.repo, "CLAUDE.md"), "y" * 300)
+        put(os.path.join(self.repo, ".claude", "skills", "fmt", "SKILL.md"), skill_md("fmt", "Formats.", "colour: red"))
+        events = []
+        session = nanocode.Session(self.config(), events.append)
+        self.addCleanup(session.client.close)
+        loop = nanocode.CommandLoop(session)
+        self.addCleanup(loop.quit)
+        loop.command("/context")
+        text = [e for e in events if e.get("command") == "context"][-1]["text"]
+        self.assertIn("context files: ~/work/repo/CLAUDE.md (300 B), AGENTS.md (2.0 KB)", text)
+        self.assertIn("skills: 1 · 1 warning: /skills", text)
+        self.assertRegex(text, r"system prompt: \d+ chars")
+        # a hosted endpoint: no background probe of a local server writes into the temp dir (nothing is sent)
+        repl = nanocode.Repl(self.config(base_url="https://api.example.invalid/v1"), stdin=io.StringIO(""),
+                             stdout=ThreadSafeOutput())
+        self.addCleanup(repl.shutdown)
+        repl.print_banner()
+        self.assertIn("context files: ~/work/repo/CLAUDE.md (300 B), AGENTS.md (2.0 KB)", repl.out.getvalue())
+
+
+class TestFrontmatter(unittest.TestCase):
+    """The YAML subset of SKILL.md frontmatter."""
+
+    def test_values(self):
+        cases = [
+            ("plain", "name: my-skill", {"name": "my-skill"}),
+            ("comment", "name: a # note\n# whole line\nx: C#", {"name": "a", "x": "C#"}),
+            ("colon in text", "description: Use it: always", {"description": "Use it: always"}),
+            ("double quoted", 'd: "a \\"q\\" \\u00e9 # not a comment"', {"d": 'a "q" é # not a comment'}),
+            ("single quoted", "d: 'it''s'  # c", {"d": "it's"}),
+            ("booleans and null", "a: true\nb: False\nc: null\nd: ~\ne:", {"a": True, "b": False, "c": None, "d": None, "e": None}),
+            ("numbers stay text", "v: 1.0", {"v": "1.0"}),
+            ("plain over lines", "d: one\n  two\n\n  three", {"d": "one two\nthree"}),
+            ("quoted over lines", 'd: "one\n  two"', {"d": "one two"}),
+            ("literal block", "d: |\n  one\n    two\n\n  three\nn: x", {"d": "one\n  two\n\nthree\n", "n": "x"}),
+            ("folded block", "d: >\n  one\n  two\n\n  three\n", {"d": "one two\nthree\n"}),
+            ("strip chomping", "d: >-\n  one\n  two", {"d": "one two"}),
+            ("keep chomping", "d: |+\n  one\n\nn: x", {"d": "one\n\n", "n": "x"}),
+            ("block list", "t:\n  - Read\n  - 'Bash(git:*)'", {"t": ["Read", "Bash(git:*)"]}),
+            ("block map", "metadata:\n  author: me\n  version: \"1.0\"", {"metadata": {"author": "me", "version": "1.0"}}),
+            ("flow list", "t: [Read, 'Grep', \"Bash\"]", {"t": ["Read", "Grep", "Bash"]}),
+            ("flow map", "m: {a: 1, b: [x, y], c: http://h/p}", {"m": {"a": "1", "b": ["x", "y"], "c": "http://h/p"}}),
+            ("flow over lines", 'm:\n  {\n    "o": { "e": "🔐", "l": [1, 2,], },  # c\n  }', {"m": {"o": {"e": "🔐", "l": ["1", "2"]}}}),
+            ("flow opened on the key's line", "m: {\n  a: b }", {"m": {"a": "b"}}),
+        ]
+        for label, yaml, expected in cases:
+            with self.subTest(label):
+                self.assertEqual(nanocode.parse_frontmatter("---\n%s\n---\nbody" % yaml), (expected, "body"))
+
+    def test_documents(self):
+        self.assertEqual(nanocode.parse_frontmatter("# no frontmatter\n"), ({}, "# no frontmatter\n"))
+        self.assertEqual(nanocode.parse_frontmatter("\ufeff---\r\nname: a\r\n---\r\n\r\nBody\r\n"), ({"name": "a"}, "Body\r\n"))
+        self.assertEqual(nanocode.parse_frontmatter("---\nname: a\n...\nB"), ({"name": "a"}, "B"))
+
+    def test_errors_name_the_line(self):
+        cases = [
+            ("never closed", "---\nname: a\n", 1, "never closed"),
+            ("not key value", "---\nname: a\njust words\n---\n", 3, "expected `key: value`"),
+            ("indented key", "---\nname: a\n\n---\n", None, None),
+            ("unclosed quote", "---\nname: a\ndescription: \"open\n---\n", 3, "never closed"),
+            ("text after quote", "---\nd: 'a' b\n---\n", 2, "after the closing quote"),
+            ("duplicate key", "---\nname: a\nname: b\n---\n", 3, "given twice"),
+            ("tab indentation", "---\nm:\n\ta: b\n---\n", 3, "tab"),
+            ("two levels", "---\nm:\n  a:\n    b: c\n---\n", 3, "one level"),
+            ("uneven map", "---\nm:\n  a: b\n   c: d\n---\n", 4, "one level"),
+            ("list after value", "---\nd: text\n  - item\n---\n", 3, "list cannot follow"),
+            ("flow never closed", "---\nm: {a: b\nn: c\n---\n", 2, "never closed"),
+            ("flow over lines never closed", "---\nm:\n  [a,\n   b\n---\n", 4, "never closed"),
+            ("bad flow separator", "---\nm: [a b: c d]\n---\n", 2, "expected `,`"),
+            ("a list at the top", "---\n- a\n---\n", 2, "expected `key: value`"),
+        ]
+        for label, text, line, needle in cases:
+            with self.subTest(label):
+                if line is None:
+                    self.assertEqual(nanocode.parse_frontmatter(text)[0], {"name": "a"})
+                    continue
+                with self.assertRaises(nanocode.FrontmatterError) as cm:
+                    nanocode.parse_frontmatter(text)
+                self.assertEqual(cm.exception.line, line, str(cm.exception))
+                self.assertIn(needle, str(cm.exception))
+
+
+class TestSkills(ContextTestCase):
+    """Discovery, precedence, the standard's validation rules, the catalogue, /skill:NAME, /skills, /reload."""
+
+    def load(self, **overrides):
+        return nanocode.load_context(self.config(**overrides))
+
+    def test_every_validation_rule(self):
+        long_name = "a" * 65
+        cases = [
+            # (folder, SKILL.md text, loaded name or None, warning or problem needle or None)
+            ("good", skill_md("good", "Does good things.", "license: MIT\ncompatibility: Python 3.8+\n"
+                              "metadata:\n  author: me\nallowed-tools: Read Bash"), "good", None),
+            ("upper", skill_md("Upper", "D."), "Upper", "may hold only lowercase letters, digits and hyphens"),
+            ("under_score", skill_md("under_score", "D."), "under_score", "may hold only lowercase letters"),
+            ("-lead", skill_md("-lead", "D."), "-lead", "must not start or end with a hyphen or hold two in a row"),
+            ("trail-", skill_md("trail-", "D."), "trail-", "must not start or end with a hyphen"),
+            ("dou--ble", skill_md("dou--ble", "D."), "dou--ble", "hold two in a row"),
+            (long_name, skill_md(long_name, "D."), long_name, "longer than 64 characters (65)"),
+            ("folder", skill_md("other-name", "D."), "other-name", "name 'other-name' does not match its folder 'folder'"),
+            ("no-name", skill_md(None, "D."), "no-name", "name is missing (the folder's name 'no-name' is used)"),
+            ("no-description", skill_md("no-description", None), None, "skipped: the description is missing"),
+            ("empty-description", skill_md("empty-description", '""'), None, "skipped: the description is missing"),
+            ("list-description", skill_md("list-description", "[a, b]"), None, "the description must be text"),
+            ("long-description", skill_md("long-description", "d" * 1025), "long-description",
+             "description is longer than 1,024 characters (1025)"),
+            ("long-compat", skill_md("long-compat", "D.", "compatibility: " + "c" * 501), "long-compat",
+             "compatibility is longer than 500 characters (501)"),
+            ("unknown-key", skill_md("unknown-key", "D.", "homepage: https://x.y"), "unknown-key", "unknown key 'homepage'"),
+            ("bad-metadata", skill_md("bad-metadata", "D.", "metadata: text"), "bad-metadata", "metadata must be a map"),
+            ("bad-flag", skill_md("bad-flag", "D.", "disable-model-invocation: maybe"), "bad-flag",
+             "disable-model-invocation must be true or false"),
+            ("malformed", "---\nname: malformed\ndescription: \"never closed\nlicense: MIT\n---\nbody", None,
+             "malformed/SKILL.md:3: the double-quoted string is never closed"),
+            ("unclosed", "---\nname: unclosed\ndescription: D.\n", None, "unclosed/SKILL.md:1: the frontmatter opened here"),
+            ("no-frontmatter", "# Just markdown\n", None, "skipped: the description is missing"),
+        ]
+        root = os.path.join(self.repo, ".agents", "skills")
+        for folder, text, _, _ in cases:
+            put(os.path.join(root, folder, "SKILL.md"), text)
+        context = self.load()
+        warnings = context.warnings()
+        for folder, text, name, needle in cases:
+            with self.subTest(folder=folder[:20]):
+                path = os.path.join(root, folder, "SKILL.md")
+                mine = [w for w in warnings if w.startswith(path + ":")]
+                if name is None:
+                    self.assertNotIn(path, [s.path for s in context.skills])
+                    self.assertEqual(len(mine), 1, mine)  # one warning for the file, naming it
+                else:
+                    skill = context.skill(name)
+                    self.assertIsNotNone(skill, warnings)
+                    self.assertEqual(skill.path, path)
+                    self.assertEqual(skill.base_dir, os.path.dirname(path))
+                    self.assertEqual(skill.source, "project .agents/skills")
+                    if needle is None:
+                        self.assertEqual(mine, [])
+                        self.assertEqual(skill.warnings, ())
+                if needle:
+                    self.assertTrue(any(needle in w for w in mine), "%r not in %s" % (needle, mine))
+        self.assertEqual(context.skill("good").meta["metadata"], {"author": "me"})
+
+    def test_disable_model_invocation_hides_the_skill_from_the_catalogue_only(self):
+        put(os.path.join(self.repo, ".claude", "skills", "secret", "SKILL.md"),
+            skill_md("secret", "Only by hand.", "disable-model-invocation: true", "SECRET-BODY"))
+        put(os.path.join(self.repo, ".claude", "skills", "open", "SKILL.md"), skill_md("open", "For the model."))
+        system = self.system_sent()
+        self.assertIn("<name>open</name>", system)
+        self.assertNotIn("secret", system)
+        self.assertEqual(self.session_event["skills"], ["open", "secret"])
+        self.fake.reset()
+        self.fake.enqueue(answer())
+        rc, events, err = self.run_json("/skill:secret", cwd=self.deep)
+        self.assertEqual(rc, 0, err)
+        self.assertIn("SECRET-BODY", message_text(self.fake.posts[0].json["messages"][-1]))
+
+    def test_precedence_across_the_six_locations_nearest_wins(self):
+        user = self.tmp  # HOME in these tests; the nanocode dir is $NANOCODE_DIR
+        locations = [
+            (os.path.join(self.deep, ".nanocode", "skills"), "project .nanocode/skills"),
+            (os.path.join(self.deep, ".agents", "skills"), "project .agents/skills"),
+            (os.path.join(self.deep, ".claude", "skills"), "project .claude/skills"),
+            (os.path.join(self.repo, ".nanocode", "skills"), "project .nanocode/skills"),  # farther up the tree
+            (os.path.join(self.home, "skills"), "user ~/.nanocode/skills"),
+            (os.path.join(user, ".agents", "skills"), "user ~/.agents/skills"),
+            (os.path.join(user, ".claude", "skills"), "user ~/.claude/skills"),
+        ]
+        for i, (folder, _) in enumerate(locations):
+            put(os.path.join(folder, "dup", "SKILL.md"), skill_md("dup", "from location %d" % i))
+            put(os.path.join(folder, "only-%d" % i, "SKILL.md"), skill_md("only-%d" % i, "unique %d" % i))
+        for i, (folder, source) in enumerate(locations):
+            with self.subTest(winner=i):
+                context = self.load()
+                skill = context.skill("dup")
+                self.assertEqual((skill.description, skill.source), ("from location %d" % i, source))
+                self.assertEqual(skill.path, os.path.join(folder, "dup", "SKILL.md"))
+                self.assertEqual(sorted(s.name for s in context.skills),
+                                 sorted(["dup"] + ["only-%d" % j for j in range(i, len(locations))]))
+                losers = [p for p in context.problems if "'dup' is also at" in p]
+                self.assertEqual(len(losers), len(locations) - 1 - i, context.problems)
+                self.assertTrue(all(p.endswith("%s, which is nearer and wins" % skill.path) for p in losers))
+                shutil.rmtree(folder)
+        self.assertEqual(self.load().skills, ())
+
+    def test_discovery_follows_symlinks_once_and_skips_node_modules_and_git(self):
+        root = os.path.join(self.deep, ".nanocode", "skills")
+        put(os.path.join(root, "group", "inner", "SKILL.md"), skill_md("inner", "Nested one folder down."))
+        put(os.path.join(root, "group", "inner", "docs", "SKILL.md"), skill_md("docs", "A skill's own files are not skills."))
+        put(os.path.join(root, "loose.md"), skill_md("loose", "A loose file in .nanocode/skills."))
+        put(os.path.join(root, "README.md"), "# About these skills\n")
+        put(os.path.join(root, "lower", "skill.md"), skill_md("lower", "Lowercase file name."))
+        put(os.path.join(root, "node_modules", "dep", "SKILL.md"), skill_md("dep", "From a dependency."))
+        put(os.path.join(root, ".git", "x", "SKILL.md"), skill_md("x", "Inside .git."))
+        put(os.path.join(self.deep, ".claude", "skills", "not-loose.md"), skill_md("not-loose", "Loose files count only in .nanocode."))
+        elsewhere = os.path.join(self.tmp, "shared-skills")
+        put(os.path.join(elsewhere, "linked", "SKILL.md"), skill_md("linked", "Reached through a symlink."))
+        os.symlink(elsewhere, os.path.join(root, "shared"))
+        os.symlink(elsewhere, os.path.join(self.deep, ".agents", "skills")) if os.makedirs(
+            os.path.join(self.deep, ".agents")) is None else None  # the same folder a second time
+        os.symlink(root, os.path.join(root, "group", "loop"))  # a loop back to the top
+        os.symlink(os.path.join(root, "missing"), os.path.join(root, "dangling"))
+        context = self.load()
+        self.assertEqual(sorted(s.name for s in context.skills), ["inner", "linked", "loose", "lower"])
+        self.assertEqual(context.warnings(), [])
+        self.assertEqual(context.skill("linked").path, os.path.join(root, "shared", "linked", "SKILL.md"))
+        self.assertEqual(context.skill("loose").base_dir, root)
+
+    def test_the_catalogue_names_location_and_description_only_with_the_read_tool(self):
+        path = put(os.path.join(self.repo, ".agents", "skills", "pdf-tools", "SKILL.md"),
+                   skill_md("pdf-tools", "Fill <forms> & merge PDFs.", body="SKILL-BODY-NOT-IN-PROMPT"))
+        system = self.system_sent()
+        self.assertIn("<available_skills>\n  <skill>\n    <name>pdf-tools</name>\n"
+                      "    <description>Fill &lt;forms&gt; &amp; merge PDFs.</description>\n"
+                      "    <location>%s</location>\n  </skill>\n</available_skills>" % path, system)
+        self.assertIn("read its file with the read tool", system)
+        self.assertNotIn("SKILL-BODY-NOT-IN-PROMPT", system)
+        broken = put(os.path.join(self.repo, ".agents", "skills", "broken", "SKILL.md"), "---\nname: broken\nx: 'open\n---\n")
+        self.assertIn("<name>pdf-tools</name>", self.system_sent())  # the others still load
+        self.assertIn("nanocode: warning: %s:3: the single-quoted string is never closed\n" % broken, self.stderr)
+        self.assertNotIn("warning", self.system_sent("--quiet") and self.stderr)
+        self.assertNotIn("available_skills", self.system_sent("--tools", "bash"))
+
+    def test_skill_command_substitutes_arguments(self):
+        folder = os.path.join(self.repo, ".claude", "skills", "greet")
+        put(os.path.join(folder, "SKILL.md"), skill_md("greet", "Greets.", body=(
+            "All: $ARGUMENTS\nFirst: $1\nSecond: ${2}\nThird: [$3]\nSee scripts/run.sh")))
+        put(os.path.join(self.repo, ".claude", "skills", "plain", "SKILL.md"), skill_md("plain", "No placeholders.", body="PLAIN-BODY"))
+        cases = [
+            ("/skill:greet Alice 'Bob Smith'", ["All: Alice 'Bob Smith'\nFirst: Alice\nSecond: Bob Smith\nThird: []"]),
+            ("/skill:greet", ["All: \nFirst: \nSecond: \nThird: []"]),
+            ("/skill:plain fix the login bug", ["PLAIN-BODY\n</skill>\n\nfix the login bug"]),
+        ]
+        for prompt, needles in cases:
+            with self.subTest(prompt=prompt):
+                self.fake.reset()
+                self.fake.enqueue(answer())
+                rc, events, err = self.run_json(prompt, cwd=self.deep)
+                self.assertEqual(rc, 0, err)
+                sent = self.fake.posts[0].json["messages"][-1]
+                self.assertEqual(sent["role"], "user")
+                text = message_text(sent)
+                name = prompt.split()[0][len("/skill:"):]
+                self.assertTrue(text.startswith('<skill name="%s" location="%s">\nRelative paths in this skill resolve '
+                                                'against its folder: %s\n\n' % (
+                                                    name, os.path.join(self.repo, ".claude", "skills", name, "SKILL.md"),
+                                                    os.path.join(self.repo, ".claude", "skills", name))), text)
+                self.assertNotIn("description:", text)  # the body only
+                for needle in needles:
+                    self.assertIn(needle, text)
+        rc, out, err, _ = self.run_nanocode(["-p", "/skill:gret hi"], cwd=self.deep)
+        self.assertEqual(rc, 2)
+        self.assertIn("unknown skill 'gret'; did you mean /skill:greet?", err)
+
+    def session_and_loop(self, store=None):
+        events = []
+        session = nanocode.Session(self.config(), events.append, client=HeldClient([scripted_reply("ok")] * 3), store=store)
+        loop = nanocode.CommandLoop(session)
+        self.addCleanup(loop.quit)
+        return session, loop, events
+
+    def test_skills_lists_skills_with_their_warnings(self):
+        put(os.path.join(self.deep, ".claude", "skills", "review", "SKILL.md"), skill_md("review", "Reviews a diff.", "owner: me"))
+        put(os.path.join(self.deep, ".claude", "skills", "manual", "SKILL.md"),
+            skill_md("manual", "By hand.", "disable-model-invocation: true"))
+        put(os.path.join(self.deep, ".claude", "skills", "broken", "SKILL.md"), "---\nname: broken\ndescription: 'open\n---\n")
+        session, loop, events = self.session_and_loop()
+        loop.command("/skills")
+        text = [e for e in events if e.get("type") == "info" and e.get("command") == "skills"][-1]["text"]
+        self.assertIn("  review — Reviews a diff.\n      .claude/skills/review/SKILL.md · project .claude/skills\n"
+                      "      ⚠ unknown key 'owner'", text)
+        self.assertIn("  manual (only as /skill:manual) — By hand.", text)
+        self.assertIn("not loaded or shadowed:\n    ⚠ %s:3: " % os.path.join(self.deep, ".claude", "skills", "broken", "SKILL.md"), text)
+        loop.command("/skill:review the last commit")
+        self.assertTrue(loop.wait_idle(10))
+        self.assertIn("the last commit", message_text(session.client.requests[0][-1]))
+        loop.command("/skill:nope")
+        self.assertEqual([e["message"] for e in events if e.get("type") == "error"], ["unknown skill 'nope'; /skills lists them"])
+        session.context = nanocode.ProjectContext()
+        loop.command("/skills")
+        self.assertIn("no skills found", events[-1]["text"])
+
+    def test_reload_rescans_and_rewrites_the_system_message_in_the_session_file(self):
+        store = nanocode.SessionStore.create(self.home, self.deep, "m")
+        session, loop, events = self.session_and_loop(store)
+        self.addCleanup(store.close)
+        loop.prompt("first")
+        self.assertTrue(loop.wait_idle(10))
+        before = session.messages[0]
+        loop.command("/reload")
+        self.assertTrue(loop.wait_idle(10))
+        self.assertEqual(events[-1]["command"], "reload")
+        self.assertIn("system prompt unchanged", events[-1]["text"])
+        self.assertIs(session.messages[0], before)
+        put(os.path.join(self.deep, "AGENTS.md"), "RELOADED-CONTEXT")
+        put(os.path.join(self.deep, ".agents", "skills", "fresh", "SKILL.md"), skill_md("fresh", "Added later."))
+        self.assertNotIn("RELOADED-CONTEXT", session.system_message()["content"])  # found once, not on every request
+        loop.command("/reload")
+        self.assertTrue(loop.wait_idle(10))
+        self.assertIn("context files: AGENTS.md (16 B)\nskills: 1\nsystem prompt rebuilt", events[-1]["text"])
+        system = session.messages[0]["content"]
+        self.assertIn("RELOADED-CONTEXT", system)
+        self.assertIn("<name>fresh</name>", system)
+        loop.prompt("second")
+        self.assertTrue(loop.wait_idle(10))
+        self.assertEqual(session.client.requests[1][0]["content"], system)
+        self.assertEqual(session.client.requests[1][1:], session.messages[1:4])  # the rest is kept
+        self.assertEqual(session.client.requests[0][1:], session.messages[1:2])
+        store.close()
+        rewrites = [e for e in read_entries(store.path) if e.get("type") == "rewrite"]
+        self.assertEqual(rewrites, [{"type": "rewrite", "messages": {"0": session.messages[0]}}])
+        resumed = nanocode.Session(self.config(context_files=False), [].append, client=ScriptedClient([]))
+        nanocode.load_session(resumed, store.path, save=False)
+        self.assertEqual(resumed.messages, session.messages)
+
+
+#: read before the tests clear the environment
+PUBLIC_SKILLS, INTEROP = os.environ.get("NANOCODE_PUBLIC_SKILLS"), os.environ.get("NANOCODE_INTEROP") == "1"
+
+
+class TestPublicSkills(ContextTestCase):
+    """Real skills published as packages (.ci/run fetches pinned versions into $NANOCODE_PUBLIC_SKILLS)."""
+
+    def test_published_skills_load_without_warnings_and_appear_in_the_catalogue(self):
+        folder = PUBLIC_SKILLS
+        if not folder:
+            if INTEROP:
+                self.fail("NANOCODE_INTEROP=1 but $NANOCODE_PUBLIC_SKILLS is not set (.ci/run sets it)")
+            self.skipTest("$NANOCODE_PUBLIC_SKILLS is not set (.ci/run fetches the public skills)")
+        expected = {}
+        for top, dirs, files in os.walk(folder):
+            dirs[:] = [d for d in dirs if d != "node_modules" and not d.startswith(".")]
+            if "SKILL.md" in files:
+                expected[os.path.basename(top)] = os.path.join(top, "SKILL.md")
+        self.assertGreaterEqual(len(expected), 5, "too few SKILL.md files under %s" % folder)
+        os.makedirs(os.path.join(self.repo, ".claude", "skills"))
+        os.symlink(os.path.abspath(folder), os.path.join(self.repo, ".claude", "skills", "public"))
+        context = nanocode.load_context(self.config())
+        self.assertEqual(context.warnings(), [])
+        self.assertEqual(sorted(s.name for s in context.skills), sorted(expected))
+        system = self.system_sent()
+        for name, path in expected.items():
+            self.assertIn("<name>%s</name>" % name, system)
+            description = context.skill(name).description
+            self.assertTrue(description, name)
+        self.assertEqual(sorted(self.session_event["skills"]), sorted(expected))
+
+
 # =============================================================================
 # 12. Agent core
 # =============================================================================
@@ -6572,7 +7112,7 @@ class TestRobustnessMore(ReviewCase):
         loop = self.loop(session)
         loop.prompt("peek a lot")
         self.assertTrue(wait_for(lambda: len(entered) == nanocode.MAX_PARALLEL_TOOLS))
-        workers = [t for t in threading.enumerate() if t.name.endswith("(work)")]
+        workers = [t for t in threading.enumerate() if t.name.startswith("nanocode-tool ")]
         self.assertEqual(len(workers), count)
         loop.abort()
         self.assertTrue(loop.wait_idle(10))
@@ -7569,7 +8109,8 @@ def bench_connections(rows, fake, home):
 
 
 def bench_prompt_size(rows):
-    config = nanocode.Config(tools=tuple(nanocode.TOOLS), cwd="/home/user/project")
+    # the built-in prompt only: context files and the skill catalogue are extra, capped on their own
+    config = nanocode.Config(tools=tuple(nanocode.TOOLS), cwd="/home/user/project", context_files=False, skills=False)
     agent = nanocode.Session(config, lambda e: None)
     system = len(agent.messages[0]["content"])
     rows.append(("system prompt", "%d chars" % system, "", "~%d tokens" % (system // 4), "-"))
@@ -7578,7 +8119,7 @@ def bench_prompt_size(rows):
         size = len(json.dumps(schema))
         total += size
         rows.append(("  tool %s" % schema["function"]["name"], "%d chars" % size, "", "~%d tokens" % (size // 4), "-"))
-    rows.append(("system prompt + all tool schemas", "%d chars" % total, "< 5200 chars", "~%d tokens" % (total // 4), "-"))
+    rows.append(("system prompt + all tool schemas", "%d chars" % total, "<= 5200 chars", "~%d tokens" % (total // 4), "-"))
 
 
 def bench_big_read_and_edit(rows, tmp):
