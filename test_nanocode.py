@@ -7544,6 +7544,20 @@ def slow_text(words, pause=0.15, then=()):
     return body
 
 
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by tmux) counts as gone
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 class TmuxSession:
     """nanocode's REPL in a private tmux server: type keys, read the screen."""
 
@@ -7561,7 +7575,14 @@ class TmuxSession:
                               stderr=subprocess.DEVNULL).stdout.decode("utf-8", "replace")
 
     def kill(self):
+        """Close the terminal and wait until nanocode has exited (it saves its files on the way out)."""
+        try:
+            pid = int(self.tmux("list-panes", "-t", "t", "-F", "#{pane_pid}").split()[0])
+        except (ValueError, IndexError):
+            pid = None
         self.tmux("kill-server")
+        if pid:
+            wait_for(lambda: not _process_exists(pid), 10)
 
     def type(self, text):
         """Type literal text (no Enter)."""
