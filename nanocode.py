@@ -18,10 +18,10 @@ Table of contents (each section opens with a numbered banner):
     9. Search                glob / grep / ls / find over one .gitignore-aware file list
    10. Web                   webfetch (HTML to Markdown), websearch
    11. Context               system prompt, @path mentions, token estimates
-   12. Agent core            Session: history, the one agent loop, tool calls, before_tool hook
+   12. Agent core            Session: history, the one agent loop, tool calls, before_tool hook, fork (/btw)
    13. Compaction            thresholds, the cut, the summary, overflow recovery
    14. Session files         JSONL store, resume and repair, the session list, undo
-   15. Command loop          CommandLoop (the worker, job reports), the slash-command table
+   15. Command loop          CommandLoop (the worker, job reports, /btw sidecars), the slash-command table
    16. Front ends: headless  -p text and --mode json
    17. Front ends: rendering styles, streamed Markdown, Screen, ReplRenderer
    18. Front ends: the REPL  input, Ctrl+C, dispatch, readline
@@ -4891,6 +4891,8 @@ def message_tokens(message):
 #: tools that only read, run concurrently when consecutive in one message
 MAX_PARALLEL_TOOLS = 8
 SKIPPED_FOR_STEERING = "skipped: the user sent a new message"
+#: the result a /btw copy of the history gives a call that is still running in the conversation
+STILL_RUNNING = "(still running in the main conversation; no result yet)"
 #: seconds a cancelled tool thread gets to finish before its call is recorded as aborted and left behind
 ABANDON_AFTER = 0.5
 ALLOW = ("allow", "")
@@ -5043,7 +5045,7 @@ class Session:
         self._events = RunEvents(self.emit)
         self.last_end = None
         self.profile, self._profile_job = None, None  # what the server said about itself (learn_server)
-        self.usage_lock = threading.Lock()  # jobs add their usage from other threads
+        self.usage_lock = threading.Lock()  # jobs and /btw add their usage from other threads
         self.jobs = JobManager(self._job_ended)  # child nanocode jobs; they outlive /new
         self.job_listener = None  # fn() after a background report was queued (the CommandLoop starts a run)
         self.start(store)
@@ -5425,6 +5427,20 @@ class Session:
             listener = self.job_listener
             if listener is not None:
                 listener()
+
+    def fork(self, sink, tools, config=None):
+        """A Session for a side question (/btw) on a copy of this history: its own client, tools and events, no
+        session file; a call still running here gets a placeholder result there. Nothing it does reaches this one."""
+        import copy
+        snapshot = copy.deepcopy(list(self.messages))
+        messages, seqs, _ = repair_history(snapshot, list(range(len(snapshot))))
+        side = Session(config or self.config, sink, tools=tools)
+        side.messages = [dict(m, content=STILL_RUNNING) if s is None else m for m, s in zip(messages, seqs)]
+        side._seqs = list(range(len(side.messages)))
+        side._sizes = [message_tokens(m) for m in side.messages]
+        side._next_seq = len(side.messages)
+        side.context_window, side.summary, side.latest_user = self.context_window, self.summary, self.latest_user
+        return side
 
     def run_queued_shell(self):
         """Run the shell lines that were queued while the agent worked (nothing else waits)."""
@@ -6080,7 +6096,8 @@ def undo(session, count=1, force=False):
 # The loop's worker thread is the only thread that runs the agent, tools or
 # anything that changes the history; messages that arrive while it works wait in
 # the session's inbox for the next safe point, and so do background jobs' reports
-# (which start a run when the loop is idle).
+# (which start a run when the loop is idle). A /btw side answer runs a forked
+# Session on a thread of its own and never touches this one's history.
 
 SlashCommand = record("SlashCommand", "One slash command: fn(loop, arg); when is 'now' (any time) or 'idle'.", (
     ("name", ""), ("help", ""), ("fn", None), ("when", "now"), ("aliases", ()),
@@ -6121,6 +6138,7 @@ class CommandLoop:
         self._idle.set()
         self._cancel = None
         self._late = False  # input arrived after an abort, before the worker was idle
+        self._sidecars = set()  # cancel tokens of running /btw answers
         session.job_listener = self._job_report
         self._worker = threading.Thread(target=self._work, daemon=True)
         self._worker.start()
@@ -6180,6 +6198,36 @@ class CommandLoop:
             elif self._cancel is not None and self._cancel.is_set():
                 self._late = True
 
+    def sidecar(self, question, with_tools=False):
+        """/btw: answer question on its own thread from a copy of the conversation, through the same agent core
+        (Session.fork: its own client; read-only tools with with_tools, else none). Its events reach the front
+        end marked "sidecar": true; the conversation, its session file and the inbox are never touched. Works
+        while the agent is busy; its usage counts in /cost."""
+        main = self.session
+        if with_tools:
+            tools = ToolRegistry(t for t in (main.tools.get(n) for n in main.tools.names()) if t is not None and t.readonly)
+            config = main.config
+        else:  # no tools: calls in the history travel as text, so no tool schema need be sent
+            tools, config = ToolRegistry(), main.config._replace(compat=main.config.compat._replace(tool_calls="text"))
+        side = main.fork(lambda event: main.emit(dict(event, sidecar=True)), tools, config)
+        cancel = Cancel()
+        with self._lock:
+            self._sidecars.add(cancel)
+        note = BTW_TOOLS_NOTE if with_tools else BTW_NOTE
+
+        def work():
+            try:
+                end = side.run(note + "\n\n" + question, cancel)
+                with main.usage_lock:
+                    add_usage(main.usage, end["usage"])
+            finally:
+                side.client.close()
+                with self._lock:
+                    self._sidecars.discard(cancel)
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        return thread
+
     def when_idle(self, name, fn):
         """Run fn(cancel) on the worker; refused with an info reply while the agent works."""
         with self._lock:
@@ -6208,6 +6256,10 @@ class CommandLoop:
         """Stop the work and the worker (waiting up to wait seconds for agent_end)."""
         self.running = False
         self.abort()
+        with self._lock:
+            sidecars = list(self._sidecars)
+        for cancel in sidecars:
+            cancel.cancel()
         self._queue.put(None)
         self._worker.join(wait)
 
@@ -6257,6 +6309,12 @@ class CommandLoop:
                 return
             self.busy = False
             self._idle.set()
+
+
+BTW_NOTE = "[A side question, answered apart from the conversation and not kept in it: answer it briefly from " \
+    "what the conversation already holds. No tools are available.]"
+BTW_TOOLS_NOTE = "[A side question, answered apart from the conversation and not kept in it: answer it briefly; " \
+    "you may use the read-only tools. Change nothing.]"
 
 
 def open_session(config, emit, resume=None):
@@ -6484,6 +6542,16 @@ def cmd_jobs(loop, arg):
     if job is None:
         return loop.info("usage: /jobs, /jobs ID, /jobs cancel ID", "jobs")
     loop.info("\n".join(["  " + job.summary()] + ["  " + line for line in job.log[-20:]]), "jobs")
+
+
+@slash("btw", "[--tools] QUESTION: a side answer from a copy of the conversation; nothing is added to it")
+def cmd_btw(loop, arg):
+    with_tools = arg == "--tools" or arg.startswith("--tools ")
+    question = arg[len("--tools"):].strip() if with_tools else arg
+    if not question:
+        return loop.info("usage: /btw [--tools] QUESTION", "btw")
+    loop.info("btw › %s" % one_line(question, 100), "btw")
+    loop.sidecar(question, with_tools)
 
 
 @slash("quit", "exit nanocode", aliases=("q", "exit"))
@@ -6750,7 +6818,8 @@ class ReplRenderer:
         self.tool_output = {}  # call id -> partial line of bash output
 
     def __call__(self, event):
-        handler = getattr(self, "on_" + event["type"], None)
+        prefix = "on_sidecar_" if event.get("sidecar") else "on_"  # /btw answers render apart from the conversation
+        handler = getattr(self, prefix + event["type"], None)
         if handler:
             handler(visible_event(event) if event["type"] != "agent_end" else event)
 
@@ -6845,6 +6914,23 @@ class ReplRenderer:
                                summarize_result(body.replace("</nanocode_job_result>", ""), self.screen.width() - 20)])
         label = "steering" if event["kind"] == "steering" else "follow-up"
         self.lines([self.s("↳ %s delivered: %s" % (label, one_line(event["text"], 80)), "magenta")])
+
+    # -- /btw: the side answer's events, marked "sidecar"; shown whole, never mixed into the streamed text --
+
+    def on_sidecar_message_end(self, event):
+        md = MarkdownStream(self.s, self.screen.width() - 4)
+        lines = md.feed(event.get("text") or "") + md.flush()
+        self.lines([self.s("┃ ", "blue") + line for line in lines])
+
+    def on_sidecar_tool_start(self, event):
+        self.lines([self.s("┃ ", "blue") + self.s("⏺ " + format_tool_call(event["name"], event["args"], self.screen.width() - 6), "dim")])
+
+    def on_sidecar_error(self, event):
+        self.lines([self.s("┃ ", "blue") + self.s("error: " + event["message"], "red")])
+
+    def on_sidecar_agent_end(self, event):
+        if event.get("stopReason") not in ("done", "error"):
+            self.lines([self.s("┃ ", "blue") + self.s("(btw stopped: %s)" % event.get("stopReason"), "yellow")])
 
     def on_agent_end(self, event):
         session = self.session_ref()

@@ -20,7 +20,7 @@ Sections follow nanocode.py, banner for banner:
    12. Agent core            tool scheduling, run-time tools, the event contract, the loop end to end
    13. Compaction            overflow detection, budgets, the cut, summaries, 300-turn loops, prefix
    14. Session files         the JSONL file, resume, kill -9 recovery, /undo
-   15. Command loop          the in-process REPL: queues, Ctrl+C, /model, asks, /jobs
+   15. Command loop          the in-process REPL: queues, Ctrl+C, /model, asks, /jobs, /btw
    16. Front ends: headless  -p text and --mode json, end to end
    17. Front ends: rendering the REPL renderer without a terminal
    18. Front ends: the REPL  tmux: a real terminal
@@ -6612,6 +6612,13 @@ class TestRobustnessMore(ReviewCase):
 
 # -- issue 10: child jobs in the REPL -------------------------------------------------
 
+def is_btw_request(request):
+    """True for a /btw side question's request."""
+    last = ((request.json or {}).get("messages") or [{}])[-1]
+    return last.get("role") == "user" and str(last.get("content", "")).startswith(
+        (nanocode.BTW_NOTE, nanocode.BTW_TOOLS_NOTE))
+
+
 class TestJobsInTheRepl(ReplTestCase, ChildJobCase):
 
     def main_ends(self):
@@ -6682,6 +6689,97 @@ class TestJobsInTheRepl(ReplTestCase, ChildJobCase):
         self.stop_repl()  # exit: the running job's process group and what it started are killed
         self.assert_dies(second)
         self.assert_dies(second_shell)
+
+
+# -- issue 10: /btw -------------------------------------------------------------------
+
+class TestBtw(ReplTestCase):
+
+    def hold_scenario(self, btw):
+        """A run held inside a tool call, with (or without) a /btw while it is held; returns the bodies of the
+        main conversation's requests."""
+        self.gate = threading.Event()
+        self.addCleanup(self.gate.set)
+        self.fake.reset()
+        del self.events[:]
+
+        def responder(request):
+            if is_btw_request(request):
+                return FakeReply(text_answer("sidecar says 42", 77, 7))
+            if last_message(request)["role"] == "user":
+                return FakeReply(tool_answer("hold", {}, "h1"))
+            return FakeReply(text_answer("main done"))
+        self.fake.responder = responder
+        self.start_repl(self.config(save_session=True))
+        self.type("do the thing")
+        self.wait_event(lambda e: e["type"] == "tool_start" and e["id"] == "h1")
+        if btw:
+            self.type("/btw what is the answer?")
+            self.wait_output("┃ sidecar says 42")
+            self.assertTrue(self.repl.loop.busy)  # answered while the agent works
+        self.gate.set()
+        self.wait_event(lambda e: e["type"] == "agent_end" and not e.get("sidecar"))
+        self.wait_idle()
+        self.path = self.repl.session.store.path
+        if btw:  # the side answer adds its usage once its run has ended
+            wait_for(lambda: self.repl.session.usage["input"] > 2 * 12)
+        self.usage = dict(self.repl.session.usage)
+        self.stop_repl()
+        return [p.body for p in self.fake.posts if not is_btw_request(p)]
+
+    def test_btw_answers_while_busy_and_leaves_the_next_request_byte_identical(self):
+        self.register_tool("hold", lambda ctx: "held" if self.gate.wait(20) else "timed out")
+        without = self.hold_scenario(btw=False)
+        with_btw = self.hold_scenario(btw=True)
+        self.assertEqual(len(without), 2)
+        self.assertEqual(with_btw, without)  # byte for byte: /btw added nothing to the conversation
+
+        side = [p for p in self.fake.posts if is_btw_request(p)]
+        self.assertEqual(len(side), 1)
+        body = side[0].json
+        self.assertNotIn("tools", body)  # no tools: the copied history's calls travel as text
+        self.assertEqual(body["messages"][-1]["content"], nanocode.BTW_NOTE + "\n\nwhat is the answer?")
+        self.assertEqual(body["messages"][1], {"role": "user", "content": "do the thing"})
+        self.assertIn(nanocode.STILL_RUNNING, json.dumps(body["messages"], ensure_ascii=False))
+        self.assertIn("btw › what is the answer?", self.out.getvalue())
+        with open(self.path, encoding="utf-8") as f:
+            saved = f.read()
+        self.assertNotIn("what is the answer", saved)  # nor to the session file
+        self.assertNotIn("sidecar says", saved)
+        self.assertEqual(self.usage["input"], 2 * 12 + 77)  # its usage counts in /cost
+        ends = [e for e in self.events if e["type"] == "message_end" and e.get("text") == "sidecar says 42"]
+        self.assertEqual([e.get("sidecar") for e in ends], [True])
+
+    def test_btw_with_tools_may_read_and_leaves_the_conversation_alone(self):
+        with open(os.path.join(self.cwd, "notes.txt"), "w") as f:
+            f.write("the notes say hello\n")
+
+        def responder(request):
+            if not is_btw_request(request) and not any(
+                    str(m.get("content", "")).startswith(nanocode.BTW_TOOLS_NOTE) for m in request.json["messages"]):
+                return FakeReply(text_answer("hi from main"))
+            if request.json["messages"][-1]["role"] == "tool":
+                return FakeReply(text_answer("notes.txt says hello"))
+            return FakeReply(tool_answer("read", {"path": "notes.txt"}, "b1"))
+        self.fake.responder = responder
+        self.start_repl()
+        self.type("hello")
+        self.wait_agent_end()
+        self.wait_idle()
+        before = copy.deepcopy(self.repl.session.messages)
+        self.type("/btw --tools what do the notes say?")
+        self.wait_output("┃ notes.txt says hello")
+        self.assertIn("┃ ⏺ read(path=notes.txt)", self.out.getvalue())
+        side = [p for p in self.fake.posts if is_btw_request(p)]
+        names = [t["function"]["name"] for t in side[0].json["tools"]]
+        self.assertIn("read", names)
+        for name in ("write", "edit", "bash", "nanocode"):
+            self.assertNotIn(name, names)
+        self.assertEqual(self.repl.session.messages, before)
+        self.assertFalse(self.repl.loop.busy)
+        self.type("/btw")
+        self.wait_output("usage: /btw [--tools] QUESTION")
+        self.assertReplAlive()
 
 
 # =============================================================================
