@@ -14,14 +14,15 @@ Table of contents (each section opens with a numbered banner):
     6. Tool registry         the @tool decorator, argument coercion, run_tool, ToolRegistry
     7. File tools            read / write / edit, atomic writes, Checkpoints (for /undo)
     8. Shell                 bash: process groups, bounded output capture
+   8b. Child jobs            the nanocode tool: child agents, run / start, the JobManager
     9. Search                glob / grep / ls / find over one .gitignore-aware file list
    10. Web                   webfetch (HTML to Markdown), websearch
    11. Context               system prompt, @path mentions, token estimates
    11b. Context files        AGENTS.md / CLAUDE.md, SYSTEM.md, Agent Skills: discovery, frontmatter, /skill:NAME
-   12. Agent core            Session: history, the one agent loop, tool calls, before_tool hook
+   12. Agent core            Session: history, the one agent loop, tool calls, before_tool hook, fork (/btw)
    13. Compaction            thresholds, the cut, the summary, overflow recovery
    14. Session files         JSONL store, resume and repair, the session list, undo
-   15. Command loop          CommandLoop (the worker), the slash-command table
+   15. Command loop          CommandLoop (the worker, job reports, /btw sidecars), the slash-command table
    16. Front ends: headless  -p text and --mode json
    17. Front ends: rendering styles, streamed Markdown, Screen, ReplRenderer
    18. Front ends: the REPL  input, Ctrl+C, dispatch, readline
@@ -2119,15 +2120,16 @@ def clamp(value, low, high=None):
 
 
 class ToolContext:
-    """What a running tool may touch: cwd, config, cancel token, update sink, checkpoints."""
+    """What a running tool may touch: cwd, config, cancel token, update sink, checkpoints, child jobs."""
 
-    def __init__(self, cwd, config=None, cancel=None, update=None, checkpoints=None, files=None):
+    def __init__(self, cwd, config=None, cancel=None, update=None, checkpoints=None, files=None, jobs=None):
         self.cwd = cwd
         self.config = config
         self.cancel = cancel or Cancel()
         self._update = update
         self.checkpoints = checkpoints
         self.files = files  # what the model has seen of each file (read before write), or None: no checks
+        self.jobs = jobs  # the session's JobManager (the nanocode tool), or None
 
     def path(self, p):
         """Resolve a path argument against the working directory."""
@@ -3098,8 +3100,9 @@ def _marker_scan_available():
 
 
 def find_marked(markers):
-    """Pids of processes whose environment sets RUN_MARKER_VAR to one of markers; [] without /proc."""
-    wanted = set(("%s=%s" % (RUN_MARKER_VAR, m)).encode("utf-8") for m in markers)
+    """Pids of processes whose environment sets RUN_MARKER_VAR (or, for a child job and all it started,
+    JOB_MARKER_VAR) to one of markers; [] without /proc."""
+    wanted = set(("%s=%s" % (var, m)).encode("utf-8") for m in markers for var in (RUN_MARKER_VAR, JOB_MARKER_VAR))
     if not wanted:
         return []
     try:
@@ -3413,6 +3416,365 @@ def _bash_simple(ctx, command, timeout, env):
         return ToolResult(((e.output or b"").decode("utf-8", "replace")) + "\n[timed out after %ds]" % timeout, True)
     text, _ = tail_lines(done.stdout.decode("utf-8", "replace"), BASH_TAIL_LINES, BASH_TAIL_BYTES)
     return ToolResult(text + "\n[exit code %d]" % done.returncode, is_error=done.returncode != 0)
+
+
+# =============================================================================
+# 8b. Child jobs
+# =============================================================================
+# The nanocode tool runs this file again as a child agent: `--print --mode json
+# --quiet --no-session`, a short system prompt, the task on stdin, NANOCODE_CHILD=1,
+# and the parent's model, endpoint (its key passed in the child's environment) and
+# tools, less this one: no nested jobs unless the tools argument names nanocode.
+# The parent reads the child's JSON events: progress becomes tool_update text,
+# agent_end gives the report, usage and stop reason. `run` waits for the report;
+# `start` returns at once and the Session delivers the report later as a
+# <nanocode_job_result> user message (the inbox kind "job"). Children run in
+# process groups of their own, registered with PROCESS_GROUPS: exit kills them.
+
+CHILD_ENV_VAR = "NANOCODE_CHILD"
+#: set to the job's marker in a child's environment and inherited by all it starts (its commands set
+#: their own NANOCODE_RUN), so cancelling a job or exiting also stops what the child left running
+JOB_MARKER_VAR = "NANOCODE_JOB"
+MAX_JOBS = 4  #: background jobs at once (settings "maxJobs")
+JOB_REPORT_CHARS = 50 * 1024  #: a report longer than this is cut for the model
+JOB_LOG_LINES = 200  #: progress lines kept per job for status and read
+JOB_LINE_LIMIT = 64 << 20  #: one event line of a child (agent_end holds its whole history)
+JOB_ACTIONS = ("run", "start", "list", "status", "read", "cancel")
+CHILD_SYSTEM_PROMPT = ("You are a nanocode child job: another agent gave you one self-contained task. Work on it "
+                       "alone with your tools (nobody can answer questions), then reply with a short, complete "
+                       "report of what you found or changed; that report is all the other agent sees.")
+
+
+class Job:
+    """One child nanocode process and what it reported."""
+
+    def __init__(self, job_id, task, model, background, update=None):
+        self.id, self.task, self.model, self.background = job_id, task, model, background
+        self.status = "running"  # then done, error or cancelled
+        self.proc = None
+        self.started = time.monotonic()
+        self.seconds = 0.0
+        self.text = ""  # the child's final answer
+        self.error = ""
+        self.stop_reason = ""
+        self.turns = 0
+        self.usage = zero_usage()
+        self.log = []  # progress lines, the last JOB_LOG_LINES
+        self.update = update  # a waiting tool call's ctx.update, or None
+        self.cancelled = False
+        self.ended = threading.Event()  # set once every field above is final
+
+    @property
+    def pid(self):
+        """The child's pid (also its process group)."""
+        return self.proc.pid if self.proc else None
+
+    def elapsed(self):
+        """Seconds it ran (so far)."""
+        return self.seconds if self.ended.is_set() else time.monotonic() - self.started
+
+    def progress(self, text):
+        """One line of progress: kept for status and read, streamed to a waiting tool call."""
+        self.log.append(text)
+        del self.log[:-JOB_LOG_LINES]
+        if self.update:
+            self.update(text + "\n")
+
+    def summary(self):
+        """One line. Example: 'j1 done 4.2s · 3 turns · ↑1.2k ↓300 · fix the failing test'."""
+        parts = ["%s %s %.1fs" % (self.id, self.status, self.elapsed())]
+        if not self.ended.is_set():
+            parts.append("pid %s" % self.pid)
+        parts.append("%d turn%s" % (self.turns, "" if self.turns == 1 else "s"))
+        if self.usage["input"] or self.usage["output"]:
+            parts.append("↑%s ↓%s" % (_k(self.usage["input"]), _k(self.usage["output"])))
+        parts.append(("background · " if self.background else "") + one_line(self.task, 60))
+        return " · ".join(parts)
+
+    def report(self):
+        """The text the model gets: the answer (cut at JOB_REPORT_CHARS) or the error, and one line of figures."""
+        text = self.text
+        if len(text) > JOB_REPORT_CHARS:
+            text = text[:JOB_REPORT_CHARS] + "\n[report cut to its first %d of %d characters]" % (JOB_REPORT_CHARS, len(self.text))
+        if self.status != "done":
+            text = "error: child job %s %s: %s%s" % (self.id, "was cancelled" if self.status == "cancelled" else "failed",
+                                                   self.error or self.status, "\npartial answer:\n" + text if text.strip() else "")
+        return "%s\n[job %s %s: %d turn%s, %.1fs]" % (text.rstrip("\n"), self.id, self.status, self.turns,
+                                                     "" if self.turns == 1 else "s", self.elapsed())
+
+    def result_message(self):
+        """The user message that delivers a background job's report."""
+        return '<nanocode_job_result id="%s" status="%s">\n%s\n</nanocode_job_result>' % (self.id, self.status, self.report())
+
+
+def child_command(config, model="", tools=""):
+    """(argv, extra environment) of a child nanocode with config's endpoint and key; model, when given,
+    is another model (provider/model works); tools is the --tools value."""
+    target = with_model(config, model, os.environ) if model else config
+    name = model or ("%s/%s" % (config.provider, config.model) if config.provider else config.model)
+    argv = [sys.executable or "python3", os.path.abspath(__file__), "--print", "--mode", "json", "--quiet",
+            "--no-session", "--system-prompt", CHILD_SYSTEM_PROMPT, "--tools", tools or "none",
+            "--max-turns", str(config.max_turns), "--model", name]
+    extra = {CHILD_ENV_VAR: "1", "NANOCODE": "1"}
+    if target.provider:  # the child reads the provider from settings.json; its key goes where the provider reads it
+        spec = (config.settings.get("providers") or {}).get(target.provider) or {}
+        if isinstance(spec.get("apiKeyEnv"), str) and target.api_key:
+            extra[spec["apiKeyEnv"]] = target.api_key
+    else:
+        argv += ["--base-url", target.base_url]
+        if target.api_url:
+            extra["OPENAI_API_URL"] = target.api_url
+        if target.api_key:  # exactly the parent's key; with --base-url the child takes it from here
+            extra["OPENAI_API_KEY"] = target.api_key
+    return argv, extra
+
+
+def child_tools(config, value):
+    """The --tools value for a child: the parent's tools less nanocode, unless value names them."""
+    value = (value or "").strip()
+    if not value:
+        names = [n for n in (config.tools if config else ()) if n in TOOLS and n != "nanocode"]
+    elif value in ("all", "none"):
+        names = [n for n in TOOLS if n != "nanocode"] if value == "all" else []
+    else:
+        try:
+            names = parse_tool_list(value, list(TOOLS))
+        except ConfigError as e:
+            raise ToolError(str(e))
+    return ",".join(names) or "none"
+
+
+def _child_event(job, event):
+    """Fold one event of a child into its job; progress is relayed as text."""
+    kind = event.get("type")
+    if kind == "turn_start" and isinstance(event.get("turn"), int):
+        job.turns = event["turn"]
+    elif kind == "tool_start":
+        args = event.get("args") if isinstance(event.get("args"), dict) else {}
+        job.progress("⏺ " + format_tool_call(str(event.get("name", "?")), args))
+    elif kind == "tool_end":
+        job.progress("  ⎿ " + summarize_result(str(event.get("result", ""))))
+    elif kind == "message_end" and isinstance(event.get("text"), str) and event["text"].strip():
+        job.progress(one_line(event["text"], 200))
+    elif kind == "retry":
+        job.progress("↻ retrying (attempt %s/%s): %s" % (event.get("attempt"), event.get("maxAttempts"),
+                                                        one_line(str(event.get("error", "")), 200)))
+    elif kind == "error":
+        job.progress("error: " + one_line(str(event.get("message", "")), 300))
+
+
+def _job_usage(value):
+    """agent_end usage -> {input, output, cacheRead, total} of whole numbers."""
+    usage = zero_usage()
+    for key in usage:
+        n = value.get(key) if isinstance(value, dict) else None
+        usage[key] = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+    return usage
+
+
+class JobManager:
+    """The child jobs of one session. on_end(job) runs once per job, after its fields are final."""
+
+    def __init__(self, on_end=None):
+        self.on_end = on_end
+        self._jobs = {}  # id -> Job, in start order
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def launch(self, ctx, task, model="", tools="", background=False, update=None):
+        """Start a child on task in ctx.cwd; returns its Job at once."""
+        import subprocess
+        config = ctx.config
+        if config is None:
+            raise ToolError("child jobs need the session's configuration")
+        try:
+            argv, extra = child_command(config, model, child_tools(config, tools))
+        except ConfigError as e:
+            raise ToolError(str(e))
+        marker = PROCESS_GROUPS.new_marker()
+        extra.update({RUN_MARKER_VAR: marker, JOB_MARKER_VAR: marker})
+        with self._lock:
+            self._count += 1
+            job = Job("j%d" % self._count, task, model or config.model, background, update)
+        try:
+            job.proc = subprocess.Popen(argv, cwd=ctx.cwd, env=child_environment(config, extra), stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        start_new_session=os.name == "posix")
+        except OSError as e:
+            raise ToolError("cannot start a child nanocode: %s" % e)
+        PROCESS_GROUPS.add(job.proc.pid, marker)
+        with self._lock:
+            self._jobs[job.id] = job
+        threading.Thread(target=self._follow, args=(job, task), daemon=True).start()
+        return job
+
+    def _follow(self, job, task):
+        """The job's reader: the task goes in, events come out, then the job's end."""
+        proc, errors = job.proc, []
+
+        def drain_stderr():
+            try:
+                for line in iter(lambda: proc.stderr.readline(65536), b""):
+                    errors.append(line)
+                    del errors[:-20]
+            except (OSError, ValueError):  # closed below after a second
+                pass
+        stderr_reader = threading.Thread(target=drain_stderr, daemon=True)
+        stderr_reader.start()
+        try:
+            proc.stdin.write(task.encode("utf-8", "replace"))
+            proc.stdin.close()
+        except (OSError, ValueError):  # a child that died at once: its exit says why
+            pass
+        end, bad, first_bad = None, 0, ""
+        try:
+            for raw in iter(lambda: proc.stdout.readline(JOB_LINE_LIMIT), b""):
+                line = raw.decode("utf-8", "replace").strip()
+                if not line:
+                    continue
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    event = None
+                if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                    bad, first_bad = bad + 1, first_bad or line
+                elif event["type"] == "agent_end":
+                    end = event
+                else:
+                    _child_event(job, event)
+        except (OSError, ValueError):
+            pass
+        code = proc.wait()
+        stderr_reader.join(1.0)
+        for pipe in (proc.stdout, proc.stderr):
+            try:
+                pipe.close()
+            except (OSError, ValueError):
+                pass
+        self._finish(job, end, code, bad, first_bad, b"".join(errors).decode("utf-8", "replace"))
+
+    def _finish(self, job, end, code, bad, first_bad, stderr):
+        job.seconds = time.monotonic() - job.started
+        if end is not None:
+            job.text = end.get("text") if isinstance(end.get("text"), str) else ""
+            job.stop_reason = str(end.get("stopReason") or "")
+            job.error = end.get("error") if isinstance(end.get("error"), str) else ""
+            job.turns = end.get("turns") if isinstance(end.get("turns"), int) else job.turns
+            job.usage = _job_usage(end.get("usage"))
+            # a cancelled child may still finish its turn (its command killed under it): cancelled all the same
+            job.status = "cancelled" if job.cancelled else "done" if job.stop_reason == "done" else "error"
+            if job.status == "error" and not job.error:
+                job.error = "the child stopped: %s" % (job.stop_reason or "no reason given")
+        elif job.cancelled:
+            job.status, job.error = "cancelled", "cancelled"
+        else:
+            how = "was killed by signal %d" % -code if code < 0 else "exited with code %d" % code
+            parts = ["the child nanocode %s without finishing its run" % how]
+            if bad:
+                parts.append("it printed %d line%s that %s not nanocode JSON events, the first: %s"
+                             % (bad, "" if bad == 1 else "s", "is" if bad == 1 else "are", one_line(first_bad, 200)))
+            if stderr.strip():
+                parts.append("its stderr ends: %s" % one_line(stderr.strip().split("\n")[-1], 500))
+            job.status, job.error = "error", "; ".join(parts)
+        job.update = None
+        try:
+            if self.on_end:
+                self.on_end(job)
+        finally:
+            job.ended.set()
+
+    def cancel(self, job):
+        """Stop a running job (SIGTERM to its group and marked processes, SIGKILL later); False when it had ended."""
+        if job.ended.is_set() or job.proc is None:
+            return False
+        job.cancelled = True
+        if os.name == "posix":
+            PROCESS_GROUPS.kill(job.proc.pid)
+        else:
+            try:
+                job.proc.terminate()
+            except OSError:
+                pass
+        return True
+
+    def cancel_all(self):
+        """Stop every running job (at exit)."""
+        for job in self.running():
+            self.cancel(job)
+
+    def get(self, job_id):
+        """The Job with this id, or None."""
+        return self._jobs.get((job_id or "").strip())
+
+    def list(self):
+        """Every job of the session, in start order."""
+        with self._lock:
+            return list(self._jobs.values())
+
+    def running(self, background=None):
+        """The jobs still running (only background or only synchronous ones when background is given)."""
+        return [j for j in self.list() if not j.ended.is_set() and background in (None, j.background)]
+
+
+def max_jobs(config):
+    """How many background jobs may run at once (settings "maxJobs", default 4)."""
+    try:
+        return _setting(getattr(config, "settings", None) or {}, "maxJobs", int, MAX_JOBS)
+    except ConfigError as e:
+        raise ToolError(str(e))
+
+
+@tool("nanocode", "Run a child agent on a self-contained task: run waits for its report; start runs it in the "
+      "background (the report arrives later as a message); list, status, read, cancel take its id.",
+      action="string run|start|list|status|read|cancel", task="string? the child's whole prompt",
+      id="string? job id", model="string?", tools="string? comma list (default: yours)")
+def tool_nanocode(ctx, action, task="", id="", model="", tools=""):
+    """Child jobs; ctx.jobs is the session's JobManager (a bare context gets one of its own)."""
+    jobs = ctx.jobs if ctx.jobs is not None else JobManager()
+    action = action.strip().lower()
+    if action in ("run", "start"):
+        if not task.strip():
+            raise ToolError("task is required for %s: the child's whole prompt (it sees nothing else)" % action)
+        if action == "start":
+            limit = max_jobs(ctx.config)
+            if len(jobs.running(background=True)) >= limit:
+                raise ToolError("%d background jobs are running (the limit, maxJobs): wait for a report, or cancel "
+                                "one (action list shows them)" % limit)
+            job = jobs.launch(ctx, task, model, tools, background=True)
+            return ("started job %s (pid %s) in the background; its report arrives as a <nanocode_job_result id=\"%s\"> "
+                    "message when it ends. Use id %s with status, read or cancel." % (job.id, job.pid, job.id, job.id))
+        job = jobs.launch(ctx, task, model, tools, update=ctx.update)
+        return _wait_for_job(ctx, jobs, job)
+    if action == "list":
+        return "\n".join(j.summary() for j in jobs.list()) or "no jobs yet"
+    if action not in JOB_ACTIONS:
+        raise ToolError("unknown action %r; use one of %s" % (action, ", ".join(JOB_ACTIONS)))
+    job = jobs.get(id)
+    if job is None:
+        known = ", ".join(j.id for j in jobs.list())
+        raise ToolError("no job %r%s" % (id, "; jobs: " + known if known else "; no jobs were started"))
+    if action == "status":
+        return "\n".join([job.summary()] + job.log[-10:])
+    if action == "read":
+        if job.ended.is_set():
+            return job.report()
+        return "%s is still running; its output so far:\n%s" % (job.id, "\n".join(job.log) or "(nothing yet)")
+    if jobs.cancel(job):
+        job.ended.wait(5)
+        return "cancelled %s" % job.id
+    return "%s had already ended (%s)" % (job.id, job.status)
+
+
+def _wait_for_job(ctx, jobs, job):
+    """run: wait for the child's report; aborting the parent's turn cancels the child."""
+    unregister = ctx.cancel.on_cancel(lambda: jobs.cancel(job))
+    try:
+        job.ended.wait()
+    finally:
+        unregister()
+    if job.status == "cancelled":
+        return ToolResult("aborted: the child job was cancelled", True)
+    return ToolResult(job.report(), is_error=job.status != "done")
 
 
 # =============================================================================
@@ -5713,6 +6075,8 @@ def describe_context(context, cwd):
 #: tools that only read, run concurrently when consecutive in one message
 MAX_PARALLEL_TOOLS = 8
 SKIPPED_FOR_STEERING = "skipped: the user sent a new message"
+#: the result a /btw copy of the history gives a call that is still running in the conversation
+STILL_RUNNING = "(still running in the main conversation; no result yet)"
 #: seconds a cancelled tool thread gets to finish before its call is recorded as aborted and left behind
 ABANDON_AFTER = 0.5
 ALLOW = ("allow", "")
@@ -5723,7 +6087,7 @@ REDACTED_FIELDS = {"error": "message", "retry": "error", "info": "text", "agent_
 class Inbox:
     """What the user sent while the agent works, as (kind, text) items: "steering" and "shell"
     are delivered at the next safe point (before a model request), "followup" when the agent
-    would otherwise stop."""
+    would otherwise stop; "job" holds a background job's report (delivered like steering)."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -5744,8 +6108,16 @@ class Inbox:
 
     @property
     def steering(self):
-        """Texts waiting for the next safe point (shell lines as !command)."""
-        return [("!" + t if k == "shell" else t) for k, t in list(self._items) if k != "followup"]
+        """Texts waiting for the next safe point (shell lines as !command; job reports not included)."""
+        return [("!" + t if k == "shell" else t) for k, t in list(self._items) if k in ("steering", "shell")]
+
+    def texts(self, kind):
+        """The texts of one kind waiting."""
+        return [t for k, t in list(self._items) if k == kind]
+
+    def has(self, kind):
+        """True when an item of this kind waits."""
+        return any(k == kind for k, _ in list(self._items))
 
     @property
     def followups(self):
@@ -5760,7 +6132,7 @@ class Inbox:
         """True when a steering message waits (it skips the tool calls not yet started; a shell line does not)."""
         return any(k == "steering" for k, _ in list(self._items))
 
-    def take(self, kinds=("steering", "shell", "followup")):
+    def take(self, kinds=("steering", "shell", "job", "followup")):
         """Remove and return the items of these kinds, in order."""
         with self._lock:
             taken = [i for i in self._items if i[0] in kinds]
@@ -5859,6 +6231,9 @@ class Session:
         self._events = RunEvents(self.emit)
         self.last_end = None
         self.profile, self._profile_job = None, None  # what the server said about itself (learn_server)
+        self.usage_lock = threading.Lock()  # jobs and /btw add their usage from other threads
+        self.jobs = JobManager(self._job_ended)  # child nanocode jobs; they outlive /new
+        self.job_listener = None  # fn() after a background report was queued (the CommandLoop starts a run)
         self.start(store)
 
     def emit(self, event):
@@ -6037,8 +6412,8 @@ class Session:
         try:
             if prompt is not None:
                 self.append(user_message(expand_mentions(prompt, self.config.cwd, self.files)), prompt=True)
-            else:  # input queued too late for the last run begins this one
-                self._deliver(("steering", "shell", "followup"), as_prompt=True)
+            else:  # input queued too late for the last run (or a job's report) begins this one
+                self._deliver(("steering", "shell", "job", "followup"), as_prompt=True)
             while True:
                 if self.cancel.is_set():
                     stop = "aborted"
@@ -6046,7 +6421,7 @@ class Session:
                 if turns >= self.config.max_turns:
                     stop, error = "max_turns", "stopped after %d turns (--max-turns)" % turns
                     break
-                self._deliver(("steering", "shell"))
+                self._deliver(("steering", "shell", "job"))
                 if self.cancel.is_set():
                     stop = "aborted"
                     break
@@ -6065,7 +6440,7 @@ class Session:
                     break
                 if reply.tool_calls:
                     self._run_tool_calls(reply.tool_calls)
-                elif not self._deliver(("steering", "shell", "followup")):
+                elif not self._deliver(("steering", "shell", "job", "followup")) and not self._await_jobs():
                     break
                 self._sync()
         except APIError as e:
@@ -6133,7 +6508,8 @@ class Session:
             usage = {"input": sent, "output": out, "cacheRead": 0, "total": sent + out, "estimated": True}
             self.usage_estimated = True
         if usage:
-            add_usage(self.usage, usage)
+            with self.usage_lock:
+                add_usage(self.usage, usage)
             self.last_usage = usage
             self._anchor = (usage["input"] + usage["output"], len(self.messages))
         self._events({"type": "message_end", "role": "assistant", "text": reply.text, "reasoning": reply.reasoning,
@@ -6243,11 +6619,46 @@ class Session:
         for kind, text in items:
             if kind == "shell":
                 self.run_shell(text, as_prompt)
-            else:
-                self.append(user_message(expand_mentions(text, self.config.cwd, self.files)), as_prompt)
+            else:  # a job's report goes in as it came (no @path expansion)
+                content = text if kind == "job" else expand_mentions(text, self.config.cwd, self.files)
+                self.append(user_message(content), as_prompt)
                 self._events({"type": "user_message", "kind": kind, "text": text})
             as_prompt = False
         return any(kind != "shell" for kind, _ in items)
+
+    def _await_jobs(self):
+        """Headless, nobody can start another run: before stopping, wait for the background jobs and take
+        their reports (True: go on; an abort ends the wait)."""
+        if self.interactive:
+            return False
+        while self.jobs.running(background=True) and not self.inbox.has("job") and not self.cancel.is_set():
+            self.cancel.wait(0.05)
+        return self.cancel.is_set() or self._deliver(("job",))
+
+    def _job_ended(self, job):
+        """A child job ended (on its reader thread): its usage counts here; a background job's report waits in
+        the inbox for the next safe point, and the job listener (the CommandLoop) starts a run when idle."""
+        with self.usage_lock:
+            add_usage(self.usage, job.usage)
+        if job.background and job.status != "cancelled":
+            self.inbox.put("job", job.result_message())
+            listener = self.job_listener
+            if listener is not None:
+                listener()
+
+    def fork(self, sink, tools, config=None):
+        """A Session for a side question (/btw) on a copy of this history: its own client, tools and events, no
+        session file; a call still running here gets a placeholder result there. Nothing it does reaches this one."""
+        import copy
+        snapshot = copy.deepcopy(list(self.messages))
+        messages, seqs, _ = repair_history(snapshot, list(range(len(snapshot))))
+        side = Session(config or self.config, sink, tools=tools)
+        side.messages = [dict(m, content=STILL_RUNNING) if s is None else m for m, s in zip(messages, seqs)]
+        side._seqs = list(range(len(side.messages)))
+        side._sizes = [message_tokens(m) for m in side.messages]
+        side._next_seq = len(side.messages)
+        side.context_window, side.summary, side.latest_user = self.context_window, self.summary, self.latest_user
+        return side
 
     def run_queued_shell(self):
         """Run the shell lines that were queued while the agent worked (nothing else waits)."""
@@ -6353,7 +6764,8 @@ class Session:
                     result = ToolResult("aborted", True)
                 elif result is None:
                     ctx = ToolContext(self.config.cwd, self.config, cancel, checkpoints=self.checkpoints,
-                                      update=lambda text: events.tool_update(call["id"], text), files=self.files)
+                                      update=lambda text: events.tool_update(call["id"], text), files=self.files,
+                                      jobs=self.jobs)
                     result = run_tool(ctx, call["name"], call["args"], self.tools)
         except Exception as e:  # a hook or bookkeeping bug: the model gets an error, the run goes on
             result = ToolResult("error: internal error before %s ran: %s: %s" % (call["name"], e.__class__.__name__, e), True)
@@ -6901,7 +7313,9 @@ def undo(session, count=1, force=False):
 # Front ends submit commands to a CommandLoop and render the session's events.
 # The loop's worker thread is the only thread that runs the agent, tools or
 # anything that changes the history; messages that arrive while it works wait in
-# the session's inbox for the next safe point.
+# the session's inbox for the next safe point, and so do background jobs' reports
+# (which start a run when the loop is idle). A /btw side answer runs a forked
+# Session on a thread of its own and never touches this one's history.
 
 SlashCommand = record("SlashCommand", "One slash command: fn(loop, arg); when is 'now' (any time) or 'idle'.", (
     ("name", ""), ("help", ""), ("fn", None), ("when", "now"), ("aliases", ()),
@@ -6942,6 +7356,8 @@ class CommandLoop:
         self._idle.set()
         self._cancel = None
         self._late = False  # input arrived after an abort, before the worker was idle
+        self._sidecars = set()  # cancel tokens of running /btw answers
+        session.job_listener = self._job_report
         self._worker = threading.Thread(target=self._work, daemon=True)
         self._worker.start()
 
@@ -6989,6 +7405,47 @@ class CommandLoop:
         """Answer a question the agent asked; False when none waits."""
         return self.session.answer(value, ask_id)
 
+    def _job_report(self):
+        """A background job's report waits in the inbox: start a run for it when idle (else the run under way
+        takes it at its next safe point, or, after an abort, it starts the next run)."""
+        with self._lock:
+            if not self.running:
+                return
+            if not self.busy:
+                self._start("prompt", None)
+            elif self._cancel is not None and self._cancel.is_set():
+                self._late = True
+
+    def sidecar(self, question, with_tools=False):
+        """/btw: answer question on its own thread from a copy of the conversation, through the same agent core
+        (Session.fork: its own client; read-only tools with with_tools, else none). Its events reach the front
+        end marked "sidecar": true; the conversation, its session file and the inbox are never touched. Works
+        while the agent is busy; its usage counts in /cost."""
+        main = self.session
+        if with_tools:
+            tools = ToolRegistry(t for t in (main.tools.get(n) for n in main.tools.names()) if t is not None and t.readonly)
+            config = main.config
+        else:  # no tools: calls in the history travel as text, so no tool schema need be sent
+            tools, config = ToolRegistry(), main.config._replace(compat=main.config.compat._replace(tool_calls="text"))
+        side = main.fork(lambda event: main.emit(dict(event, sidecar=True)), tools, config)
+        cancel = Cancel()
+        with self._lock:
+            self._sidecars.add(cancel)
+        note = BTW_TOOLS_NOTE if with_tools else BTW_NOTE
+
+        def work():
+            try:
+                end = side.run(note + "\n\n" + question, cancel)
+                with main.usage_lock:
+                    add_usage(main.usage, end["usage"])
+            finally:
+                side.client.close()
+                with self._lock:
+                    self._sidecars.discard(cancel)
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        return thread
+
     def when_idle(self, name, fn):
         """Run fn(cancel) on the worker; refused with an info reply while the agent works."""
         with self._lock:
@@ -7020,6 +7477,10 @@ class CommandLoop:
         """Stop the work and the worker (waiting up to wait seconds for agent_end)."""
         self.running = False
         self.abort()
+        with self._lock:
+            sidecars = list(self._sidecars)
+        for cancel in sidecars:
+            cancel.cancel()
         self._queue.put(None)
         self._worker.join(wait)
 
@@ -7069,6 +7530,12 @@ class CommandLoop:
                 return
             self.busy = False
             self._idle.set()
+
+
+BTW_NOTE = "[A side question, answered apart from the conversation and not kept in it: answer it briefly from " \
+    "what the conversation already holds. No tools are available.]"
+BTW_TOOLS_NOTE = "[A side question, answered apart from the conversation and not kept in it: answer it briefly; " \
+    "you may use the read-only tools. Change nothing.]"
 
 
 def open_session(config, emit, resume=None):
@@ -7243,12 +7710,13 @@ def cmd_queue(loop, arg):
     inbox = loop.session.inbox
     lines = ["  steer: " + one_line(t, 100) for t in inbox.steering]
     lines += ["  follow-up: " + one_line(t, 100) for t in inbox.followups]
+    lines += ["  job report: " + one_line(t, 100) for t in inbox.texts("job")]
     loop.info("\n".join(lines) or "nothing queued", "queue")
 
 
 @slash("dequeue", "clear the queues and print their texts; /dequeue edit opens them in $EDITOR")
 def cmd_dequeue(loop, arg):
-    items = loop.session.inbox.clear()
+    items = loop.session.inbox.take(("steering", "shell", "followup"))  # job reports stay for the model
     if arg == "edit":
         for kind, text in edit_queue(loop, items):  # through the loop: when the agent is idle by now, they start a run
             {"shell": loop.shell, "followup": loop.follow_up}.get(kind, loop.steer)(text)
@@ -7321,6 +7789,32 @@ def cmd_session(loop, arg):
     size = os.path.getsize(path) if path and os.path.exists(path) else 0
     loop.info("  id: %s\n  file: %s\n  size: %d bytes\n  messages: %d\n  %s"
               % (s.id, path or "(not saved: --no-session)", size, len(s.messages), status_line(s)), "session")
+
+
+@slash("jobs", "child nanocode jobs; /jobs ID shows one, /jobs cancel ID stops one")
+def cmd_jobs(loop, arg):
+    jobs, words = loop.session.jobs, arg.split()
+    if not words:
+        return loop.info("\n".join("  " + j.summary() for j in jobs.list()) or "no jobs yet", "jobs")
+    if words[0] == "cancel" and len(words) == 2:
+        job = jobs.get(words[1])
+        if job is None:
+            return loop.info("no job %s" % words[1], "jobs")
+        return loop.info(("cancelling %s" if jobs.cancel(job) else "%s had already ended") % job.id, "jobs")
+    job = jobs.get(words[0]) if len(words) == 1 else None
+    if job is None:
+        return loop.info("usage: /jobs, /jobs ID, /jobs cancel ID", "jobs")
+    loop.info("\n".join(["  " + job.summary()] + ["  " + line for line in job.log[-20:]]), "jobs")
+
+
+@slash("btw", "[--tools] QUESTION: a side answer from a copy of the conversation; nothing is added to it")
+def cmd_btw(loop, arg):
+    with_tools = arg == "--tools" or arg.startswith("--tools ")
+    question = arg[len("--tools"):].strip() if with_tools else arg
+    if not question:
+        return loop.info("usage: /btw [--tools] QUESTION", "btw")
+    loop.info("btw › %s" % one_line(question, 100), "btw")
+    loop.sidecar(question, with_tools)
 
 
 @slash("quit", "exit nanocode", aliases=("q", "exit"))
@@ -7437,6 +7931,7 @@ def run_headless(config, prompt, resume=None):
         session.client.close()
         if session.store:
             session.store.close()
+        session.jobs.cancel_all()
         PROCESS_GROUPS.kill_all()
     end = session.last_end
     if "signal" in box:
@@ -7599,7 +8094,8 @@ class ReplRenderer:
         self.tool_output = {}  # call id -> partial line of bash output
 
     def __call__(self, event):
-        handler = getattr(self, "on_" + event["type"], None)
+        prefix = "on_sidecar_" if event.get("sidecar") else "on_"  # /btw answers render apart from the conversation
+        handler = getattr(self, prefix + event["type"], None)
         if handler:
             handler(visible_event(event) if event["type"] != "agent_end" else event)
 
@@ -7687,8 +8183,30 @@ class ReplRenderer:
         self.lines([self.s("error: " + event["message"], "red")])
 
     def on_user_message(self, event):
+        if event["kind"] == "job":
+            m = re.match(r'<nanocode_job_result id="([^"]*)" status="([^"]*)">\s*(.*)', event["text"], re.S)
+            job, status, body = m.groups() if m else ("?", "?", event["text"])
+            return self.lines([self.s("⏺ job %s %s: " % (job, status), "cyan", "bold") +
+                               summarize_result(body.replace("</nanocode_job_result>", ""), self.screen.width() - 20)])
         label = "steering" if event["kind"] == "steering" else "follow-up"
         self.lines([self.s("↳ %s delivered: %s" % (label, one_line(event["text"], 80)), "magenta")])
+
+    # -- /btw: the side answer's events, marked "sidecar"; shown whole, never mixed into the streamed text --
+
+    def on_sidecar_message_end(self, event):
+        md = MarkdownStream(self.s, self.screen.width() - 4)
+        lines = md.feed(event.get("text") or "") + md.flush()
+        self.lines([self.s("┃ ", "blue") + line for line in lines])
+
+    def on_sidecar_tool_start(self, event):
+        self.lines([self.s("┃ ", "blue") + self.s("⏺ " + format_tool_call(event["name"], event["args"], self.screen.width() - 6), "dim")])
+
+    def on_sidecar_error(self, event):
+        self.lines([self.s("┃ ", "blue") + self.s("error: " + event["message"], "red")])
+
+    def on_sidecar_agent_end(self, event):
+        if event.get("stopReason") not in ("done", "error"):
+            self.lines([self.s("┃ ", "blue") + self.s("(btw stopped: %s)" % event.get("stopReason"), "yellow")])
 
     def on_agent_end(self, event):
         session = self.session_ref()
@@ -7847,6 +8365,7 @@ class Repl:
     def shutdown(self):
         """Stop the agent and child processes, close the session file, save history."""
         self.loop.quit()
+        self.session.jobs.cancel_all()
         self.session.settle()
         PROCESS_GROUPS.kill_all()
         self.session.client.close()

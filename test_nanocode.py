@@ -13,13 +13,14 @@ Sections follow nanocode.py, banner for banner:
     6. Tool registry         the unknown-tool error
     7. File tools            read, write, edit, checkpoints
     8. Shell                 bash: timeouts, process groups, output capture
+   8b. Child jobs            the nanocode tool: run, start and delivery, cancel, exit, crashes, limits
     9. Search                glob, grep (rg and stdlib), ls, find, .gitignore
    10. Web                   webfetch, HTML to Markdown, websearch
    11. Context               system prompt flags (end to end)
    12. Agent core            tool scheduling, run-time tools, the event contract, the loop end to end
    13. Compaction            overflow detection, budgets, the cut, summaries, 300-turn loops, prefix
    14. Session files         the JSONL file, resume, kill -9 recovery, /undo
-   15. Command loop          the in-process REPL: queues, Ctrl+C, /model, asks
+   15. Command loop          the in-process REPL: queues, Ctrl+C, /model, asks, /jobs, /btw
    16. Front ends: headless  -p text and --mode json, end to end
    17. Front ends: rendering the REPL renderer without a terminal
    18. Front ends: the REPL  tmux: a real terminal
@@ -2780,6 +2781,313 @@ def _alive(pid):
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+# =============================================================================
+# 8b. Child jobs
+# =============================================================================
+
+"""Issue 10: the nanocode tool. A parent and its children share one fake server: the responder
+tells their requests apart by the child's system prompt and answers each from its history."""
+
+
+def is_child_request(request):
+    """True for a request of a child nanocode (its system prompt is the child's)."""
+    messages = (request.json or {}).get("messages") or [{}]
+    return nanocode.CHILD_SYSTEM_PROMPT in str(messages[0].get("content"))
+
+
+def text_answer(text, prompt=12, completion=3):
+    """A streamed text answer with the usage given."""
+    return sse(chunk({"role": "assistant", "content": ""}), text_chunk(text), finish_chunk("stop"),
+               usage_chunk(prompt, completion))
+
+
+def respond(parent, child):
+    """fake.responder from parent(request) and child(request), each returning a body or a FakeReply."""
+    def responder(request):
+        body = (child if is_child_request(request) else parent)(request)
+        return body if isinstance(body, FakeReply) else FakeReply(body)
+    return responder
+
+
+def last_message(request):
+    return request.json["messages"][-1]
+
+
+#: a child's command that records its pids and blocks: child.pid is the child nanocode, shell.pid the command
+SLEEPING_CHILD = "echo $PPID > child.pid; echo $$ > shell.pid; exec sleep 60"
+
+
+def sleeping_child(request):
+    """A child that runs SLEEPING_CHILD (and reports 'woke' if it ever gets its result)."""
+    if last_message(request)["role"] == "user":
+        return tool_answer("bash", {"command": SLEEPING_CHILD, "timeout": 120}, "c1")
+    return text_answer("woke")
+
+
+def group_members(pgid):
+    """Pids of the live (not zombie) processes of a process group (Linux /proc)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = read_text("/proc/%s/stat" % name).rsplit(")", 1)[-1].split()
+            if len(fields) > 2 and fields[0] != "Z" and fields[2] == str(pgid):
+                found.append(int(name))
+    return found
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+class ChildJobCase(EndToEndTestCase):
+    """Helpers for jobs run in-process through the tool, and for the pids their children write."""
+
+    def job_context(self, tools=("read", "bash"), settings=None, cancel=None):
+        """A ToolContext with a JobManager whose ended jobs go to self.ended."""
+        self.ended = []
+        config = nanocode.Config(base_url=self.fake.url, api_key="test-key", model="m", tools=tuple(tools),
+                                 cwd=self.cwd, home=self.home, settings=settings or {})
+        self.jobs = nanocode.JobManager(self.ended.append)
+        self.addCleanup(self.jobs.cancel_all)
+        return nanocode.ToolContext(self.cwd, config, cancel=cancel, jobs=self.jobs)
+
+    def job_tool(self, ctx, **args):
+        return nanocode.run_tool(ctx, "nanocode", args, ["nanocode"])
+
+    def pid_from(self, name):
+        """The pid a child wrote into name in the work dir (killed at the end of the test whatever happens)."""
+        path = os.path.join(self.cwd, name)
+        self.assertTrue(wait_for(lambda: read_text(path).strip(), 30), "%s never written" % name)
+        pid = int(read_text(path))
+        self.addCleanup(_signal_quietly, pid)
+        return pid
+
+    def assert_dies(self, pid):
+        self.assertTrue(wait_for(lambda: not _alive(pid), 10), "process %d still runs" % pid)
+
+
+class TestChildJobs(ChildJobCase):
+
+    def test_run_returns_the_childs_report_and_relays_its_progress(self):
+        def child(request):
+            if last_message(request)["role"] == "user":
+                return tool_answer("bash", {"command": "echo child-$NANOCODE_CHILD"}, "c1")
+            return text_answer("child report: 3 files", 1000, 100)
+
+        def parent(request):
+            if last_message(request)["role"] == "user":
+                return tool_answer("nanocode", {"action": "run", "task": "count the files"}, "p1")
+            return text_answer("parent done")
+        self.fake.responder = respond(parent, child)
+        rc, events, err = self.run_json("go")
+        self.assertEqual(rc, 0, err)
+        end = self.assertAgentEnd(events, "done")
+        self.assertEqual(end["text"], "parent done")
+        assertToolEventContract(self, events)
+
+        result = [e for e in self.of_type(events, "tool_end") if e["id"] == "p1"][0]
+        self.assertFalse(result["isError"], result)
+        self.assertTrue(result["result"].startswith("child report: 3 files\n[job j1 done: 2 turns, "), result)
+        progress = "".join(e["delta"] for e in self.of_type(events, "tool_update") if e["id"] == "p1")
+        self.assertIn("⏺ bash(command=echo child-$NANOCODE_CHILD)", progress)
+        self.assertIn("⎿ child-1", progress)  # NANOCODE_CHILD=1 in the child's environment
+        self.assertIn("child report: 3 files", progress)
+
+        children = [p for p in self.fake.posts if is_child_request(p)]
+        parents = [p for p in self.fake.posts if not is_child_request(p)]
+        self.assertEqual((len(children), len(parents)), (2, 2))
+        first = children[0]
+        self.assertEqual(first.json["messages"][1], {"role": "user", "content": "count the files"})
+        self.assertEqual(first.headers.get("authorization"), "Bearer test-key")  # exactly the parent's key
+        self.assertEqual(first.json["model"], parents[0].json["model"])
+        parent_tools = [t["function"]["name"] for t in parents[0].json["tools"]]
+        self.assertIn("nanocode", parent_tools)
+        self.assertEqual([t["function"]["name"] for t in first.json["tools"]],
+                         [n for n in parent_tools if n != "nanocode"])  # no nested jobs unless asked
+        self.assertIn("child report: 3 files", self.tool_message(parents[1], "p1")["content"])
+        # the job's usage counts in the parent's (what /cost shows)
+        self.assertEqual((end["usage"]["input"], end["usage"]["output"]), (3 * 12 + 1000, 3 * 3 + 100))
+
+    def test_a_background_job_is_delivered_into_the_next_request(self):
+        asked_again = threading.Event()
+
+        def child(request):
+            asked_again.wait(20)  # the report lands after the parent's second request was sent
+            return text_answer("the summary", 500, 50)
+
+        def parent(request):
+            last = last_message(request)
+            if last["role"] == "user" and last["content"].startswith("<nanocode_job_result"):
+                return text_answer("got the report")
+            if last["role"] == "tool":
+                asked_again.set()
+                return text_answer("waiting for the job")
+            return tool_answer("nanocode", {"action": "start", "task": "summarise the project"}, "p1")
+        self.fake.responder = respond(parent, child)
+        rc, events, err = self.run_json("go")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(self.assertAgentEnd(events, "done")["text"], "got the report")
+        started = [e for e in self.of_type(events, "tool_end") if e["id"] == "p1"][0]["result"]
+        self.assertRegex(started, r"^started job j1 \(pid \d+\) in the background")
+
+        parents = [p for p in self.fake.posts if not is_child_request(p)]
+        self.assertEqual(len(parents), 3)
+        delivered = last_message(parents[2])
+        self.assertEqual(delivered["role"], "user")
+        self.assertTrue(delivered["content"].startswith('<nanocode_job_result id="j1" status="done">\nthe summary\n'),
+                        delivered)
+        self.assertTrue(delivered["content"].endswith("</nanocode_job_result>"))
+        self.assertEqual([(e["kind"], e["text"]) for e in self.of_type(events, "user_message")],
+                         [("job", delivered["content"])])
+        self.assertEqual(self.assertAgentEnd(events, "done")["usage"]["input"], 3 * 12 + 500)
+
+    def test_cancel_stops_the_child_and_everything_it_started(self):
+        self.fake.responder = respond(None, sleeping_child)
+        ctx = self.job_context()
+        started = self.job_tool(ctx, action="start", task="sleep a while")
+        self.assertFalse(started.is_error, started.text)
+        child, shell = self.pid_from("child.pid"), self.pid_from("shell.pid")
+        self.assertIn("j1 running", self.job_tool(ctx, action="list").text)
+        status = self.job_tool(ctx, action="status", id="j1").text
+        self.assertIn("⏺ bash(command=echo $PPID > child.pid", status)
+        self.assertIn("is still running; its output so far:", self.job_tool(ctx, action="read", id="j1").text)
+
+        self.assertEqual(self.job_tool(ctx, action="cancel", id="j1").text, "cancelled j1")
+        self.assert_dies(child)
+        self.assert_dies(shell)
+        self.assertEqual([j.status for j in self.ended], ["cancelled"])
+        self.assertTrue(self.job_tool(ctx, action="status", id="j1").text.startswith("j1 cancelled"))
+        self.assertEqual(self.job_tool(ctx, action="cancel", id="j1").text, "j1 had already ended (cancelled)")
+        unknown = self.job_tool(ctx, action="read", id="j9")
+        self.assertTrue(unknown.is_error)
+        self.assertIn("no job 'j9'; jobs: j1", unknown.text)
+
+    def test_at_most_max_jobs_run_in_the_background(self):
+        self.fake.responder = respond(None, sleeping_child)
+        ctx = self.job_context(settings={"maxJobs": 1})
+        self.assertFalse(self.job_tool(ctx, action="start", task="one").is_error)
+        self.pid_from("child.pid")
+        refused = self.job_tool(ctx, action="start", task="two")
+        self.assertTrue(refused.is_error)
+        self.assertIn("1 background jobs are running (the limit, maxJobs)", refused.text)
+        self.assertEqual(len(self.jobs.list()), 1)
+
+    def test_aborting_the_turn_cancels_a_synchronous_child(self):
+        self.fake.responder = respond(None, sleeping_child)
+        cancel = nanocode.Cancel()
+        ctx = self.job_context(cancel=cancel)
+        box = {}
+        worker = threading.Thread(target=lambda: box.setdefault("r", self.job_tool(ctx, action="run", task="sleep")))
+        worker.start()
+        child, shell = self.pid_from("child.pid"), self.pid_from("shell.pid")
+        cancel.cancel()
+        worker.join(20)
+        self.assertFalse(worker.is_alive())
+        self.assertTrue(box["r"].is_error)
+        self.assertEqual(box["r"].text, "aborted: the child job was cancelled")
+        self.assert_dies(child)
+        self.assert_dies(shell)
+
+    def test_exit_kills_the_childs_process_group(self):
+        def parent(request):
+            if last_message(request)["role"] == "user":
+                return tool_answer("nanocode", {"action": "start", "task": "sleep"}, "p1")
+            return text_answer("waiting for the job")  # a headless parent then waits for its jobs
+        self.fake.responder = respond(parent, sleeping_child)
+        proc = subprocess.Popen([sys.executable, NANOCODE, "--mode", "json", "--no-session", "go"], cwd=self.cwd,
+                                env=self.nanocode_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=_default_sigint)
+        self.addCleanup(_signal_quietly, proc.pid)
+        child, shell = self.pid_from("child.pid"), self.pid_from("shell.pid")
+        self.assertEqual(os.getpgid(child), child)  # the child leads a process group of its own
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        self.assertEqual(proc.returncode, 128 + signal.SIGTERM, err)
+        self.assertEqual(parse_event_lines(out.decode())[-1]["stopReason"], "aborted")
+        self.assert_dies(child)
+        self.assert_dies(shell)
+        self.assertTrue(wait_for(lambda: not group_members(child), 10), group_members(child))
+
+    def test_a_crashing_child_is_a_clear_tool_error(self):
+        def parent(request):
+            if last_message(request)["role"] == "user":
+                self.write_file(os.path.join(self.home, "settings.json"), "{not json")  # the child reads it at start
+                return tool_answer("nanocode", {"action": "run", "task": "anything"}, "p1")
+            return text_answer("saw the error")
+        self.fake.responder = respond(parent, lambda request: self.fail("the child must not get this far"))
+        rc, events, err = self.run_json("go")
+        self.assertEqual(rc, 0, err)
+        result = [e for e in self.of_type(events, "tool_end") if e["id"] == "p1"][0]
+        self.assertTrue(result["isError"])
+        self.assertTrue(result["result"].startswith(
+            "error: child job j1 failed: the child nanocode exited with code 2 without finishing its run; "
+            "its stderr ends: nanocode: error: cannot read "), result["result"])
+        self.assertEqual(self.assertAgentEnd(events, "done")["text"], "saw the error")
+
+    def test_a_garbage_answer_to_the_child_is_a_clear_tool_error(self):
+        self.fake.responder = respond(None, lambda request: FakeReply(b"@@ garbage @@\n", content_type="text/plain"))
+        result = self.job_tool(self.job_context(), action="run", task="anything")
+        self.assertTrue(result.is_error)
+        self.assertTrue(result.text.startswith("error: child job j1 failed: the provider closed the stream before any "
+                                               "output\n[job j1 error: 1 turn, "), result.text)
+
+    def test_a_child_printing_garbage_is_a_clear_tool_error(self):
+        script = os.path.join(self.tmp, "not-nanocode")
+        with open(script, "w") as f:
+            f.write("#!/bin/sh\necho 'Traceback: this is not JSON'\necho '{\"no\": \"type\"}'\necho oops >&2\nexit 0\n")
+        os.chmod(script, 0o755)
+        with mock.patch.object(sys, "executable", script):
+            result = self.job_tool(self.job_context(), action="run", task="anything")
+        self.assertTrue(result.is_error)
+        self.assertTrue(result.text.startswith(
+            "error: child job j1 failed: the child nanocode exited with code 0 without finishing its run; it printed 2 "
+            "lines that are not nanocode JSON events, the first: Traceback: this is not JSON; its stderr ends: oops"),
+            result.text)
+
+    def test_bad_arguments_say_what_to_do(self):
+        ctx = self.job_context()
+        for args, needle in (({"action": "run"}, "task is required for run"),
+                             ({"action": "start", "task": "x", "tools": "read,bogus"}, "unknown tool bogus"),
+                             ({"action": "explode"}, "unknown action 'explode'; use one of run, start, list"),
+                             ({"action": "status", "id": "j1"}, "no job 'j1'; no jobs were started")):
+            result = self.job_tool(ctx, **args)
+            self.assertTrue(result.is_error, args)
+            self.assertIn(needle, result.text)
+        self.assertEqual(self.job_tool(ctx, action="list").text, "no jobs yet")
+
+    def test_child_command_passes_exactly_the_parents_key_and_tools(self):
+        hosted = nanocode.Config(base_url="https://opencode.ai/zen/go/v1", api_key="oc-secret", model="kimi",
+                                 tools=("read", "bash", "nanocode"))
+        argv, extra = nanocode.child_command(hosted)
+        self.assertEqual(argv[1], NANOCODE)
+        for flag, value in (("--model", "kimi"), ("--base-url", "https://opencode.ai/zen/go/v1"),
+                            ("--system-prompt", nanocode.CHILD_SYSTEM_PROMPT), ("--mode", "json")):
+            self.assertEqual(argv[argv.index(flag) + 1], value)
+        for flag in ("--print", "--quiet", "--no-session"):
+            self.assertIn(flag, argv)
+        self.assertEqual(extra, {"NANOCODE_CHILD": "1", "NANOCODE": "1", "OPENAI_API_KEY": "oc-secret"})
+        self.assertEqual(nanocode.child_command(hosted, "other")[0][argv.index("--model") + 1], "other")
+
+        settings = {"providers": {"loc": {"baseUrl": "http://127.0.0.1:9/v1", "apiKeyEnv": "LOC_KEY"}}}
+        with mock.patch.dict(os.environ, {"LOC_KEY": "loc-secret", "OPENAI_API_KEY": "unrelated"}):
+            local = nanocode.with_model(nanocode.Config(settings=settings), "loc/qwen", os.environ)
+            argv, extra = nanocode.child_command(local)
+            env = nanocode.child_environment(local, extra)
+        self.assertEqual(argv[argv.index("--model") + 1], "loc/qwen")
+        self.assertNotIn("--base-url", argv)
+        self.assertEqual(extra["LOC_KEY"], "loc-secret")
+        self.assertEqual((env.get("LOC_KEY"), env.get("OPENAI_API_KEY")), ("loc-secret", None))
+
+        self.assertEqual(nanocode.child_tools(hosted, ""), "read,bash")
+        self.assertEqual(nanocode.child_tools(hosted, "read,nanocode"), "read,nanocode")  # nesting when asked
+        self.assertEqual(nanocode.child_tools(hosted, "none"), "none")
+        self.assertNotIn("nanocode", nanocode.child_tools(hosted, "all"))
 
 
 # =============================================================================
@@ -7178,6 +7486,178 @@ class TestRobustnessMore(ReviewCase):
         self.assertTrue(loop.wait_idle(10))
         self.assertFalse(os.path.exists(os.path.join(self.cwd, "stolen.txt")), "the message was run as a command")
         self.assertEqual(session.client.requests[1][-1], {"role": "user", "content": text})
+
+
+# -- issue 10: child jobs in the REPL -------------------------------------------------
+
+def is_btw_request(request):
+    """True for a /btw side question's request."""
+    last = ((request.json or {}).get("messages") or [{}])[-1]
+    return last.get("role") == "user" and str(last.get("content", "")).startswith(
+        (nanocode.BTW_NOTE, nanocode.BTW_TOOLS_NOTE))
+
+
+class TestJobsInTheRepl(ReplTestCase, ChildJobCase):
+
+    def main_ends(self):
+        """The conversation's agent_end events (a /btw side answer has its own, marked sidecar)."""
+        return [e for e in list(self.events) if e["type"] == "agent_end" and not e.get("sidecar")]
+
+    def test_a_report_arriving_while_idle_starts_a_run_and_jobs_lists_the_job(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def child(request):
+            release.wait(20)
+            return text_answer("job report: all good", 700, 70)
+
+        def parent(request):
+            last = last_message(request)
+            if last["role"] == "user" and last["content"].startswith("<nanocode_job_result"):
+                return text_answer("thanks for the report")
+            if last["role"] == "tool":
+                return text_answer("started it")
+            return tool_answer("nanocode", {"action": "start", "task": "check everything"}, "p1")
+        self.fake.responder = respond(parent, child)
+        self.start_repl()
+        self.type("go")
+        self.wait_agent_end()
+        self.wait_idle()
+        self.assertTrue(wait_for(lambda: any(is_child_request(p) for p in self.fake.posts), 20))
+        self.type("/jobs")
+        self.wait_output("j1 running")
+        self.assertIn("background · check everything", self.out.getvalue())
+
+        release.set()  # the child answers: its report starts a run of its own, the parent being idle
+        self.assertTrue(wait_for(lambda: len(self.main_ends()) == 2, 20), self.out.getvalue())
+        self.assertEqual(self.main_ends()[1]["text"], "thanks for the report")
+        delivered = last_message([p for p in self.fake.posts if not is_child_request(p)][-1])
+        self.assertTrue(delivered["content"].startswith('<nanocode_job_result id="j1" status="done">\njob report: all good'))
+        self.wait_output("⏺ job j1 done: job report: all good")
+        self.wait_idle()
+        self.type("/jobs")
+        self.wait_output("j1 done")
+        self.assertGreaterEqual(self.repl.session.usage["input"], 700)  # /cost counts the job
+        self.assertReplAlive()
+
+    def test_jobs_cancel_stops_a_job_and_exit_kills_the_rest(self):
+        def parent(request):
+            if last_message(request)["role"] == "user":
+                return tool_calls_answer(("p1", "nanocode", {"action": "start", "task": "first"}))
+            return text_answer("started")
+        self.fake.responder = respond(parent, sleeping_child)
+        self.start_repl()
+        self.type("go")
+        self.wait_agent_end()
+        first, first_shell = self.pid_from("child.pid"), self.pid_from("shell.pid")
+        os.remove(os.path.join(self.cwd, "child.pid"))
+        os.remove(os.path.join(self.cwd, "shell.pid"))
+        self.type("/jobs cancel j1")
+        self.wait_output("cancelling j1")
+        self.assert_dies(first)
+        self.assert_dies(first_shell)
+        self.wait_idle()
+        self.assertEqual(len(self.main_ends()), 1)  # a cancelled job reports nothing: no run starts
+
+        self.type("again")
+        self.assertTrue(wait_for(lambda: len(self.main_ends()) == 2, 20))
+        second, second_shell = self.pid_from("child.pid"), self.pid_from("shell.pid")
+        self.type("/jobs")
+        self.wait_output("j2 running")
+        self.stop_repl()  # exit: the running job's process group and what it started are killed
+        self.assert_dies(second)
+        self.assert_dies(second_shell)
+
+
+# -- issue 10: /btw -------------------------------------------------------------------
+
+class TestBtw(ReplTestCase):
+
+    def hold_scenario(self, btw):
+        """A run held inside a tool call, with (or without) a /btw while it is held; returns the bodies of the
+        main conversation's requests."""
+        self.gate = threading.Event()
+        self.addCleanup(self.gate.set)
+        self.fake.reset()
+        del self.events[:]
+
+        def responder(request):
+            if is_btw_request(request):
+                return FakeReply(text_answer("sidecar says 42", 77, 7))
+            if last_message(request)["role"] == "user":
+                return FakeReply(tool_answer("hold", {}, "h1"))
+            return FakeReply(text_answer("main done"))
+        self.fake.responder = responder
+        self.start_repl(self.config(save_session=True))
+        self.type("do the thing")
+        self.wait_event(lambda e: e["type"] == "tool_start" and e["id"] == "h1")
+        if btw:
+            self.type("/btw what is the answer?")
+            self.wait_output("┃ sidecar says 42")
+            self.assertTrue(self.repl.loop.busy)  # answered while the agent works
+        self.gate.set()
+        self.wait_event(lambda e: e["type"] == "agent_end" and not e.get("sidecar"))
+        self.wait_idle()
+        self.path = self.repl.session.store.path
+        if btw:  # the side answer adds its usage once its run has ended
+            wait_for(lambda: self.repl.session.usage["input"] > 2 * 12)
+        self.usage = dict(self.repl.session.usage)
+        self.stop_repl()
+        return [p.body for p in self.fake.posts if not is_btw_request(p)]
+
+    def test_btw_answers_while_busy_and_leaves_the_next_request_byte_identical(self):
+        self.register_tool("hold", lambda ctx: "held" if self.gate.wait(20) else "timed out")
+        without = self.hold_scenario(btw=False)
+        with_btw = self.hold_scenario(btw=True)
+        self.assertEqual(len(without), 2)
+        self.assertEqual(with_btw, without)  # byte for byte: /btw added nothing to the conversation
+
+        side = [p for p in self.fake.posts if is_btw_request(p)]
+        self.assertEqual(len(side), 1)
+        body = side[0].json
+        self.assertNotIn("tools", body)  # no tools: the copied history's calls travel as text
+        self.assertEqual(body["messages"][-1]["content"], nanocode.BTW_NOTE + "\n\nwhat is the answer?")
+        self.assertEqual(body["messages"][1], {"role": "user", "content": "do the thing"})
+        self.assertIn(nanocode.STILL_RUNNING, json.dumps(body["messages"], ensure_ascii=False))
+        self.assertIn("btw › what is the answer?", self.out.getvalue())
+        with open(self.path, encoding="utf-8") as f:
+            saved = f.read()
+        self.assertNotIn("what is the answer", saved)  # nor to the session file
+        self.assertNotIn("sidecar says", saved)
+        self.assertEqual(self.usage["input"], 2 * 12 + 77)  # its usage counts in /cost
+        ends = [e for e in self.events if e["type"] == "message_end" and e.get("text") == "sidecar says 42"]
+        self.assertEqual([e.get("sidecar") for e in ends], [True])
+
+    def test_btw_with_tools_may_read_and_leaves_the_conversation_alone(self):
+        with open(os.path.join(self.cwd, "notes.txt"), "w") as f:
+            f.write("the notes say hello\n")
+
+        def responder(request):
+            if not is_btw_request(request) and not any(
+                    str(m.get("content", "")).startswith(nanocode.BTW_TOOLS_NOTE) for m in request.json["messages"]):
+                return FakeReply(text_answer("hi from main"))
+            if request.json["messages"][-1]["role"] == "tool":
+                return FakeReply(text_answer("notes.txt says hello"))
+            return FakeReply(tool_answer("read", {"path": "notes.txt"}, "b1"))
+        self.fake.responder = responder
+        self.start_repl()
+        self.type("hello")
+        self.wait_agent_end()
+        self.wait_idle()
+        before = copy.deepcopy(self.repl.session.messages)
+        self.type("/btw --tools what do the notes say?")
+        self.wait_output("┃ notes.txt says hello")
+        self.assertIn("┃ ⏺ read(path=notes.txt)", self.out.getvalue())
+        side = [p for p in self.fake.posts if is_btw_request(p)]
+        names = [t["function"]["name"] for t in side[0].json["tools"]]
+        self.assertIn("read", names)
+        for name in ("write", "edit", "bash", "nanocode"):
+            self.assertNotIn(name, names)
+        self.assertEqual(self.repl.session.messages, before)
+        self.assertFalse(self.repl.loop.busy)
+        self.type("/btw")
+        self.wait_output("usage: /btw [--tools] QUESTION")
+        self.assertReplAlive()
 
 
 # =============================================================================
