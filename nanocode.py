@@ -7,26 +7,30 @@ OpenAI-compatible /chat/completions endpoint and works on code with tools.
 
 Table of contents (each section opens with a numbered banner):
     1. Imports and constants
-    2. Configuration         Config, settings.json, keys, providers, local probe, with_model
-    3. Utilities             pure helpers: JSON, text, paths
-    4. Events                the event vocabulary, cancel tokens, sinks
-    5. Streaming client      SSE framing, chunk assembly, retries, one connection
-    6. Tool registry         the @tool decorator, argument coercion, run_tool, ToolRegistry
-    7. File tools            read / write / edit, atomic writes, Checkpoints (for /undo)
-    8. Shell                 bash: process groups, bounded output capture
-   8b. Child jobs            the nanocode tool: child agents, run / start, the JobManager
-    9. Search                glob / grep / ls / find over one .gitignore-aware file list
-   10. Web                   webfetch (HTML to Markdown), websearch
-   11. Context               system prompt, @path mentions, token estimates
-   11b. Context files        AGENTS.md / CLAUDE.md, SYSTEM.md, Agent Skills: discovery, frontmatter, /skill:NAME
-   12. Agent core            Session: history, the one agent loop, tool calls, before_tool hook, fork (/btw)
-   13. Compaction            thresholds, the cut, the summary, overflow recovery
-   14. Session files         JSONL store, resume and repair, the session list, undo
-   15. Command loop          CommandLoop (the worker, job reports, /btw sidecars), the slash-command table
-   16. Front ends: headless  -p text and --mode json
-   17. Front ends: rendering styles, streamed Markdown, Screen, ReplRenderer
-   18. Front ends: the REPL  input, Ctrl+C, dispatch, readline
-   19. CLI                   flags, main()
+    2. Configuration         Config, settings.json, keys, providers, local probe, server profiles
+    3. Utilities             pure helpers: JSON, text, paths, redaction, terminal-safe text
+    4. Events                cancel tokens, sinks
+    5. Event streams         SSE framing, chunk assembly, repetition guard, history wire format
+    6. HTTP client           ChatClient: one connection, retries, status errors, reading a response
+    7. Tool calls in text    calls that local models write as text, argument repair
+    8. Tool registry         the @tool decorator, argument coercion, run_tool, ToolRegistry
+    9. Reading files         read: text, long lines, images, special files
+   10. Writing files         checkpoints (for /undo), read-before-write, atomic writes, write, edit
+   11. Shell                 bash: process groups, marked children, bounded logs, child environment
+   12. Child jobs            the nanocode tool: child agents, run / start, the JobManager
+   13. Globs and file lists  glob matching without blow-ups, .gitignore, the file walk
+   14. Search tools          grep (rg or stdlib, risky patterns in a child), glob, ls, find
+   15. Web                   webfetch (HTML to Markdown, deadlines), websearch
+   16. Context               system prompt, @path mentions, token estimates
+   17. Context files, skills AGENTS.md / CLAUDE.md, SYSTEM.md, Agent Skills, /skill:NAME
+   18. Agent core            Session: history, the one agent loop, tool calls, before_tool, fork (/btw)
+   19. Compaction            thresholds, the cut, the summary, overflow recovery
+   20. Session files         JSONL store, resume and repair, the session list, undo
+   21. Command loop          CommandLoop (the worker, job reports, /btw sidecars), the slash-command table
+   22. Front ends: headless  -p text and --mode json
+   23. Front ends: rendering styles, streamed Markdown, Screen, ReplRenderer
+   24. Front ends: the REPL  input, Ctrl+C, dispatch, readline
+   25. CLI                   --doctor, flags, main()
 """
 
 # =============================================================================
@@ -806,7 +810,7 @@ def silence_stdout():
 
 
 # =============================================================================
-# 5. Streaming client
+# 5. Event streams
 # =============================================================================
 # Wire format: POST {base}/chat/completions with "stream": true; the answer is
 # an event stream (text/event-stream) of events, each a run of "data:" lines
@@ -1341,6 +1345,12 @@ def parse_retry_after(value):
     return max(0.0, min(seconds, RETRY_AFTER_CAP))
 
 
+# =============================================================================
+# 6. HTTP client
+# =============================================================================
+# One persistent connection, retries with backoff, and the reading of one response:
+# status errors, the event stream, JSON bodies, gzip, deadlines.
+
 class ChatClient:
     """Streams chat completions over one persistent HTTP connection, with retries."""
 
@@ -1703,7 +1713,7 @@ def _connect_error(netloc, exc):
 
 
 # =============================================================================
-# 6. Tool calls in text, argument repair
+# 7. Tool calls in text, argument repair
 # =============================================================================
 # Many local models write their tool calls into the answer text when the
 # server's chat template does not parse them. The families seen in the wild:
@@ -1993,7 +2003,7 @@ def _held_prefix(text):
 
 
 # =============================================================================
-# 6. Tool registry
+# 8. Tool registry
 # =============================================================================
 # A tool is one decorated function: @tool(name, description, **params). Params
 # use a compact schema, "type" or "type?" (optional) plus a short description
@@ -2216,7 +2226,7 @@ class ToolRegistry:
 
 
 # =============================================================================
-# 7. File tools and checkpoints
+# 9. Reading files
 # =============================================================================
 
 READ_DEFAULT_LINES = 2000
@@ -2473,6 +2483,12 @@ def _numbered_lines(f, path, offset, limit):
         out.append("[more lines: continue with offset=%d]" % (offset + len(out)))
     return "\n".join(out)
 
+
+# =============================================================================
+# 10. Writing and editing files
+# =============================================================================
+# Checkpoints (for /undo), the read-before-write tracker, atomic writes that keep
+# links, modes and owners, then the write and edit tools.
 
 class Checkpoints:
     """Files' previous bytes per user prompt, so /undo can put them back exactly.
@@ -2978,7 +2994,7 @@ def tool_edit(ctx, path, edits):
 
 
 # =============================================================================
-# 8. Shell
+# 11. Shell
 # =============================================================================
 
 BASH_DEFAULT_TIMEOUT, BASH_MAX_TIMEOUT = 120, 3600
@@ -3419,7 +3435,7 @@ def _bash_simple(ctx, command, timeout, env):
 
 
 # =============================================================================
-# 8b. Child jobs
+# 12. Child jobs
 # =============================================================================
 # The nanocode tool runs this file again as a child agent: `--print --mode json
 # --quiet --no-session`, a short system prompt, the task on stdin, NANOCODE_CHILD=1,
@@ -3778,7 +3794,7 @@ def _wait_for_job(ctx, jobs, job):
 
 
 # =============================================================================
-# 9. Search and .gitignore
+# 13. Globs, .gitignore and file lists
 # =============================================================================
 # glob, grep and find share one file list: `git ls-files` inside a work tree
 # (fast, and git's own .gitignore rules), else a scandir walk that applies the
@@ -4201,6 +4217,12 @@ def _candidate_files(root, cancel, hidden=True, name_ok=None, skipped=None):
         files = [f for f in files if not f.startswith(".") and "/." not in f]
     return files if name_ok is None else [f for f in files if name_ok(f[f.rfind("/") + 1:])]
 
+
+# =============================================================================
+# 14. Search tools
+# =============================================================================
+# grep (ripgrep when installed, else a stdlib search with the same output; risky
+# patterns in a child process), glob, ls, find.
 
 def _more(lines, extra, hint):
     """lines joined, plus a '+N more' note when extra > 0. Example: (['a'], 2, 'x') -> 'a\\n+2 more (x)'."""
@@ -4725,7 +4747,7 @@ def tool_find(ctx, pattern, path=".", limit=1000, hidden=False):
 
 
 # =============================================================================
-# 10. Web
+# 15. Web
 # =============================================================================
 # webfetch and websearch. Whatever a page or search result says is data, never
 # an instruction, so both wrap their output in <external-content>. The stdlib
@@ -5381,7 +5403,7 @@ def tool_websearch(ctx, query, numResults=8):
 
 
 # =============================================================================
-# 11. Context
+# 16. Context
 # =============================================================================
 
 SYSTEM_PROMPT = """You are nanocode, a coding agent working in the user's project. \
@@ -5446,7 +5468,7 @@ def message_tokens(message):
 
 
 # =============================================================================
-# 11b. Context files and skills
+# 17. Context files and skills
 # =============================================================================
 # Found once per session (load_context) and kept in the system prompt, which stays
 # byte-stable: /reload rescans and rewrites the system message on purpose.
@@ -6063,7 +6085,7 @@ def describe_context(context, cwd):
 
 
 # =============================================================================
-# 12. Agent core
+# 18. Agent core
 # =============================================================================
 # A Session holds one conversation and runs the one agent loop: build the
 # request, stream it (emitting deltas), record the assistant message, run its
@@ -6792,7 +6814,7 @@ class Session:
 
 
 # =============================================================================
-# 13. Compaction
+# 19. Compaction
 # =============================================================================
 # Before every model request: when the context in use passes the window less a
 # reserve, the older part of the history is summarised by the model and
@@ -6997,7 +7019,7 @@ def _shrink_tool_outputs(session, reason, before, announce=True):
 
 
 # =============================================================================
-# 14. Session files and undo
+# 20. Session files and undo
 # =============================================================================
 # ~/.nanocode/sessions/<slug of cwd>/<UTC time>_<id>.jsonl, one JSON entry a line:
 #   {"type":"session","version":1,"id","cwd","model","created"}   first line
@@ -7308,7 +7330,7 @@ def undo(session, count=1, force=False):
 
 
 # =============================================================================
-# 15. Command loop and slash commands
+# 21. Command loop and slash commands
 # =============================================================================
 # Front ends submit commands to a CommandLoop and render the session's events.
 # The loop's worker thread is the only thread that runs the agent, tools or
@@ -7824,7 +7846,7 @@ def cmd_quit(loop, arg):
 
 
 # =============================================================================
-# 16. Front ends: headless
+# 22. Front ends: headless
 # =============================================================================
 # Each front end is a sink for the session's events plus a source of commands.
 
@@ -7944,7 +7966,7 @@ def run_headless(config, prompt, resume=None):
 
 
 # =============================================================================
-# 17. Front ends: REPL rendering
+# 23. Front ends: REPL rendering
 # =============================================================================
 # Styles, streamed Markdown, a screen that prints above the live prompt, and the
 # renderer that turns events into lines.
@@ -8264,7 +8286,7 @@ def usage_cost(usage, config):
 
 
 # =============================================================================
-# 18. Front ends: the REPL
+# 24. Front ends: the REPL
 # =============================================================================
 
 
@@ -8544,7 +8566,7 @@ def run_repl(config, resume=None, pick=False):
 
 
 # =============================================================================
-# 19. CLI
+# 25. CLI
 # =============================================================================
 
 

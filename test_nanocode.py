@@ -5,26 +5,31 @@ Run `python3 test_nanocode.py` (or `python3 -m unittest -v test_nanocode`).
 `python3 test_nanocode.py bench` runs the benchmarks; `... screenshot` renders the REPL.
 
 Sections follow nanocode.py, banner for banner:
-    1. Imports and fixtures  FakeLLM, SSE/chunk builders, run_nanocode, domain assertions
-    2. Configuration         compat detection, tool lists, the local probe
-    3. Utilities             JSON bytes, tool names, error summaries
+    1. Imports and fixtures  FakeLLM (scripted, routes, responder), SSE/chunk builders, run_nanocode, assertions
+    2. Configuration         compat, tool lists, keys per endpoint, settings types, the probe, server profiles
+    3. Utilities             JSON bytes, tool names, error summaries, terminal-safe text, redaction
     4. Events                cancel tokens, the JSON-lines sink
-    5. Streaming client      SSE framing, chunk assembly, ends, errors, retries, hygiene, abort
-    6. Tool registry         the unknown-tool error
-    7. File tools            read, write, edit, checkpoints
-    8. Shell                 bash: timeouts, process groups, output capture
-   8b. Child jobs            the nanocode tool: run, start and delivery, cancel, exit, crashes, limits
-    9. Search                glob, grep (rg and stdlib), ls, find, .gitignore
-   10. Web                   webfetch, HTML to Markdown, websearch
-   11. Context               system prompt flags (end to end)
-   12. Agent core            tool scheduling, run-time tools, the event contract, the loop end to end
-   13. Compaction            overflow detection, budgets, the cut, summaries, 300-turn loops, prefix
-   14. Session files         the JSONL file, resume, kill -9 recovery, /undo
-   15. Command loop          the in-process REPL: queues, Ctrl+C, /model, asks, /jobs, /btw
-   16. Front ends: headless  -p text and --mode json, end to end
-   17. Front ends: rendering the REPL renderer without a terminal
-   18. Front ends: the REPL  tmux: a real terminal
-   19. CLI                   flags, exit codes, signals, provider selection
+    5. Event streams         SSE framing, huge events, chunk assembly, repaired arguments
+    6. HTTP client           ends, errors, retries, hygiene, abort, hostile servers
+    7. Tool calls in text    every family streamed in pieces, look-alikes
+    8. Tool registry         the unknown-tool error
+    9. Reading files         read: ranges, images, special files, memory
+   10. Writing files         write, edit, checkpoints, read-before-write, links, temp files
+   11. Shell                 bash: timeouts, process groups, marked children, logs, environment
+   12. Child jobs            the nanocode tool end to end
+   13. Globs and file lists  .gitignore, skipped entries
+   14. Search tools          glob, grep (rg and stdlib, runaway patterns), ls, find
+   15. Web                   webfetch, HTML to Markdown, websearch
+   16. Context               system prompt flags (end to end)
+   17. Context files, skills AGENTS.md, SYSTEM.md, frontmatter, skills, public skills
+   18. Agent core            tool scheduling, run-time tools, the loop end to end, text calls
+   19. Compaction            overflow detection, budgets, the cut, summaries, 300-turn loops, prefix
+   20. Session files         the JSONL file, resume, kill -9 recovery, /undo
+   21. Command loop          the in-process REPL: queues, Ctrl+C, /model, asks, jobs, /btw, robustness
+   22. Front ends: headless  -p text and --mode json, the fault matrix
+   23. Front ends: rendering the REPL renderer without a terminal
+   24. Front ends: the REPL  tmux: a real terminal
+   25. CLI                   flags, exit codes, signals, --doctor
 Benchmarks and the screenshot follow the tests.
 """
 
@@ -980,7 +985,7 @@ class TestEvents(unittest.TestCase):
 
 
 # =============================================================================
-# 5. Streaming client
+# 5. Event streams
 # =============================================================================
 
 def decode_sse(data, splits=None):
@@ -1382,6 +1387,10 @@ class TestChunkAssembler(unittest.TestCase):
         self.assertEqual(reply.usage, {"prompt_tokens": 3, "completion_tokens": 2})
 
 
+# =============================================================================
+# 6. HTTP client
+# =============================================================================
+
 #: (case, FakeReply options) that all deliver the text "héllo wörld 😀" and end properly
 _HELLO = "héllo wörld 😀"
 _HELLO_EVENTS = [text_chunk("hél"), text_chunk("lo wörld 😀"), finish_chunk("stop")]
@@ -1398,112 +1407,6 @@ WIRE_FRAMING_CASES = [
     ("Connection: close framing", dict(body=sse(*_HELLO_EVENTS), framing="close")),
     ("written with delays", dict(body=sse(*_HELLO_EVENTS), chunk_size=7, delay=0.002)),
 ]
-
-
-DS_BAR = "\uff5c"
-#: (family, answer text, [(tool, args)], text left for the user)
-TEXT_CALL_CASES = [
-    ("Hermes/Qwen", 'Let me look.\n<tool_call>\n{"name": "read", "arguments": {"path": "a.py"}}\n</tool_call>',
-     [("read", {"path": "a.py"})], "Let me look."),
-    ("Hermes, two calls", '<tool_call>{"name": "read", "arguments": {"path": "a"}}</tool_call>\n'
-     '<tool_call>{"name": "bash", "arguments": {"command": "ls"}}</tool_call>', [("read", {"path": "a"}), ("bash", {"command": "ls"})], ""),
-    ("Hermes, unclosed at the end", '<tool_call>{"name": "bash", "arguments": {"command": "ls"}}', [("bash", {"command": "ls"})], ""),
-    ("Qwen3-Coder", "<tool_call>\n<function=read>\n<parameter=path>\na.py\n</parameter>\n<parameter=limit>\n20\n</parameter>\n"
-     "</function>\n</tool_call>", [("read", {"path": "a.py", "limit": 20})], ""),
-    ("Qwen3-Coder, multi-line value", "<function=edit>\n<parameter=path>\nx.py\n</parameter>\n<parameter=edits>\n"
-     '[{"oldText": "a", "newText": "b"}]\n</parameter>\n</function>', [("edit", {"path": "x.py", "edits": [{"oldText": "a", "newText": "b"}]})], ""),
-    ("Mistral JSON list", '[TOOL_CALLS][{"name": "bash", "arguments": {"command": "ls"}}]', [("bash", {"command": "ls"})], ""),
-    ("Mistral name[ARGS]", '[TOOL_CALLS]bash[ARGS]{"command": "ls"}[TOOL_CALLS]read[ARGS]{"path": "x"}',
-     [("bash", {"command": "ls"}), ("read", {"path": "x"})], ""),
-    ("Llama 3 bare JSON", '{"name": "read", "parameters": {"path": "a.py"}}', [("read", {"path": "a.py"})], ""),
-    ("Llama 3 python tag", '<|python_tag|>{"name": "read", "parameters": {"path": "a.py"}}', [("read", {"path": "a.py"})], ""),
-    ("Kimi markers", "<|tool_calls_section_begin|><|tool_call_begin|>functions.read:0<|tool_call_argument_begin|>"
-     '{"path":"a"}<|tool_call_end|><|tool_calls_section_end|>', [("read", {"path": "a"})], ""),
-    ("DeepSeek V3", "<{0}tool\u2581calls\u2581begin{0}><{0}tool\u2581call\u2581begin{0}>function<{0}tool\u2581sep{0}>read\n"
-     '```json\n{{"path": "a"}}\n```<{0}tool\u2581call\u2581end{0}><{0}tool\u2581calls\u2581end{0}>'.format(DS_BAR), [("read", {"path": "a"})], ""),
-    ("DeepSeek V3.1", '<{0}tool\u2581call\u2581begin{0}>read<{0}tool\u2581sep{0}>{{"path": "b"}}<{0}tool\u2581call\u2581end{0}>'.format(DS_BAR),
-     [("read", {"path": "b"})], ""),
-    ("repaired arguments", "<tool_call>{'name': 'bash', 'arguments': {'command': 'echo hi',}}</tool_call>", [("bash", {"command": "echo hi"})], ""),
-]
-#: look-alikes that must stay text
-TEXT_CALL_LOOKALIKES = [
-    ("example in a code block", 'Write it like this:\n```\n<tool_call>{"name": "read", "arguments": {}}</tool_call>\n```\nDone.'),
-    ("inline code", "The `<tool_call>` tag wraps JSON."),
-    ("bare JSON in a fence", 'Here:\n```json\n{"name": "read", "parameters": {}}\n```'),
-    ("a JSON answer", '{"answer": 42, "name": "read"}'),
-    ("unknown tool", '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'),
-    ("brackets and angles", "if a < b and list[TOOL] then <b>bold</b>"),
-]
-
-
-class TestTextToolCalls(unittest.TestCase):
-    """Tool calls that local models write into the answer text."""
-
-    NAMES = ("read", "bash", "edit")
-
-    def assemble_text(self, text, split):
-        """Stream text as content deltas of split characters (0: whole) through a ChunkAssembler."""
-        pieces = [text] if not split else [text[i:i + split] for i in range(0, len(text), split)]
-        texts = []
-        assembler = nanocode.ChunkAssembler(texts.append, lambda t, m: None, tool_names=self.NAMES)
-        for piece in pieces:
-            assembler.add(chunk({"content": piece}))
-        assembler.add(finish_chunk("stop"))
-        return assembler.finish(), "".join(texts)
-
-    def test_each_family_becomes_real_calls_and_its_markup_is_never_shown(self):
-        for family, text, calls, left in TEXT_CALL_CASES:
-            for split in (0, 1, 3, 7):
-                with self.subTest(family=family, split=split):
-                    reply, shown = self.assemble_text(text, split)
-                    self.assertEqual([(c["name"], c["args"]) for c in reply.tool_calls], calls)
-                    self.assertTrue(all(c["id"] and not c["error"] for c in reply.tool_calls))
-                    self.assertEqual(shown.strip(), left)
-                    self.assertEqual(reply.text.strip(), left)
-                    self.assertTrue(reply.text_calls)
-
-    def test_look_alikes_stay_text(self):
-        for name, text in TEXT_CALL_LOOKALIKES:
-            for split in (0, 1, 4):
-                with self.subTest(case=name, split=split):
-                    reply, shown = self.assemble_text(text, split)
-                    self.assertEqual(reply.tool_calls, [])
-                    self.assertEqual(shown, text)
-                    self.assertEqual(reply.text, text)
-
-    def test_structured_calls_win_over_text(self):
-        assembler = nanocode.ChunkAssembler(lambda t: None, lambda t, m: None, tool_names=self.NAMES)
-        assembler.add(chunk({"content": '<tool_call>{"name": "read", "arguments": {"path": "t"}}</tool_call>'}))
-        assembler.add(tool_chunk(tool_delta(0, "call_9", "bash", '{"command": "pwd"}'), finish="tool_calls"))
-        reply = assembler.finish()
-        self.assertEqual([c["name"] for c in reply.tool_calls], ["bash"])
-        self.assertIn("<tool_call>", reply.text, "the text is shown as it came")
-
-    def test_no_tools_no_parsing(self):
-        texts = []
-        assembler = nanocode.ChunkAssembler(texts.append, lambda t, m: None)
-        assembler.add(chunk({"content": '<tool_call>{"name": "read", "arguments": {}}</tool_call>'}))
-        self.assertEqual(assembler.finish().tool_calls, [])
-
-    #: (case, broken argument text, parsed)
-    REPAIRS = [
-        ("trailing comma", '{"path": "a",}', {"path": "a"}),
-        ("single quotes", "{'path': 'it\\'s'}", {"path": "it's"}),
-        ("python literals", '{"all": True, "x": None}', {"all": True, "x": None}),
-        ("raw newline in a string", '{"content": "line1\nline2"}', {"content": "line1\nline2"}),
-        ("code fence", '```json\n{"path": "a"}\n```', {"path": "a"}),
-    ]
-
-    def test_broken_arguments_are_repaired_and_the_history_gets_the_repair(self):
-        for name, raw, parsed in self.REPAIRS:
-            with self.subTest(case=name):
-                reply, _, _ = assemble([tool_chunk(tool_delta(0, "c1", "write", raw)), finish_chunk("tool_calls")])
-                call = reply.tool_calls[0]
-                self.assertIsNone(call["error"])
-                self.assertEqual(call["args"], parsed)
-                self.assertEqual(json.loads(call["arguments"]), parsed)
-        reply, _, _ = assemble([tool_chunk(tool_delta(0, "c1", "write", '{"path": ')), finish_chunk("tool_calls")])
-        self.assertTrue(reply.tool_calls[0]["error"], "JSON cut in half is not guessed at")
 
 
 class TestChatClient(NanocodeTestCase):
@@ -1962,7 +1865,117 @@ class TestChatClient(NanocodeTestCase):
 
 
 # =============================================================================
-# 6. Tool registry
+# 7. Tool calls in text, argument repair
+# =============================================================================
+
+DS_BAR = "\uff5c"
+#: (family, answer text, [(tool, args)], text left for the user)
+TEXT_CALL_CASES = [
+    ("Hermes/Qwen", 'Let me look.\n<tool_call>\n{"name": "read", "arguments": {"path": "a.py"}}\n</tool_call>',
+     [("read", {"path": "a.py"})], "Let me look."),
+    ("Hermes, two calls", '<tool_call>{"name": "read", "arguments": {"path": "a"}}</tool_call>\n'
+     '<tool_call>{"name": "bash", "arguments": {"command": "ls"}}</tool_call>', [("read", {"path": "a"}), ("bash", {"command": "ls"})], ""),
+    ("Hermes, unclosed at the end", '<tool_call>{"name": "bash", "arguments": {"command": "ls"}}', [("bash", {"command": "ls"})], ""),
+    ("Qwen3-Coder", "<tool_call>\n<function=read>\n<parameter=path>\na.py\n</parameter>\n<parameter=limit>\n20\n</parameter>\n"
+     "</function>\n</tool_call>", [("read", {"path": "a.py", "limit": 20})], ""),
+    ("Qwen3-Coder, multi-line value", "<function=edit>\n<parameter=path>\nx.py\n</parameter>\n<parameter=edits>\n"
+     '[{"oldText": "a", "newText": "b"}]\n</parameter>\n</function>', [("edit", {"path": "x.py", "edits": [{"oldText": "a", "newText": "b"}]})], ""),
+    ("Mistral JSON list", '[TOOL_CALLS][{"name": "bash", "arguments": {"command": "ls"}}]', [("bash", {"command": "ls"})], ""),
+    ("Mistral name[ARGS]", '[TOOL_CALLS]bash[ARGS]{"command": "ls"}[TOOL_CALLS]read[ARGS]{"path": "x"}',
+     [("bash", {"command": "ls"}), ("read", {"path": "x"})], ""),
+    ("Llama 3 bare JSON", '{"name": "read", "parameters": {"path": "a.py"}}', [("read", {"path": "a.py"})], ""),
+    ("Llama 3 python tag", '<|python_tag|>{"name": "read", "parameters": {"path": "a.py"}}', [("read", {"path": "a.py"})], ""),
+    ("Kimi markers", "<|tool_calls_section_begin|><|tool_call_begin|>functions.read:0<|tool_call_argument_begin|>"
+     '{"path":"a"}<|tool_call_end|><|tool_calls_section_end|>', [("read", {"path": "a"})], ""),
+    ("DeepSeek V3", "<{0}tool\u2581calls\u2581begin{0}><{0}tool\u2581call\u2581begin{0}>function<{0}tool\u2581sep{0}>read\n"
+     '```json\n{{"path": "a"}}\n```<{0}tool\u2581call\u2581end{0}><{0}tool\u2581calls\u2581end{0}>'.format(DS_BAR), [("read", {"path": "a"})], ""),
+    ("DeepSeek V3.1", '<{0}tool\u2581call\u2581begin{0}>read<{0}tool\u2581sep{0}>{{"path": "b"}}<{0}tool\u2581call\u2581end{0}>'.format(DS_BAR),
+     [("read", {"path": "b"})], ""),
+    ("repaired arguments", "<tool_call>{'name': 'bash', 'arguments': {'command': 'echo hi',}}</tool_call>", [("bash", {"command": "echo hi"})], ""),
+]
+#: look-alikes that must stay text
+TEXT_CALL_LOOKALIKES = [
+    ("example in a code block", 'Write it like this:\n```\n<tool_call>{"name": "read", "arguments": {}}</tool_call>\n```\nDone.'),
+    ("inline code", "The `<tool_call>` tag wraps JSON."),
+    ("bare JSON in a fence", 'Here:\n```json\n{"name": "read", "parameters": {}}\n```'),
+    ("a JSON answer", '{"answer": 42, "name": "read"}'),
+    ("unknown tool", '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'),
+    ("brackets and angles", "if a < b and list[TOOL] then <b>bold</b>"),
+]
+
+
+class TestTextToolCalls(unittest.TestCase):
+    """Tool calls that local models write into the answer text."""
+
+    NAMES = ("read", "bash", "edit")
+
+    def assemble_text(self, text, split):
+        """Stream text as content deltas of split characters (0: whole) through a ChunkAssembler."""
+        pieces = [text] if not split else [text[i:i + split] for i in range(0, len(text), split)]
+        texts = []
+        assembler = nanocode.ChunkAssembler(texts.append, lambda t, m: None, tool_names=self.NAMES)
+        for piece in pieces:
+            assembler.add(chunk({"content": piece}))
+        assembler.add(finish_chunk("stop"))
+        return assembler.finish(), "".join(texts)
+
+    def test_each_family_becomes_real_calls_and_its_markup_is_never_shown(self):
+        for family, text, calls, left in TEXT_CALL_CASES:
+            for split in (0, 1, 3, 7):
+                with self.subTest(family=family, split=split):
+                    reply, shown = self.assemble_text(text, split)
+                    self.assertEqual([(c["name"], c["args"]) for c in reply.tool_calls], calls)
+                    self.assertTrue(all(c["id"] and not c["error"] for c in reply.tool_calls))
+                    self.assertEqual(shown.strip(), left)
+                    self.assertEqual(reply.text.strip(), left)
+                    self.assertTrue(reply.text_calls)
+
+    def test_look_alikes_stay_text(self):
+        for name, text in TEXT_CALL_LOOKALIKES:
+            for split in (0, 1, 4):
+                with self.subTest(case=name, split=split):
+                    reply, shown = self.assemble_text(text, split)
+                    self.assertEqual(reply.tool_calls, [])
+                    self.assertEqual(shown, text)
+                    self.assertEqual(reply.text, text)
+
+    def test_structured_calls_win_over_text(self):
+        assembler = nanocode.ChunkAssembler(lambda t: None, lambda t, m: None, tool_names=self.NAMES)
+        assembler.add(chunk({"content": '<tool_call>{"name": "read", "arguments": {"path": "t"}}</tool_call>'}))
+        assembler.add(tool_chunk(tool_delta(0, "call_9", "bash", '{"command": "pwd"}'), finish="tool_calls"))
+        reply = assembler.finish()
+        self.assertEqual([c["name"] for c in reply.tool_calls], ["bash"])
+        self.assertIn("<tool_call>", reply.text, "the text is shown as it came")
+
+    def test_no_tools_no_parsing(self):
+        texts = []
+        assembler = nanocode.ChunkAssembler(texts.append, lambda t, m: None)
+        assembler.add(chunk({"content": '<tool_call>{"name": "read", "arguments": {}}</tool_call>'}))
+        self.assertEqual(assembler.finish().tool_calls, [])
+
+    #: (case, broken argument text, parsed)
+    REPAIRS = [
+        ("trailing comma", '{"path": "a",}', {"path": "a"}),
+        ("single quotes", "{'path': 'it\\'s'}", {"path": "it's"}),
+        ("python literals", '{"all": True, "x": None}', {"all": True, "x": None}),
+        ("raw newline in a string", '{"content": "line1\nline2"}', {"content": "line1\nline2"}),
+        ("code fence", '```json\n{"path": "a"}\n```', {"path": "a"}),
+    ]
+
+    def test_broken_arguments_are_repaired_and_the_history_gets_the_repair(self):
+        for name, raw, parsed in self.REPAIRS:
+            with self.subTest(case=name):
+                reply, _, _ = assemble([tool_chunk(tool_delta(0, "c1", "write", raw)), finish_chunk("tool_calls")])
+                call = reply.tool_calls[0]
+                self.assertIsNone(call["error"])
+                self.assertEqual(call["args"], parsed)
+                self.assertEqual(json.loads(call["arguments"]), parsed)
+        reply, _, _ = assemble([tool_chunk(tool_delta(0, "c1", "write", '{"path": ')), finish_chunk("tool_calls")])
+        self.assertTrue(reply.tool_calls[0]["error"], "JSON cut in half is not guessed at")
+
+
+# =============================================================================
+# 8. Tool registry
 # =============================================================================
 
 class TestTools(unittest.TestCase):
@@ -2023,7 +2036,7 @@ PNG_1x1 = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000003000000020806000
 
 
 # =============================================================================
-# 7. File tools and checkpoints
+# 9. Reading files
 # =============================================================================
 
 class TestReadTool(TempDirMixin, unittest.TestCase):
@@ -2101,6 +2114,99 @@ class TestReadTool(TempDirMixin, unittest.TestCase):
         r = call_tool(self.dir, "read", {"path": "big.txt", "offset": 999999, "limit": 5})
         self.assertEqual(r.text, "999999\trow 0999998\n1000000\trow 0999999")
 
+
+def _unblock_fifo(path):
+    """Open a FIFO for writing and close it, so a reader stuck in open() (a failing test) returns."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+@unittest.skipUnless(hasattr(os, "mkfifo"), "needs FIFOs")
+class TestSpecialFiles(TempDirMixin, unittest.TestCase):
+    def test_fifo_socket_and_device_are_refused_without_blocking(self):
+        fifo = os.path.join(self.dir, "pipe")
+        os.mkfifo(fifo)
+        self.addCleanup(_unblock_fifo, fifo)
+        sock = socket.socket(socket.AF_UNIX)
+        self.addCleanup(sock.close)
+        sock.bind(os.path.join(self.dir, "sock"))
+        results = {}
+
+        def work():
+            for name, needle in (("pipe", "named pipe (FIFO)"), ("sock", "a socket"), (os.devnull, "character device")):
+                results[name, "read"] = (call_tool(self.dir, "read", {"path": name}), needle)
+                results[name, "edit"] = (call_tool(self.dir, "edit", {"path": name, "edits": [{"oldText": "a", "newText": "b"}]}), needle)
+            results["pipe", "write"] = (call_tool(self.dir, "write", {"path": "pipe", "content": "x"}), "named pipe")
+            try:
+                nanocode._open_regular(fifo)  # a FIFO swapped in after the stat: open() must not block either
+            except nanocode.ToolError as e:
+                results["pipe", "open"] = (nanocode.ToolResult("error: %s" % e, True), "named pipe")
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        worker.join(10)
+        self.assertFalse(worker.is_alive(), "a file tool blocked on a FIFO")
+        self.assertEqual(len(results), 8)
+        for key, (r, needle) in results.items():
+            with self.subTest(key=key):
+                self.assertTrue(r.is_error, r.text)
+                self.assertIn(needle, r.text)
+                self.assertIn("not a regular file", r.text)
+        self.assertFalse(os.path.isfile(fifo), "write replaced the FIFO by a regular file")
+
+
+#: reads files in a child process and reports its peak RSS growth (argv: nanocode dir, cwd, JSON list of read args)
+_RSS_CHILD = r"""
+import json, resource, sys
+sys.path.insert(0, sys.argv[1])
+import nanocode
+def peak_mb():
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1048576.0 if sys.platform == "darwin" else rss / 1024.0
+ctx = nanocode.ToolContext(sys.argv[2], nanocode.Config(compat=nanocode.Compat(images=True)), files=nanocode.FileTracker())
+nanocode.run_tool(ctx, "read", {"path": "small.txt"})  # warm up: lazy imports
+base = peak_mb()
+results = []
+for args in json.loads(sys.argv[3]):
+    r = nanocode.run_tool(ctx, "read", args)
+    results.append({"args": args, "text": r.text[-300:], "images": len(r.images), "growth": peak_mb() - base})
+print(json.dumps({"base": base, "results": results}))
+"""
+
+
+@unittest.skipIf(os.name == "nt", "the resource module is POSIX")
+class TestReadMemory(TempDirMixin, unittest.TestCase):
+    def test_any_file_is_read_within_64_mb_of_the_baseline(self):
+        self.write_file("small.txt", "hi\n")
+        with open(os.path.join(self.dir, "line.txt"), "wb") as f:
+            f.write(b"head\n")
+            block = b"x" * (1 << 20)
+            for _ in range(200):
+                f.write(block)
+            f.write(b"\nlast\n")
+        cases = [({"path": "line.txt"}, "3\tlast"), ({"path": "line.txt"}, "line cut: 209715200 chars"),
+                 ({"path": "line.txt", "limit": 1}, "continue with offset=2"),
+                 ({"path": "line.txt", "offset": -1}, "3\tlast")]
+        png = self.write_file("huge.png", PNG_1x1)
+        os.truncate(png, 1 << 30)  # sparse where the file system can
+        if os.stat(png).st_blocks * 512 < (64 << 20):
+            cases.append(({"path": "huge.png"}, "too big to attach"))
+        proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, HERE, self.dir, json.dumps([a for a, _ in cases])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace"))
+        report = json.loads(proc.stdout.decode())
+        for (args, needle), result in zip(cases, report["results"]):
+            with self.subTest(args=args):
+                self.assertIn(needle, result["text"])
+                self.assertEqual(result["images"], 0)
+        self.assertLess(report["results"][-1]["growth"], 64, report)
+
+
+# =============================================================================
+# 10. Writing and editing files
+# =============================================================================
 
 class TestWriteTool(TempDirMixin, unittest.TestCase):
     def test_creates_parents_and_reports_size(self):
@@ -2457,97 +2563,8 @@ class TestTempFileSweep(TempDirMixin, unittest.TestCase):
         self.assertEqual(len(os.listdir(sub)), 1, "only the directory written is swept")
 
 
-def _unblock_fifo(path):
-    """Open a FIFO for writing and close it, so a reader stuck in open() (a failing test) returns."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError:
-        pass
-
-
-@unittest.skipUnless(hasattr(os, "mkfifo"), "needs FIFOs")
-class TestSpecialFiles(TempDirMixin, unittest.TestCase):
-    def test_fifo_socket_and_device_are_refused_without_blocking(self):
-        fifo = os.path.join(self.dir, "pipe")
-        os.mkfifo(fifo)
-        self.addCleanup(_unblock_fifo, fifo)
-        sock = socket.socket(socket.AF_UNIX)
-        self.addCleanup(sock.close)
-        sock.bind(os.path.join(self.dir, "sock"))
-        results = {}
-
-        def work():
-            for name, needle in (("pipe", "named pipe (FIFO)"), ("sock", "a socket"), (os.devnull, "character device")):
-                results[name, "read"] = (call_tool(self.dir, "read", {"path": name}), needle)
-                results[name, "edit"] = (call_tool(self.dir, "edit", {"path": name, "edits": [{"oldText": "a", "newText": "b"}]}), needle)
-            results["pipe", "write"] = (call_tool(self.dir, "write", {"path": "pipe", "content": "x"}), "named pipe")
-            try:
-                nanocode._open_regular(fifo)  # a FIFO swapped in after the stat: open() must not block either
-            except nanocode.ToolError as e:
-                results["pipe", "open"] = (nanocode.ToolResult("error: %s" % e, True), "named pipe")
-
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        worker.join(10)
-        self.assertFalse(worker.is_alive(), "a file tool blocked on a FIFO")
-        self.assertEqual(len(results), 8)
-        for key, (r, needle) in results.items():
-            with self.subTest(key=key):
-                self.assertTrue(r.is_error, r.text)
-                self.assertIn(needle, r.text)
-                self.assertIn("not a regular file", r.text)
-        self.assertFalse(os.path.isfile(fifo), "write replaced the FIFO by a regular file")
-
-
-#: reads files in a child process and reports its peak RSS growth (argv: nanocode dir, cwd, JSON list of read args)
-_RSS_CHILD = r"""
-import json, resource, sys
-sys.path.insert(0, sys.argv[1])
-import nanocode
-def peak_mb():
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1048576.0 if sys.platform == "darwin" else rss / 1024.0
-ctx = nanocode.ToolContext(sys.argv[2], nanocode.Config(compat=nanocode.Compat(images=True)), files=nanocode.FileTracker())
-nanocode.run_tool(ctx, "read", {"path": "small.txt"})  # warm up: lazy imports
-base = peak_mb()
-results = []
-for args in json.loads(sys.argv[3]):
-    r = nanocode.run_tool(ctx, "read", args)
-    results.append({"args": args, "text": r.text[-300:], "images": len(r.images), "growth": peak_mb() - base})
-print(json.dumps({"base": base, "results": results}))
-"""
-
-
-@unittest.skipIf(os.name == "nt", "the resource module is POSIX")
-class TestReadMemory(TempDirMixin, unittest.TestCase):
-    def test_any_file_is_read_within_64_mb_of_the_baseline(self):
-        self.write_file("small.txt", "hi\n")
-        with open(os.path.join(self.dir, "line.txt"), "wb") as f:
-            f.write(b"head\n")
-            block = b"x" * (1 << 20)
-            for _ in range(200):
-                f.write(block)
-            f.write(b"\nlast\n")
-        cases = [({"path": "line.txt"}, "3\tlast"), ({"path": "line.txt"}, "line cut: 209715200 chars"),
-                 ({"path": "line.txt", "limit": 1}, "continue with offset=2"),
-                 ({"path": "line.txt", "offset": -1}, "3\tlast")]
-        png = self.write_file("huge.png", PNG_1x1)
-        os.truncate(png, 1 << 30)  # sparse where the file system can
-        if os.stat(png).st_blocks * 512 < (64 << 20):
-            cases.append(({"path": "huge.png"}, "too big to attach"))
-        proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, HERE, self.dir, json.dumps([a for a, _ in cases])],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
-        self.assertEqual(proc.returncode, 0, proc.stderr.decode(errors="replace"))
-        report = json.loads(proc.stdout.decode())
-        for (args, needle), result in zip(cases, report["results"]):
-            with self.subTest(args=args):
-                self.assertIn(needle, result["text"])
-                self.assertEqual(result["images"], 0)
-        self.assertLess(report["results"][-1]["growth"], 64, report)
-
-
 # =============================================================================
-# 8. Shell
+# 11. Shell
 # =============================================================================
 
 class TestBashTool(TempDirMixin, unittest.TestCase):
@@ -2784,7 +2801,7 @@ def _alive(pid):
 
 
 # =============================================================================
-# 8b. Child jobs
+# 12. Child jobs
 # =============================================================================
 
 """Issue 10: the nanocode tool. A parent and its children share one fake server: the responder
@@ -3091,7 +3108,7 @@ class TestChildJobs(ChildJobCase):
 
 
 # =============================================================================
-# 9. Search and .gitignore
+# 13. Globs, .gitignore and file lists
 # =============================================================================
 
 # a tree exercising .gitignore: root and nested files, negation, anchoring, dir-only, **
@@ -3185,7 +3202,42 @@ class SearchTestCase(unittest.TestCase):
             self.skipTest("no symlinks here: %s" % e)
 
 
+class TestSearchSkips(SearchTestCase):
+    """Issue 8: one bad entry is left out and named in a last line, instead of failing the whole search."""
 
+    def test_symlink_loop(self):
+        write_tree(self.root, {"a.txt": "foo\n", "sub/b.txt": "foo\n"})
+        self.make_symlink("loop", "sub/loop")  # sub/loop -> sub/loop
+        note = "(skipped: 1 symlink loop: sub/loop)"
+        self.assertEqual(self.run_search("find", pattern="*").splitlines(), ["a.txt", "sub/", "sub/b.txt", note])
+        self.assertEqual(self.run_search("ls", path="sub"), "b.txt\nloop")
+        for in_git in (False, True):
+            if in_git:
+                self.git_init()  # git lists the link as a file
+            with self.subTest(in_git=in_git):
+                lines = self.run_search("glob", pattern="**").splitlines()
+                self.assertEqual((sorted(lines[:-1]), lines[-1]), (["a.txt", "sub/b.txt"], note))
+                self.assertEqual(self.run_search("grep", pattern="foo", outputMode="files"), "a.txt\nsub/b.txt\n" + note)
+
+    def test_gitignore_lines_git_ignores(self):
+        # 'data[' and '[!]x' have no closing ']': git never matches them; '[z-a]' failed the whole search in
+        # re.compile, while git reads a reversed range as its first character
+        write_tree(self.root, {".gitignore": "[z-a]\n", "z": "foo\n", "a": "foo\n", "sub/.gitignore": "*.tmp\ndata[\n[!]x\n",
+                               "sub/data[": "foo\n", "sub/x.tmp": "foo\n", "sub/x": "foo\n"})
+        kept, note = [".gitignore", "a", "sub/.gitignore", "sub/data[", "sub/x"], \
+            "(skipped: 2 invalid .gitignore lines in sub/.gitignore)"
+        lines = self.run_search("glob", pattern="**").splitlines()
+        self.assertEqual((sorted(lines[:-1]), lines[-1]), (kept, note))
+        self.assertEqual(self.run_search("find", pattern="*").splitlines(), ["a", "sub/", "sub/data[", "sub/x", note])
+        self.assertEqual(self.run_search("grep", pattern="foo", outputMode="files").splitlines(),
+                         ["a", "sub/data[", "sub/x", note])
+        self.git_init()  # git keeps the same files
+        self.assertEqual(sorted(self.run_search("glob", pattern="**").splitlines()), kept)
+
+
+# =============================================================================
+# 14. Search tools
+# =============================================================================
 
 class TestGlob(SearchTestCase):
 
@@ -3477,39 +3529,6 @@ class TestGrepRipgrepInterop(SearchTestCase):
         self.assertSameOutput()
 
 
-class TestSearchSkips(SearchTestCase):
-    """Issue 8: one bad entry is left out and named in a last line, instead of failing the whole search."""
-
-    def test_symlink_loop(self):
-        write_tree(self.root, {"a.txt": "foo\n", "sub/b.txt": "foo\n"})
-        self.make_symlink("loop", "sub/loop")  # sub/loop -> sub/loop
-        note = "(skipped: 1 symlink loop: sub/loop)"
-        self.assertEqual(self.run_search("find", pattern="*").splitlines(), ["a.txt", "sub/", "sub/b.txt", note])
-        self.assertEqual(self.run_search("ls", path="sub"), "b.txt\nloop")
-        for in_git in (False, True):
-            if in_git:
-                self.git_init()  # git lists the link as a file
-            with self.subTest(in_git=in_git):
-                lines = self.run_search("glob", pattern="**").splitlines()
-                self.assertEqual((sorted(lines[:-1]), lines[-1]), (["a.txt", "sub/b.txt"], note))
-                self.assertEqual(self.run_search("grep", pattern="foo", outputMode="files"), "a.txt\nsub/b.txt\n" + note)
-
-    def test_gitignore_lines_git_ignores(self):
-        # 'data[' and '[!]x' have no closing ']': git never matches them; '[z-a]' failed the whole search in
-        # re.compile, while git reads a reversed range as its first character
-        write_tree(self.root, {".gitignore": "[z-a]\n", "z": "foo\n", "a": "foo\n", "sub/.gitignore": "*.tmp\ndata[\n[!]x\n",
-                               "sub/data[": "foo\n", "sub/x.tmp": "foo\n", "sub/x": "foo\n"})
-        kept, note = [".gitignore", "a", "sub/.gitignore", "sub/data[", "sub/x"], \
-            "(skipped: 2 invalid .gitignore lines in sub/.gitignore)"
-        lines = self.run_search("glob", pattern="**").splitlines()
-        self.assertEqual((sorted(lines[:-1]), lines[-1]), (kept, note))
-        self.assertEqual(self.run_search("find", pattern="*").splitlines(), ["a", "sub/", "sub/data[", "sub/x", note])
-        self.assertEqual(self.run_search("grep", pattern="foo", outputMode="files").splitlines(),
-                         ["a", "sub/data[", "sub/x", note])
-        self.git_init()  # git keeps the same files
-        self.assertEqual(sorted(self.run_search("glob", pattern="**").splitlines()), kept)
-
-
 class TestLs(SearchTestCase):
 
     def test_sorted_with_dirs_and_dotfiles(self):
@@ -3559,7 +3578,7 @@ class TestFind(SearchTestCase):
 
 
 # =============================================================================
-# 10. Web
+# 15. Web
 # =============================================================================
 
 PAGE = b"""<!DOCTYPE html><html><head><title>Doc</title>
@@ -4017,7 +4036,7 @@ class TestWebSearch(WebTestCase):
 
 
 # =============================================================================
-# 11. Context
+# 16. Context
 # =============================================================================
 
 class TestContext(EndToEndTestCase):
@@ -4046,6 +4065,10 @@ class TestContext(EndToEndTestCase):
                 self.assertEqual(system["role"], "system")
                 self.assertTrue(check(message_text(system)), message_text(system)[:600])
 
+
+# =============================================================================
+# 17. Context files and skills
+# =============================================================================
 
 def put(path, text=""):
     """Write text to path, making its folders; returns path."""
@@ -4588,7 +4611,7 @@ class TestPublicSkills(ContextTestCase):
 
 
 # =============================================================================
-# 12. Agent core
+# 18. Agent core
 # =============================================================================
 
 class ScriptedClient:
@@ -4858,7 +4881,7 @@ class TestAgentCore(EndToEndTestCase):
 
 
 # =============================================================================
-# 13. Compaction
+# 19. Compaction
 # =============================================================================
 
 # Compaction (issue 7 §3-4): when and how the context is compacted, overflow answers,
@@ -5712,7 +5735,7 @@ class TestRequestPrefix(EndToEndTestCase):
 
 
 # =============================================================================
-# 14. Session files and undo
+# 20. Session files and undo
 # =============================================================================
 
 # Session files, resume, crash recovery and /undo (spec issue 7), driven end to end where possible.
@@ -6257,7 +6280,7 @@ class TestRebuildAfterCompaction(SessionCase):
 
 
 # =============================================================================
-# 15. Command loop and the in-process REPL
+# 21. Command loop and the in-process REPL
 # =============================================================================
 
 """Issue 7: the REPL core (Session, CommandLoop, slash commands, Repl) driven in-process.
@@ -7661,7 +7684,7 @@ class TestBtw(ReplTestCase):
 
 
 # =============================================================================
-# 16. Front ends: headless
+# 22. Front ends: headless
 # =============================================================================
 
 class TestHeadless(EndToEndTestCase):
@@ -7967,7 +7990,7 @@ class TestFaultMatrix(EndToEndTestCase):
 
 
 # =============================================================================
-# 17. Front ends: REPL rendering
+# 23. Front ends: REPL rendering
 # =============================================================================
 
 class TestReplRenderer(unittest.TestCase):
@@ -8009,7 +8032,7 @@ class TestReplRenderer(unittest.TestCase):
 
 
 # =============================================================================
-# 18. Front ends: the REPL in a real terminal (tmux)
+# 24. Front ends: the REPL in a real terminal (tmux)
 # =============================================================================
 
 TMUX = shutil.which("tmux")
@@ -8294,7 +8317,7 @@ class TestReplTerminal(EndToEndTestCase):
 
 
 # =============================================================================
-# 19. CLI
+# 25. CLI
 # =============================================================================
 
 class TestCLI(EndToEndTestCase):
