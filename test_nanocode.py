@@ -6944,6 +6944,8 @@ class TestCLI(EndToEndTestCase):
         for line in ("server:   llama.cpp · n_ctx 8192 · tools: yes", "✓ streaming", "✓ usage reported",
                      '✓ tool call: structured, arguments {"city": "Paris"}', "✓ parallel calls: 2 in one answer", "healthy"):
             self.assertIn(line, out)
+        # the checks carry the output cap a session would use: a quarter of the server's context
+        self.assertEqual([r.json["max_tokens"] for r in self.fake.posts], [2048] * 3)
 
     def test_doctor_names_what_is_wrong(self):
         self.fake.enqueue(answer("ready"))
