@@ -408,6 +408,14 @@ def server_profile(config, fresh=False):
     return profile
 
 
+def profile_output_cap(config, profile):
+    """The output cap once the server's profile is known: a quarter of the context it runs with (at least
+    256), so a rambling small model stops; config's own when settings give contextWindow or maxTokens."""
+    if profile.context and config.max_tokens and not {"contextWindow", "maxTokens"} & set(config.explicit):
+        return max(256, min(config.max_tokens, int(profile.context) // 4))
+    return config.max_tokens
+
+
 def describe_profile(profile):
     """One line. Example: 'llama.cpp · n_ctx 8192 · tools: no (template)'."""
     parts = [profile.kind or "unknown server"]
@@ -6573,8 +6581,8 @@ class Session:
         c, changes = self.config, {}
         if profile.context and "contextWindow" not in c.explicit:
             self.context_window = changes["context_window"] = int(profile.context)
-            if c.max_tokens and "maxTokens" not in c.explicit:
-                changes["max_tokens"] = max(256, min(c.max_tokens, int(profile.context) // 4))
+            if profile_output_cap(c, profile) != c.max_tokens:
+                changes["max_tokens"] = profile_output_cap(c, profile)
         text_mode = profile.tools is False and "toolCalls" not in c.explicit and c.compat.tool_calls != "text" \
             and bool(self.tools.names())
         if text_mode:
@@ -8584,6 +8592,7 @@ def run_doctor(config, out=None):
     say("endpoint: %s · model %s · key: %s" % (display_url(config.chat_url), config.model, config.key_source))
     profile = server_profile(config, fresh=True)
     say("server:   %s" % describe_profile(profile))
+    config = config._replace(max_tokens=profile_output_cap(config, profile))  # as a session would: bounded checks
     client, results = ChatClient(config, lambda event: None), {}
 
     def check(name, messages, tools):

