@@ -1112,7 +1112,12 @@ class ChunkAssembler:
         end = buf.find(_THINK_CLOSE)
         if end >= 0:
             self._think_tag_seen = True
-            moved = "".join(self._text) + buf[:end]
+            moved = "".join(self._text)
+            if self._text_calls is not None:  # what the call filter held back was reasoning too
+                held, _ = self._text_calls.finish(parse=False)
+                moved += held
+                self._text_calls = TextCallFilter(self._text_calls.names)
+            moved += buf[:end]
             self._text = []
             if moved:
                 self._reasoning.append(moved)
@@ -1299,14 +1304,20 @@ def text_mode_messages(messages):
                      for c in msg["tool_calls"]]
             out.append({"role": "assistant", "content": "\n".join(([msg["content"]] if msg.get("content") else []) + calls)})
         elif role == "tool":
-            block = "<tool_response>\n%s\n</tool_response>" % msg.get("content", "")
-            if out and out[-1].get("role") == "user" and out[-1].get("tool_results"):
-                out[-1] = {"role": "user", "content": out[-1]["content"] + "\n" + block, "tool_results": True}
-            else:
-                out.append({"role": "user", "content": block, "tool_results": True})
+            _append_user(out, "<tool_response>\n%s\n</tool_response>" % msg.get("content", ""))
+        elif role == "user" and isinstance(msg.get("content"), str) and out and out[-1].get("merged"):
+            _append_user(out, msg["content"])  # strict templates want user and assistant to alternate
         else:
             out.append(msg)
-    return [{"role": m["role"], "content": m["content"]} if m.get("tool_results") else m for m in out]
+    return [{"role": m["role"], "content": m["content"]} if m.get("merged") else m for m in out]
+
+
+def _append_user(out, text):
+    """Add text to the user message at the end of out, or start one (text-mode histories alternate roles)."""
+    if out and out[-1].get("role") == "user" and isinstance(out[-1].get("content"), str):
+        out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + text, "merged": True}
+    else:
+        out.append({"role": "user", "content": text, "merged": True})
 
 
 def _json_or_text(text):
@@ -1882,10 +1893,9 @@ def parse_text_tool_calls(text, names):
         for m in matches:
             inner = m.group(1) if m.re is _HERMES_RE else m.group(0)
             calls = _qwen_calls(inner, names) if "<function=" in inner else _json_calls(inner, names)
-            if not calls:
-                return [], text
-            found += calls
-            spans.append(m.span())
+            if calls:  # a block that is no call (prose mentioning the tag) stays text
+                found += calls
+                spans.append(m.span())
     elif "[TOOL_CALLS]" in text:
         start = text.index("[TOOL_CALLS]")
         named = list(_MISTRAL_NAMED_RE.finditer(text))
@@ -1941,8 +1951,7 @@ class TextCallFilter:
         self._held = ""
         self._capturing = False
         self._at_start = True  # only whitespace so far: a '{' here may begin a bare JSON call
-        self._fences = 0  # ``` seen in the shown text (odd: inside a code block)
-        self._tail = ""  # the last two characters shown, so a ``` split between deltas is counted
+        self._shown = []  # the text shown so far: an odd number of ``` in it means inside a code block
 
     def feed(self, text):
         """Take a text delta; return the part that can be shown now."""
@@ -1968,7 +1977,7 @@ class TextCallFilter:
                 self._held = buf[len(buf) - keep:]
                 break
             before = buf[i:pos]
-            fences = self._fences + (self._tail + "".join(shown) + before).count("```")
+            fences = ("".join(self._shown) + "".join(shown) + before).count("```")  # only when an opener shows up
             if fences % 2 or buf[pos - 1:pos] == "`":  # quoted in code: it is text
                 shown.append(buf[i:pos + len(opener)])
                 i = pos + len(opener)
@@ -1977,8 +1986,7 @@ class TextCallFilter:
             self._capturing, self._held = True, buf[pos:]
             break
         out = "".join(shown)
-        self._fences += (self._tail + out).count("```")
-        self._tail = (self._tail + out)[-2:]
+        self._shown.append(out)
         return out
 
     @staticmethod
@@ -5965,6 +5973,9 @@ def load_skill(path, source, problems):
     except FrontmatterError as e:
         problems.append("%s:%d: %s" % (path, e.line, str(e).split(": ", 1)[1]))
         return None
+    except RecursionError:
+        problems.append("%s: frontmatter nested too deeply" % path)
+        return None
     folder = os.path.basename(os.path.dirname(path))
     if os.path.basename(path) not in SKILL_FILES:  # a loose .md file: its name stands for the folder
         folder = os.path.splitext(os.path.basename(path))[0]
@@ -6027,12 +6038,14 @@ def skill_prompt(skill, args):
     used = []
 
     def substitute(m):
-        used.append(m.group(1))
-        if m.group(1) == "ARGUMENTS":
+        name = m.group(1) or m.group(2)
+        if name == "ARGUMENTS":
+            used.append(name)
             return args
-        n = int(m.group(1))
+        n = int(name)
+        used.append(name)
         return words[n - 1] if n <= len(words) else ""
-    body = re.sub(r"\$\{?(ARGUMENTS|[1-9][0-9]*)\}?", substitute, body)
+    body = re.sub(r"\$(?:\{(ARGUMENTS|[1-9][0-9]*)\}|(ARGUMENTS|[1-9][0-9]*))", substitute, body)
     text = '<skill name="%s" location="%s">\nRelative paths in this skill resolve against its folder: %s\n\n%s\n</skill>' % (
         _xml(skill.name), _xml(skill.path), skill.base_dir, body.strip())
     return text + ("\n\n" + args if args and not used else "")
@@ -6379,6 +6392,9 @@ class Session:
         if self.store:
             self.store.write({"type": "model_change", "model": config.model, "provider": config.provider,
                               "baseUrl": config.base_url})
+        system = self.system_message()  # the tool-call mode (native or text) may differ for this model
+        if self.messages and self.messages[0] != system:
+            self.set_system_message(system)
 
     def session_event(self):
         """The first event of a headless run."""
@@ -7555,7 +7571,8 @@ class CommandLoop:
         with self._lock:
             late, self._late = self._late, False
             inbox = self.session.inbox
-            if self.running and (late or not cancel.is_set()) and len(inbox):
+            if self.running and (late or not cancel.is_set() or inbox.has("job")) and len(inbox):
+                # a job's report is not the user's input: an abort does not hold it back
                 self._start("prompt" if inbox.has_messages() else "shells", None)
                 return
             self.busy = False

@@ -2164,6 +2164,35 @@ class TestTextToolCalls(unittest.TestCase):
         self.assertEqual([c["name"] for c in reply.tool_calls], ["bash"])
         self.assertIn("<tool_call>", reply.text, "the text is shown as it came")
 
+    def test_a_block_that_is_no_call_stays_text_and_the_valid_calls_run(self):
+        text = '<tool_call>{"name": "read", "arguments": {"path": "a"}}</tool_call>\nthen I will mention <tool_call> tags'
+        reply, shown = self.assemble_text(text, 5)
+        self.assertEqual([(c["name"], c["args"]) for c in reply.tool_calls], [("read", {"path": "a"})])
+        self.assertIn("mention <tool_call> tags", reply.text)
+
+    def test_a_four_backtick_fence_split_between_deltas_still_quotes_the_markup(self):
+        texts = []
+        assembler = nanocode.ChunkAssembler(texts.append, lambda t, m: None, tool_names=self.NAMES)
+        for piece in ("Example:\n```", '`\n<tool_call>{"name": "read", "arguments": {}}</tool_call>\n````\n'):
+            assembler.add(chunk({"content": piece}))
+        self.assertEqual(assembler.finish().tool_calls, [])
+
+    def test_reasoning_held_by_the_call_filter_moves_with_a_lone_think_close(self):
+        reply, shown = self.assemble_text("I should call <tool_call> read.</think>Here is the answer.", 0)
+        self.assertEqual(reply.text, "Here is the answer.")
+        self.assertIn("<tool_call> read.", reply.reasoning)
+
+    def test_text_mode_histories_alternate_roles(self):
+        call = {"id": "c1", "type": "function", "function": {"name": "read", "arguments": '{"path": "a"}'}}
+        history = [{"role": "system", "content": "s"}, {"role": "user", "content": "go"},
+                   {"role": "assistant", "content": None, "tool_calls": [call]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "A"}, {"role": "user", "content": "steer: stop"},
+                   {"role": "user", "content": "and another"}]
+        sent = nanocode.text_mode_messages(history)
+        self.assertEqual([m["role"] for m in sent], ["system", "user", "assistant", "user"])
+        self.assertEqual(sent[3]["content"], "<tool_response>\nA\n</tool_response>\n\nsteer: stop\n\nand another")
+        self.assertEqual(history[4], {"role": "user", "content": "steer: stop"}, "the stored history is not changed")
+
     def test_no_tools_no_parsing(self):
         texts = []
         assembler = nanocode.ChunkAssembler(texts.append, lambda t, m: None)
@@ -4499,6 +4528,20 @@ class TestContextFiles(ContextTestCase):
         self.assertIn("context files: ~/work/repo/CLAUDE.md (300 B), AGENTS.md (2.0 KB)", repl.out.getvalue())
 
 
+class TestSkillEdges(TempDirMixin, unittest.TestCase):
+    def test_arguments_fill_placeholders_and_leave_shell_braces_alone(self):
+        path = self.write_file("SKILL.md", "---\nname: s\ndescription: d\n---\nawk '{print $1}' f; echo ${2} $ARGUMENTS\n")
+        skill = nanocode.Skill("s", "d", path, self.dir)
+        text = nanocode.skill_prompt(skill, "foo bar")
+        self.assertIn("awk '{print foo}' f; echo bar foo bar", text)
+
+    def test_a_pathologically_nested_frontmatter_is_a_problem_not_a_crash(self):
+        path = self.write_file("SKILL.md", "---\nname: s\ndescription: d\nmeta: " + "[" * 3000 + "\n---\nbody\n")
+        problems = []
+        self.assertIsNone(nanocode.load_skill(path, "test", problems))
+        self.assertTrue(problems and path in problems[0], problems)
+
+
 class TestFrontmatter(unittest.TestCase):
     """The YAML subset of SKILL.md frontmatter."""
 
@@ -4912,6 +4955,14 @@ class TestToolScheduling(TempDirMixin, unittest.TestCase):
         self.assertEqual(agent.messages[2]["tool_calls"][0]["function"]["name"], "fs_read-one")
         self.assertEqual(agent.messages[3], {"role": "tool", "tool_call_id": "c1", "content": "read it"})
         self.assertEqual([e["name"] for e in events if e["type"] == "tool_start"], ["fs.read-one"])
+
+    def test_a_model_switch_rebuilds_the_system_prompt_when_the_tool_call_mode_changes(self):
+        agent, events = self.agent([], ["slow_write"])
+        text_config = agent.config._replace(compat=agent.config.compat._replace(tool_calls="text"))
+        agent.reconfigure(text_config)
+        self.assertIn("<tool_call>", agent.messages[0]["content"])
+        agent.reconfigure(text_config._replace(compat=text_config.compat._replace(tool_calls="native")))
+        self.assertNotIn("<tool_call>", agent.messages[0]["content"])
 
     def test_tools_added_or_removed_while_running_reach_the_model_at_the_next_request(self):
         agent, events = self.agent([], ["slow_write"])
@@ -7733,8 +7784,8 @@ class TestRobustnessMore(ReviewCase):
 def is_btw_request(request):
     """True for a /btw side question's request."""
     last = ((request.json or {}).get("messages") or [{}])[-1]
-    return last.get("role") == "user" and str(last.get("content", "")).startswith(
-        (nanocode.BTW_NOTE, nanocode.BTW_TOOLS_NOTE))
+    content = str(last.get("content", ""))  # in text mode it may follow the tool results in one user message
+    return last.get("role") == "user" and any(note in content for note in (nanocode.BTW_NOTE, nanocode.BTW_TOOLS_NOTE))
 
 
 class TestJobsInTheRepl(ReplTestCase, ChildJobCase):
@@ -7856,7 +7907,9 @@ class TestBtw(ReplTestCase):
         self.assertEqual(len(side), 1)
         body = side[0].json
         self.assertNotIn("tools", body)  # no tools: the copied history's calls travel as text
-        self.assertEqual(body["messages"][-1]["content"], nanocode.BTW_NOTE + "\n\nwhat is the answer?")
+        # the tool result still running and the question travel as one user message (roles alternate)
+        self.assertTrue(body["messages"][-1]["content"].endswith(nanocode.BTW_NOTE + "\n\nwhat is the answer?"))
+        self.assertEqual([m["role"] for m in body["messages"]], ["system", "user", "assistant", "user"])
         self.assertEqual(body["messages"][1], {"role": "user", "content": "do the thing"})
         self.assertIn(nanocode.STILL_RUNNING, json.dumps(body["messages"], ensure_ascii=False))
         self.assertIn("btw › what is the answer?", self.out.getvalue())
