@@ -2829,10 +2829,7 @@ class TestBashTool(TempDirMixin, unittest.TestCase):
             pid = int(f.read())
         os.kill(pid, 0)  # still running: the user may have asked for a server
         nanocode.PROCESS_GROUPS.kill_all()
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.05)
-        self.assertFalse(_alive(pid))
+        assert_gone(self, pid)
 
     def test_timeout_kills_grandchildren(self):
         pidfile = os.path.join(self.dir, "gc.pid")
@@ -2841,10 +2838,7 @@ class TestBashTool(TempDirMixin, unittest.TestCase):
         self.assertIn("timed out after 1s", r.text)
         with open(pidfile) as f:
             pid = int(f.read())
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.05)
-        self.assertFalse(_alive(pid))
+        assert_gone(self, pid)
 
     def test_abort_kills_the_command(self):
         cancel = nanocode.Cancel()
@@ -2957,10 +2951,7 @@ class TestBashTool(TempDirMixin, unittest.TestCase):
         return pid
 
     def assert_dies(self, pid):
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.05)
-        self.assertFalse(_alive(pid))
+        assert_gone(self, pid)
 
     def test_timeout_kills_processes_that_left_the_group(self):
         pidfile = os.path.join(self.dir, "escaped.pid")
@@ -3034,11 +3025,19 @@ def _signal_quietly(pid, sig=signal.SIGKILL):
         pass
 
 
+def assert_gone(test, pid, timeout=10):
+    """pid ends within timeout (waiting for it, never a fixed sleep)."""
+    test.assertTrue(wait_for(lambda: not _alive(pid), timeout), "process %d still runs" % pid)
+
+
 def _alive(pid):
+    """True while pid runs (a zombie, exited but not yet reaped, counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:
+        return True
     try:  # a zombie counts as gone
         with open("/proc/%d/stat" % pid) as f:
             return f.read().split(")")[-1].split()[0] != "Z"
@@ -3132,7 +3131,7 @@ class ChildJobCase(EndToEndTestCase):
         return pid
 
     def assert_dies(self, pid):
-        self.assertTrue(wait_for(lambda: not _alive(pid), 10), "process %d still runs" % pid)
+        assert_gone(self, pid)
 
 
 class TestChildJobs(ChildJobCase):
@@ -8317,20 +8316,6 @@ def slow_text(words, pause=0.15, then=()):
     return body
 
 
-def _process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by tmux) counts as gone
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 class TmuxSession:
     """nanocode's REPL in a private tmux server: type keys, read the screen."""
 
@@ -8355,7 +8340,7 @@ class TmuxSession:
             pid = None
         self.tmux("kill-server")
         if pid:
-            wait_for(lambda: not _process_exists(pid), 10)
+            wait_for(lambda: not _alive(pid), 10)
 
     def type(self, text):
         """Type literal text (no Enter)."""
@@ -8389,15 +8374,19 @@ class TmuxSession:
         return "t" in self.tmux("list-sessions", "-F", "#{session_name}").split()
 
 
-@unittest.skipUnless(TMUX or os.environ.get("NANOCODE_INTEROP"), "tmux is not installed")
-class TestRepl(EndToEndTestCase):
-    """The REPL in a real terminal (tmux), against the fake server."""
+class TmuxTestCase(EndToEndTestCase):
+    """Starts nanocode's REPL in tmux against the fake server."""
 
     def start(self, **env):
         self.assertTrue(TMUX, "tmux is required (NANOCODE_INTEROP=1)")
         session = TmuxSession(self, self.nanocode_env(**env), self.cwd)
         session.wait("/help for commands")
         return session
+
+
+@unittest.skipUnless(TMUX or os.environ.get("NANOCODE_INTEROP"), "tmux is not installed")
+class TestRepl(TmuxTestCase):
+    """The REPL in a real terminal (tmux), against the fake server."""
 
     def test_ctrl_c_aborts_and_the_partial_answer_stays_in_history(self):
         self.fake.enqueue(slow_text(["partial%d" % i for i in range(100)], 0.2))
@@ -8477,14 +8466,8 @@ class TestRepl(EndToEndTestCase):
 # -- waiting for what is expected; Ctrl+C in a real terminal ------------------------
 
 @unittest.skipUnless(TMUX or os.environ.get("NANOCODE_INTEROP"), "tmux is not installed")
-class TestReplTerminal(EndToEndTestCase):
+class TestReplTerminal(TmuxTestCase):
     """Steering and queues while streaming, and a real Ctrl+C, in tmux."""
-
-    def start(self, **env):
-        self.assertTrue(TMUX, "tmux is required (NANOCODE_INTEROP=1)")
-        session = TmuxSession(self, self.nanocode_env(**env), self.cwd)
-        session.wait("/help for commands")
-        return session
 
     def test_steering_while_streaming_keeps_the_typed_text_and_reaches_the_next_request(self):
         words = ["word%d" % i for i in range(30)]
