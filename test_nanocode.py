@@ -20,16 +20,18 @@ Sections follow nanocode.py, banner for banner:
    13. Globs and file lists  .gitignore, skipped entries
    14. Search tools          glob, grep (rg and stdlib, runaway patterns), ls, find
    15. Web                   webfetch, HTML to Markdown, websearch
-   16. Context               system prompt flags (end to end)
-   17. Context files, skills AGENTS.md, SYSTEM.md, frontmatter, skills, public skills
-   18. Agent core            tool scheduling, run-time tools, the loop end to end, text calls
-   19. Compaction            overflow detection, budgets, the cut, summaries, 300-turn loops, prefix
-   20. Session files         the JSONL file, resume, kill -9 recovery, /undo
-   21. Command loop          the in-process REPL: queues, Ctrl+C, /model, asks, jobs, /btw, robustness
-   22. Front ends: headless  -p text and --mode json, the fault matrix
-   23. Front ends: rendering the REPL renderer without a terminal
-   24. Front ends: the REPL  tmux: a real terminal
-   25. CLI                   flags, exit codes, signals, --doctor
+   16. MCP client            fake servers: lifecycle, faults, timeouts, cancels; Streamable HTTP
+   17. MCP servers           mcp.json, trust, tools in a session, router, results, real servers, conformance
+   18. Context               system prompt flags (end to end)
+   19. Context files, skills AGENTS.md, SYSTEM.md, frontmatter, skills, public skills
+   20. Agent core            tool scheduling, run-time tools, the loop end to end, text calls
+   21. Compaction            overflow detection, budgets, the cut, summaries, 300-turn loops, prefix
+   22. Session files         the JSONL file, resume, kill -9 recovery, /undo
+   23. Command loop          the in-process REPL: queues, Ctrl+C, /model, asks, jobs, /btw, robustness
+   24. Front ends: headless  -p text and --mode json, the fault matrix
+   25. Front ends: rendering the REPL renderer without a terminal
+   26. Front ends: the REPL  tmux: a real terminal
+   27. CLI                   flags, exit codes, signals, --doctor
 Benchmarks and the screenshot follow the tests.
 """
 
@@ -4281,7 +4283,327 @@ class TestWebSearch(WebTestCase):
 
 
 # =============================================================================
-# 16. Context
+# 16. MCP client
+# =============================================================================
+
+#: a stdlib MCP server over stdio for the tests; FAKE_MCP_MODE (comma list) picks its faults and habits,
+#: FAKE_MCP_LOG records every message it received (one JSON line each)
+FAKE_MCP_SERVER = r"""
+import json, os, sys, time, threading
+MODE = set((os.environ.get("FAKE_MCP_MODE") or "").split(","))
+LOG = os.environ.get("FAKE_MCP_LOG")
+lock = threading.Lock()
+def log(kind, obj):
+    if LOG:
+        with open(LOG, "a") as f:
+            f.write(json.dumps({"kind": kind, "msg": obj}) + "\n")
+def send(obj):
+    with lock:
+        sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
+TOOLS = [{"name": "echo", "description": "Echo the text back.", "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}},
+         {"name": "add", "description": "Add two integers.", "inputSchema": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}},
+         {"name": "crash", "description": "Exit at once.", "inputSchema": {"type": "object"}},
+         {"name": "hang", "description": "Never answer.", "inputSchema": {"type": "object"}},
+         {"name": "slow", "description": "Answer after progress.", "inputSchema": {"type": "object", "properties": {"steps": {"type": "integer"}}}},
+         {"name": "big", "description": "A 10 MB result.", "inputSchema": {"type": "object"}},
+         {"name": "image", "description": "An image.", "inputSchema": {"type": "object"}},
+         {"name": "fail", "description": "An error result.", "inputSchema": {"type": "object"}},
+         {"name": "env", "description": "Some environment variables.", "inputSchema": {"type": "object", "properties": {"names": {"type": "array", "items": {"type": "string"}}}}}]
+extra = int(os.environ.get("FAKE_MCP_EXTRA_TOOLS") or 0)
+TOOLS += [{"name": "tool%03d" % i, "description": "Extra tool number %d about widgets." % i, "inputSchema": {"type": "object", "properties": {"n": {"type": "integer"}}}} for i in range(extra)]
+PAGE = int(os.environ.get("FAKE_MCP_PAGE") or 0)
+if "slowstart" in MODE:
+    time.sleep(float(os.environ.get("FAKE_MCP_DELAY") or 3))
+if "garbage" in MODE:
+    print("this is not json"); print("{broken"); sys.stdout.flush()
+sys.stderr.write("fake server starting\n"); sys.stderr.flush()
+next_id = [1000]
+def request_client(method, params=None):
+    next_id[0] += 1
+    send({"jsonrpc": "2.0", "id": 0 if method == "roots/list" and "id0" in MODE else next_id[0], "method": method, "params": params or {}})
+def handle(msg):
+    method = msg.get("method"); rid = msg.get("id"); params = msg.get("params") or {}
+    if method is None:
+        log("response", msg); return
+    if rid is None:
+        log("notification", msg)
+        if method == "notifications/initialized":
+            if "burst" in MODE:
+                for _ in range(5): send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+            if "ping" in MODE: request_client("ping")
+            if "roots" in MODE: request_client("roots/list")
+            if "unknown" in MODE: request_client("sampling/createMessage", {"messages": []})
+            send({"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "logger": "fake", "data": "hello log"}})
+        return
+    log("request", msg)
+    if method == "initialize":
+        if "noinit" in MODE: return
+        version = os.environ.get("FAKE_MCP_VERSION") or params.get("protocolVersion")
+        send({"jsonrpc": "2.0", "id": rid, "result": {"protocolVersion": version, "capabilities": {"tools": {"listChanged": True}, "prompts": {}, "resources": {}, "logging": {}}, "serverInfo": {"name": "fake", "version": "1.0"}}})
+    elif method == "tools/list":
+        if PAGE:
+            start = int(params.get("cursor") or 0)
+            page = TOOLS[start:start + PAGE]
+            result = {"tools": page}
+            if start + PAGE < len(TOOLS): result["nextCursor"] = str(start + PAGE)
+        else:
+            result = {"tools": TOOLS}
+        send({"jsonrpc": "2.0", "id": rid, "result": result})
+    elif method == "prompts/list":
+        send({"jsonrpc": "2.0", "id": rid, "result": {"prompts": [{"name": "review", "description": "Review a file", "arguments": [{"name": "file", "required": True}, {"name": "focus"}]}]}})
+    elif method == "prompts/get":
+        a = params.get("arguments") or {}
+        send({"jsonrpc": "2.0", "id": rid, "result": {"messages": [{"role": "user", "content": {"type": "text", "text": "Please review %s focusing on %s." % (a.get("file"), a.get("focus", "everything"))}}]}})
+    elif method == "resources/list":
+        send({"jsonrpc": "2.0", "id": rid, "result": {"resources": [{"uri": "test://notes/1", "name": "Note one", "mimeType": "text/plain"}]}})
+    elif method == "resources/read":
+        send({"jsonrpc": "2.0", "id": rid, "result": {"contents": [{"uri": params.get("uri"), "mimeType": "text/plain", "text": "NOTE CONTENT for " + params.get("uri", "")}]}})
+    elif method == "tools/call":
+        name = params.get("name"); args = params.get("arguments") or {}
+        token = (params.get("_meta") or {}).get("progressToken")
+        if name == "echo":
+            send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "Echo: %s" % args.get("text")}]}})
+        elif name == "add":
+            a, b = args.get("a"), args.get("b")
+            if not isinstance(a, int) or not isinstance(b, int):
+                send({"jsonrpc": "2.0", "id": rid, "result": {"isError": True, "content": [{"type": "text", "text": "a and b must be integers, got %r %r" % (a, b)}]}})
+            else:
+                send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "The sum of %d and %d is %d." % (a, b, a + b)}], "structuredContent": {"sum": a + b}}})
+        elif name == "crash":
+            sys.stderr.write("fatal: crashing on purpose\n"); sys.stderr.flush(); os._exit(3)
+        elif name == "hang":
+            return
+        elif name == "slow":
+            def work():
+                for i in range(int(args.get("steps") or 3)):
+                    time.sleep(0.4)
+                    if token is not None:
+                        send({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": token, "progress": i + 1, "total": args.get("steps") or 3, "message": "step %d" % (i + 1)}})
+                send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "slow done"}]}})
+            threading.Thread(target=work).start()
+        elif name == "big":
+            send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": "x" * (10 << 20)}]}})
+        elif name == "image":
+            send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "image", "mimeType": "image/png", "data": "iVBORw0KGgo="}, {"type": "resource_link", "uri": "file:///tmp/a.txt", "name": "a.txt"}]}})
+        elif name == "env":
+            names = args.get("names") or []
+            send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": json.dumps(dict((n, os.environ.get(n)) for n in names))}]}})
+        elif name == "fail":
+            send({"jsonrpc": "2.0", "id": rid, "result": {"isError": True, "content": [{"type": "text", "text": "it failed on purpose"}]}})
+        else:
+            send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32602, "message": "unknown tool %s" % name}})
+    elif method == "ping":
+        send({"jsonrpc": "2.0", "id": rid, "result": {}})
+    else:
+        send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "no " + method}})
+for line in sys.stdin:
+    line = line.strip()
+    if not line: continue
+    msg = json.loads(line)
+    for m in (msg if isinstance(msg, list) else [msg]):
+        handle(m)
+log("eof", {})
+if "ignore_eof" in MODE:
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN) if "ignore_term" in MODE else None
+    while True:
+        time.sleep(1)
+"""
+
+
+def write_fake_mcp(test):
+    """The fake MCP server's script in the test's temp dir; returns its path."""
+    path = os.path.join(test.tmp, "fake_mcp.py")
+    if not os.path.exists(path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(FAKE_MCP_SERVER)
+    return path
+
+
+def fake_mcp_entry(test, mode="", **env):
+    """An mcp.json entry that starts the fake server."""
+    entry_env = {"FAKE_MCP_MODE": mode, "FAKE_MCP_LOG": os.path.join(test.tmp, "fake-mcp.log")}
+    entry_env.update(env)
+    return {"command": sys.executable, "args": [write_fake_mcp(test)], "env": entry_env}
+
+
+def fake_mcp_messages(test, kind=None, method=None):
+    """What the fake server received: [message], filtered by kind (request, notification, response) and method."""
+    path = os.path.join(test.tmp, "fake-mcp.log")
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        items = [json.loads(line) for line in f if line.strip()]
+    return [i["msg"] for i in items if (kind is None or i["kind"] == kind)
+            and (method is None or i["msg"].get("method") == method)]
+
+
+class McpServerTestCase(NanocodeTestCase):
+    """One McpServer (the real client) against the fake server, in process."""
+
+    def server(self, mode="", timeout=10.0, startup=10.0, **env):
+        entry = fake_mcp_entry(self, mode, **env)
+        spec = nanocode.McpSpec(name="fake", command=entry["command"], args=tuple(entry["args"]), env=entry["env"],
+                                timeout=timeout, startup_timeout=startup)
+        config = nanocode.Config(home=self.home, cwd=self.cwd)
+        changes = []
+        server = nanocode.McpServer(spec, config, lambda s: changes.append(s.state))
+        server.changes = changes
+        self.addCleanup(server.stop)
+        return server
+
+    def connected(self, mode="", **kwargs):
+        server = self.server(mode, **kwargs)
+        server.connect()
+        self.assertEqual(server.state, "connected", server.reason)
+        return server
+
+    def text_of(self, result):
+        return "".join(part.get("text", "") for part in result.get("content", []))
+
+    def log_text(self, server):
+        with open(server.log.path, encoding="utf-8") as f:
+            return f.read()
+
+
+class TestMcpStdio(McpServerTestCase):
+    def test_the_whole_lifecycle_and_the_servers_own_requests(self):
+        server = self.connected("burst,ping,roots,garbage")
+        self.assertEqual(server.protocol, "2025-11-25")
+        self.assertEqual(server.info["name"], "fake")
+        self.assertIn("echo", [t["name"] for t in server.tools])
+        self.assertEqual(self.text_of(server.call_tool("add", {"a": 2, "b": 3})), "The sum of 2 and 3 is 5.")
+        init = fake_mcp_messages(self, "request", "initialize")[0]
+        self.assertEqual(init["params"]["protocolVersion"], "2025-11-25")
+        self.assertIn("roots", init["params"]["capabilities"])
+        self.assertEqual(len(fake_mcp_messages(self, "notification", "notifications/initialized")), 1)
+        answers = dict((m["id"], m) for m in fake_mcp_messages(self, "response"))
+        self.assertEqual(answers[1001].get("result"), {}, "ping answered with {}")
+        roots = answers[1002]["result"]["roots"]
+        self.assertEqual(roots[0]["uri"], "file://" + self.cwd)
+        # the burst of list_changed after initialized: the list is fetched again, the server still works
+        self.assertTrue(wait_for(lambda: len(fake_mcp_messages(self, "request", "tools/list")) >= 2))
+        self.assertEqual(self.text_of(server.call_tool("echo", {"text": "again"})), "Echo: again")
+        log = self.log_text(server)
+        for needle in ("stderr: fake server starting", "not JSON-RPC, ignored): this is not json", "hello log"):
+            self.assertIn(needle, log)
+
+    def test_every_page_of_the_tool_list(self):
+        server = self.connected(FAKE_MCP_PAGE="3", FAKE_MCP_EXTRA_TOOLS="5")
+        self.assertEqual(len(server.tools), 14)
+        cursors = [(m.get("params") or {}).get("cursor") for m in fake_mcp_messages(self, "request", "tools/list")]
+        self.assertEqual(cursors, [None, "3", "6", "9", "12"])
+
+    def test_a_request_with_id_0_and_an_undeclared_method(self):
+        self.connected("roots,id0,unknown")
+        answers = wait_for(lambda: [m for m in fake_mcp_messages(self, "response") if m["id"] in (0, 1002)]
+                           if len(fake_mcp_messages(self, "response")) >= 2 else None)
+        by_id = dict((m["id"], m) for m in answers)
+        self.assertIn("roots", by_id[0]["result"])
+        self.assertEqual(by_id[1002]["error"]["code"], -32601)
+
+    def test_older_protocol_versions_are_accepted_and_unknown_ones_refused(self):
+        self.assertEqual(self.connected(FAKE_MCP_VERSION="2024-11-05").protocol, "2024-11-05")
+        server = self.server(FAKE_MCP_VERSION="1999-01-01")
+        server.connect()
+        self.assertEqual(server.state, "failed")
+        self.assertIn("'1999-01-01'", server.reason)
+        self.assertIn("2025-11-25", server.reason)
+
+    def test_a_server_that_never_answers_initialize_fails_with_the_reason(self):
+        server = self.server("noinit", startup=0.5)
+        server.start()
+        self.assertTrue(server.wait_ready(10))
+        self.assertEqual(server.state, "failed")
+        self.assertIn("no answer to initialize within 0.5s", server.reason)
+        self.assertIn("fake server starting", server.reason, "the last stderr lines are in the reason")
+        with self.assertRaises(nanocode.McpError) as caught:
+            server.call_tool("echo", {"text": "x"})
+        self.assertIn("failed", str(caught.exception))
+
+    def test_a_crash_mid_call_is_an_error_with_exit_code_and_stderr_then_a_restart(self):
+        server = self.connected()
+        with self.assertRaises(nanocode.McpError) as caught:
+            server.call_tool("crash", {})
+        message = str(caught.exception)
+        self.assertIn("exited with code 3", message)
+        self.assertIn("crashing on purpose", message)
+        self.assertEqual(server.state, "exited")
+        self.assertEqual(self.text_of(server.call_tool("echo", {"text": "back"})), "Echo: back")
+        self.assertEqual(len(fake_mcp_messages(self, "request", "initialize")), 2)
+
+    def test_restarts_stop_after_three_in_a_minute(self):
+        server = self.connected()
+        for _ in range(4):  # the first run and three restarts
+            with self.assertRaises(nanocode.McpError):
+                server.call_tool("crash", {})
+        with self.assertRaises(nanocode.McpError) as caught:
+            server.call_tool("echo", {"text": "x"})
+        self.assertIn("restarted 3 times", str(caught.exception))
+        self.assertIn("exited with code 3", str(caught.exception))
+        self.assertEqual(server.state, "failed")
+        self.assertEqual(len(fake_mcp_messages(self, "request", "initialize")), 4)
+        with self.assertRaises(nanocode.McpError):
+            server.call_tool("echo", {"text": "x"})
+        self.assertEqual(len(fake_mcp_messages(self, "request", "initialize")), 4, "a failed server is not retried")
+
+    def test_a_timeout_sends_cancelled_and_keeps_the_server(self):
+        server = self.connected(timeout=0.5)
+        pid = server.transport.proc.pid
+        with self.assertRaises(nanocode.McpError) as caught:
+            server.call_tool("hang", {})
+        self.assertIn("within 0.5s", str(caught.exception))
+        call_id = fake_mcp_messages(self, "request", "tools/call")[0]["id"]
+        cancelled = wait_for(lambda: fake_mcp_messages(self, "notification", "notifications/cancelled"))
+        self.assertEqual(cancelled[0]["params"]["requestId"], call_id)
+        self.assertEqual(self.text_of(server.call_tool("echo", {"text": "alive"})), "Echo: alive")
+        self.assertEqual(server.transport.proc.pid, pid, "the same process")
+
+    def test_a_cancel_sends_cancelled_and_keeps_the_server(self):
+        server = self.connected()
+        pid = server.transport.proc.pid
+        cancel = nanocode.Cancel()
+        threading.Thread(target=lambda: (wait_for(lambda: fake_mcp_messages(self, "request", "tools/call")),
+                                         cancel.cancel()), daemon=True).start()
+        with self.assertRaises(nanocode.McpError) as caught:
+            server.call_tool("hang", {}, cancel)
+        self.assertIn("cancelled", str(caught.exception))
+        self.assertTrue(wait_for(lambda: fake_mcp_messages(self, "notification", "notifications/cancelled")))
+        self.assertEqual(self.text_of(server.call_tool("echo", {"text": "alive"})), "Echo: alive")
+        self.assertEqual(server.transport.proc.pid, pid)
+
+    def test_progress_resets_the_timeout_and_streams_updates(self):
+        server = self.connected(timeout=0.8)
+        updates = []
+        result = server.call_tool("slow", {"steps": 4}, update=updates.append)
+        self.assertEqual(self.text_of(result), "slow done", "1.6 s of work, never 0.8 s without progress")
+        self.assertEqual(updates, ["[%d/4] step %d\n" % (i, i) for i in range(1, 5)])
+
+    def test_the_server_runs_in_its_own_process_group(self):
+        server = self.connected()
+        self.assertNotEqual(os.getpgid(server.transport.proc.pid), os.getpgid(0), "Ctrl+C at the terminal never reaches it")
+
+    def test_shutdown_closes_stdin_then_signals(self):
+        server = self.connected("ignore_eof")
+        pid = server.transport.proc.pid
+        server.stop()
+        assert_gone(self, pid)
+        self.assertTrue(fake_mcp_messages(self, "eof"), "stdin was closed first")
+        stubborn = self.connected("ignore_eof,ignore_term")
+        pid = stubborn.transport.proc.pid
+        stubborn.stop()
+        assert_gone(self, pid)
+
+    def test_a_huge_result_is_cut_and_kept_whole_in_a_file(self):
+        server = self.connected()
+        result = nanocode.format_mcp_result("fake", "big", server.call_tool("big", {}), self.home)
+        self.assertLess(len(result.text), nanocode.MCP_RESULT_CHARS + 1000)
+        path = re.search(r"the whole result is in (\S+?)\]", result.text).group(1)
+        self.assertEqual(os.path.getsize(path), 10 << 20)
+
+
+# =============================================================================
+# 18. Context
 # =============================================================================
 
 class TestContext(EndToEndTestCase):
@@ -4312,7 +4634,7 @@ class TestContext(EndToEndTestCase):
 
 
 # =============================================================================
-# 17. Context files and skills
+# 19. Context files and skills
 # =============================================================================
 
 def put(path, text=""):
@@ -4870,7 +5192,7 @@ class TestPublicSkills(ContextTestCase):
 
 
 # =============================================================================
-# 18. Agent core
+# 20. Agent core
 # =============================================================================
 
 class ScriptedClient:
@@ -5148,7 +5470,7 @@ class TestAgentCore(EndToEndTestCase):
 
 
 # =============================================================================
-# 19. Compaction
+# 21. Compaction
 # =============================================================================
 
 # Compaction (issue 7 §3-4): when and how the context is compacted, overflow answers,
@@ -6002,7 +6324,7 @@ class TestRequestPrefix(EndToEndTestCase):
 
 
 # =============================================================================
-# 20. Session files and undo
+# 22. Session files and undo
 # =============================================================================
 
 # Session files, resume, crash recovery and /undo (spec issue 7), driven end to end where possible.
@@ -6547,7 +6869,7 @@ class TestRebuildAfterCompaction(SessionCase):
 
 
 # =============================================================================
-# 21. Command loop and the in-process REPL
+# 23. Command loop and the in-process REPL
 # =============================================================================
 
 """Issue 7: the REPL core (Session, CommandLoop, slash commands, Repl) driven in-process.
@@ -7953,7 +8275,7 @@ class TestBtw(ReplTestCase):
 
 
 # =============================================================================
-# 22. Front ends: headless
+# 24. Front ends: headless
 # =============================================================================
 
 class TestHeadless(EndToEndTestCase):
@@ -8259,7 +8581,7 @@ class TestFaultMatrix(EndToEndTestCase):
 
 
 # =============================================================================
-# 23. Front ends: REPL rendering
+# 25. Front ends: REPL rendering
 # =============================================================================
 
 class TestReplRenderer(unittest.TestCase):
@@ -8301,7 +8623,7 @@ class TestReplRenderer(unittest.TestCase):
 
 
 # =============================================================================
-# 24. Front ends: the REPL in a real terminal (tmux)
+# 26. Front ends: the REPL in a real terminal (tmux)
 # =============================================================================
 
 TMUX = shutil.which("tmux")
@@ -8570,7 +8892,7 @@ class TestReplTerminal(TmuxTestCase):
 
 
 # =============================================================================
-# 25. CLI
+# 27. CLI
 # =============================================================================
 
 class TestCLI(EndToEndTestCase):
