@@ -867,6 +867,8 @@ class SSEDecoder:
         self._skip_lf = False  # the last feed ended in CR; a leading LF belongs to it
         self._data = []
         self._kind = "message"
+        self.last_id = None  # the last `id:` seen (a stream resumes from it with Last-Event-ID)
+        self.retry = None  # the last `retry:` in milliseconds
 
     def feed(self, chunk):
         """Parse the bytes of one read; return the events they complete."""
@@ -921,7 +923,11 @@ class SSEDecoder:
         elif name == "error":  # non-standard, seen from some proxies
             self._kind = "error"
             self._data.append(value)
-        # id:, retry: and unknown fields are ignored, as the spec says
+        elif name == "id" and "\0" not in value:
+            self.last_id = value
+        elif name == "retry" and value.isdigit():
+            self.retry = int(value)
+        # unknown fields are ignored, as the spec says
 
 
 _THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
@@ -5462,6 +5468,9 @@ MCP_STDERR_KEEP = 20  #: stderr lines kept in memory for error messages
 MCP_SHUTDOWN_GRACE = 2.0
 MCP_CLIENT_INFO = {"name": "nanocode", "version": VERSION}
 MCP_CAPABILITIES = {"roots": {"listChanged": False}}
+MCP_PROBE_TIMEOUT = 5.0  #: the server/discover probe; a server of the handshake era usually refuses it at once
+MCP_INPUT_ROUNDS = 8  #: a tools/call that keeps answering input_required stops after this many rounds
+_HEADER_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 JSONRPC_NO_METHOD = -32601
 _EXPIRED = "nanocode/session-expired"  # data of the error an HTTP transport gives a request whose session is gone
 
@@ -5469,9 +5478,14 @@ _EXPIRED = "nanocode/session-expired"  # data of the error an HTTP transport giv
 class McpError(NanocodeError):
     """A failed MCP request or connection, in one line; code is the JSON-RPC error code, if any."""
 
-    def __init__(self, message, code=None, expired=False):
+    def __init__(self, message, code=None, expired=False, data=None):
         NanocodeError.__init__(self, message)
-        self.code, self.expired = code, expired
+        self.code, self.expired, self.data = code, expired, data
+
+    def supported_versions(self):
+        """The versions an 'unsupported protocol version' error (-32022) lists."""
+        found = self.data.get("supported") if isinstance(self.data, dict) else None
+        return [v for v in found if isinstance(v, str)] if isinstance(found, list) else []
 
 
 class McpLog:
@@ -5548,6 +5562,7 @@ class RpcPeer:
         self.send = send
         self.on_request, self.on_notify, self.log = on_request, on_notify, log
         self.meta = None  # the _meta every request carries (the 2026-07-28 era), or None
+        self.notifications = True  # False: notify() sends nothing (the stateless era over HTTP)
         self._pending = {}
         self._lock = threading.Lock()
         self._next_id = 0
@@ -5590,6 +5605,8 @@ class RpcPeer:
 
     def notify(self, method, params=None):
         """Send a notification (errors are the caller's)."""
+        if not self.notifications:
+            return
         message = {"jsonrpc": "2.0", "method": method}
         if params:
             message["params"] = params
@@ -5666,11 +5683,11 @@ def rpc_error(error):
         return McpError(one_line(str(error)))
     message = one_line(error.get("message") or "error %s" % error.get("code"), 500)
     data = error.get("data")
-    if data == _EXPIRED:
-        return McpError(message, error.get("code"), expired=True)
+    if data == _EXPIRED or (isinstance(data, dict) and data.get(_EXPIRED)):
+        return McpError(message, error.get("code"), expired=True, data=data)
     if data not in (None, "", {}):
         message += ": " + one_line(data if isinstance(data, str) else dump_json(data), 300)
-    return McpError(message, error.get("code"))
+    return McpError(message, error.get("code"), data=data)
 
 
 def _popen_group_flags():
@@ -5733,6 +5750,7 @@ class StdioTransport:
                 self.receive(message)
             except Exception as e:  # a message we could not handle must not stop the reader
                 self.log.write("error handling a message: %s: %s" % (e.__class__.__name__, e))
+        out.close()
         try:
             code = self.proc.wait(MCP_SHUTDOWN_GRACE)
         except Exception:
@@ -5743,6 +5761,7 @@ class StdioTransport:
     def _read_stderr(self):
         for raw in iter(self.proc.stderr.readline, b""):
             self.log.stderr(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        self.proc.stderr.close()
 
     def close(self):
         """Close stdin, wait MCP_SHUTDOWN_GRACE, then SIGTERM, wait, SIGKILL (the whole group)."""
@@ -5779,6 +5798,8 @@ class HttpTransport:
         self.url, self.headers, self.log, self.receive = spec.url, dict(spec.headers), log, receive
         self.session_id = None
         self.protocol = None
+        self.stateless = False  # the 2026-07-28 era: Mcp-Method, Mcp-Name and Mcp-Param-* headers on each POST
+        self.param_headers = {}  # tool name -> [(argument path, header name)] from its x-mcp-header annotations
         self.timeout = spec.timeout
         self.closing = False
         self._streams = []  # responses being read, closed by close()
@@ -5789,7 +5810,7 @@ class HttpTransport:
         else:
             self._post(message)
 
-    def _headers(self):
+    def _headers(self, message=None):
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
                    "User-Agent": "nanocode/" + VERSION}
         headers.update(self.headers)
@@ -5797,17 +5818,25 @@ class HttpTransport:
             headers["Mcp-Session-Id"] = self.session_id
         if self.protocol and self.protocol >= "2025-06-18":
             headers["MCP-Protocol-Version"] = self.protocol
+        if self.stateless and message is not None and isinstance(message.get("method"), str):
+            headers.update(stateless_headers(message, self.param_headers))
         return headers
 
     def _open(self, message):
         import urllib.request
         import urllib.error
-        request = urllib.request.Request(self.url, data=encode_json(message), headers=self._headers(), method="POST")
+        request = urllib.request.Request(self.url, data=encode_json(message), headers=self._headers(message), method="POST")
         try:
             return urllib.request.urlopen(request, timeout=max(self.timeout, 30.0))
         except urllib.error.HTTPError as e:
-            body = summarize_body(e.read()[:4000] if e.fp else b"", 200)
+            raw = e.read()[:65536] if e.fp else b""
+            body = summarize_body(raw[:4000], 200)
             expired = bool(self.session_id) and (e.code == 404 or (e.code == 400 and "session" in body.lower()))
+            error = _json_or_none(raw)
+            error = error.get("error") if isinstance(error, dict) else None
+            if isinstance(error, dict) and not expired:  # a JSON-RPC error in the body: its code and data count
+                found = rpc_error(error)
+                raise McpError("HTTP %d: %s" % (e.code, found), found.code, data=found.data)
             raise McpError("HTTP %d from %s: %s" % (e.code, display_url(self.url), body), e.code, expired=expired)
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
@@ -5827,7 +5856,7 @@ class HttpTransport:
             self._post(message)
         except McpError as e:
             self.receive({"jsonrpc": "2.0", "id": message["id"], "error": {
-                "code": e.code or -32000, "message": str(e), "data": _EXPIRED if e.expired else None}})
+                "code": e.code or -32000, "message": str(e), "data": _EXPIRED if e.expired else e.data}})
         except Exception as e:  # anything else still ends the request, never leaves it waiting
             self.receive({"jsonrpc": "2.0", "id": message["id"], "error": {
                 "code": -32000, "message": "%s: %s" % (e.__class__.__name__, e)}})
@@ -5857,35 +5886,113 @@ class HttpTransport:
         except ValueError:
             raise McpError("the server's answer is not JSON: %s" % summarize_body(body, 200))
 
-    def _read_events(self, read, message):
-        decoder, answered = SSEDecoder(), False
+    def _read_events(self, read, message, decoder=None):
+        """Hand each event of a stream to receive(); a request's stream that ends before its answer is
+        resumed with GET and Last-Event-ID when the server gave event ids (it may close it on purpose)."""
+        decoder = decoder or SSEDecoder()
         rid = message.get("id") if "method" in message else None
+        answered = self._pump_events(read, decoder, rid)
+        tries = 0
+        while rid is not None and not answered and not self.closing and decoder.last_id is not None and tries < 5:
+            tries += 1
+            time.sleep((decoder.retry if decoder.retry is not None else 500) / 1000.0)
+            decoder = _resumable(decoder)
+            try:
+                resp = self._get(decoder.last_id)
+            except McpError as e:
+                self.log.write("resuming the answer to %s failed: %s" % (message["method"], e))
+                continue
+            if resp is None:
+                break
+            self._streams.append(resp)
+            try:
+                answered = self._pump_events(_body_reader(resp), decoder, rid)
+            finally:
+                self._streams.remove(resp)
+                resp.close()
+        if rid is not None and not answered and not self.closing:
+            raise McpError("the server's event stream ended before it answered %s" % message["method"])
+
+    def _pump_events(self, read, decoder, rid):
+        """Read one stream to its end; True when it carried the answer to request rid."""
+        answered = False
         while not self.closing:
-            chunk = read()
+            try:
+                chunk = read()
+            except Exception as e:  # a dropped or closed connection ends this stream, not the client
+                if not self.closing:
+                    self.log.write("event stream broke: %s: %s" % (e.__class__.__name__, e))
+                chunk = b""
             events = decoder.feed(chunk) if chunk else decoder.close()
             for kind, data in events:
-                if not data.strip():
+                if not data.strip():  # a priming event (an id, no data)
                     continue
                 try:
                     item = json.loads(data)
                 except ValueError:
                     self.log.write("event stream (not JSON, ignored): %s" % one_line(data, 300))
                     continue
-                answered = answered or (isinstance(item, dict) and item.get("id") == rid and "method" not in item)
+                answered = answered or (rid is not None and isinstance(item, dict) and item.get("id") == rid
+                                        and "method" not in item)
                 self.receive(item)
             if not chunk:
-                break
-        if rid is not None and not answered and not self.closing:
-            raise McpError("the server's event stream ended before it answered %s" % message["method"])
+                return answered
+        return answered
+
+    def _get(self, last_id=None):
+        """GET the event stream (resuming after last_id); None when the server offers none (405)."""
+        import urllib.request
+        import urllib.error
+        headers = self._headers()
+        headers["Accept"] = "text/event-stream"
+        headers.pop("Content-Type", None)
+        if last_id is not None:
+            headers["Last-Event-ID"] = last_id
+        try:
+            resp = urllib.request.urlopen(urllib.request.Request(self.url, headers=headers, method="GET"), timeout=300)
+        except urllib.error.HTTPError as e:
+            if e.code in (405, 406):
+                return None
+            raise McpError("GET %s: HTTP %d" % (display_url(self.url), e.code), e.code, expired=e.code == 404)
+        except (urllib.error.URLError, OSError) as e:
+            raise McpError("cannot reach %s: %s" % (display_url(self.url), getattr(e, "reason", e)))
+        if (resp.getheader("Content-Type") or "").split(";")[0].strip().lower() != "text/event-stream":
+            resp.close()
+            return None
+        return resp
+
+    def listen(self):
+        """Keep a GET stream open for what the server starts itself (roots/list, pings, list_changed)."""
+        threading.Thread(target=self._listen, daemon=True, name="mcp-http-listen").start()
+
+    def _listen(self):
+        decoder, failures = SSEDecoder(), 0
+        while not self.closing and failures < 5:
+            try:
+                resp = self._get(decoder.last_id)
+            except McpError as e:
+                failures += 1
+                self.log.write("the GET stream failed (%s); again in %ds" % (e, failures))
+                time.sleep(failures)
+                continue
+            if resp is None:
+                return self.log.write("the server offers no GET stream")
+            failures = 0
+            self._streams.append(resp)
+            try:
+                self._pump_events(_body_reader(resp), decoder, None)
+            finally:
+                self._streams.remove(resp)
+                resp.close()
+            if not self.closing:
+                time.sleep((decoder.retry if decoder.retry is not None else 1000) / 1000.0)
+                decoder = _resumable(decoder)
 
     def close(self):
         """Close the streams being read and end the session (DELETE, as the spec asks; errors ignored)."""
         self.closing = True
         for resp in list(self._streams):
-            try:
-                resp.close()
-            except Exception:
-                pass
+            _close_response(resp)
         if self.session_id:
             import urllib.request
             try:
@@ -5895,13 +6002,121 @@ class HttpTransport:
                 pass
 
 
+def _close_response(resp):
+    """Close a response another thread may be reading: its socket is shut down first, which wakes that read."""
+    raw = getattr(getattr(resp, "fp", None), "raw", None)
+    _shutdown(getattr(raw, "_sock", None))
+    try:
+        resp.close()
+    except Exception:
+        pass
+
+
+def _json_or_none(raw):
+    try:
+        return json.loads(raw.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+
+
+def stateless_headers(message, param_headers):
+    """The 2026-07-28 era's headers for one POST: Mcp-Method, Mcp-Name (tools/call, prompts/get,
+    resources/read) and an Mcp-Param-NAME for each argument a tool's schema marks with x-mcp-header."""
+    method, params = message["method"], message.get("params") or {}
+    headers = {"Mcp-Method": method}
+    name = params.get("uri") if method == "resources/read" else params.get("name")
+    if method in ("tools/call", "prompts/get", "resources/read") and isinstance(name, str):
+        headers["Mcp-Name"] = header_value(name)
+    if method == "tools/call":
+        args = params.get("arguments") if isinstance(params.get("arguments"), dict) else {}
+        for path, header in param_headers.get(name, ()):
+            value = args
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            if value is not None and not isinstance(value, (dict, list)):
+                headers["Mcp-Param-" + header] = header_value(value)
+    return headers
+
+
+def header_value(value):
+    """A value as an HTTP header carries it: text that is not plain printable ASCII (or has outer
+    spaces) as =?base64?...?=. Example: ' padded ' -> '=?base64?IHBhZGRlZCA=?='."""
+    import base64
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, float) and value.is_integer():
+        text = str(int(value))
+    else:
+        text = str(value)
+    if text != text.strip() or re.search(r"[^\x20-\x7e]", text) or re.match(r"^=\?base64\?.*\?=$", text):
+        return "=?base64?%s?=" % base64.b64encode(text.encode("utf-8")).decode("ascii")
+    return text
+
+
+def header_params(tool):
+    """[(argument path, header name)] of a tool's x-mcp-header annotations; McpError names the first
+    one that breaks the rules (empty, not a token, repeated, not on a string / integer / boolean
+    property reachable through properties alone)."""
+    schema = tool.get("inputSchema") if isinstance(tool.get("inputSchema"), dict) else {}
+    found, reachable = [], set()
+
+    def walk(node, path):  # the annotations reachable through properties
+        for key, prop in (node.get("properties") or {}).items() if isinstance(node.get("properties"), dict) else ():
+            if isinstance(prop, dict):
+                if "x-mcp-header" in prop:
+                    found.append((path + (key,), prop))
+                    reachable.add(id(prop))
+                walk(prop, path + (key,))
+
+    def every(node):  # every annotation anywhere
+        if isinstance(node, dict):
+            if "x-mcp-header" in node and id(node) not in reachable:
+                raise McpError("x-mcp-header on a schema not reached through properties alone")
+            for value in node.values():
+                every(value)
+        elif isinstance(node, list):
+            for value in node:
+                every(value)
+    walk(schema, ())
+    every(schema)
+    out, seen = [], set()
+    for path, prop in found:
+        header = prop["x-mcp-header"]
+        if not isinstance(header, str) or not header:
+            raise McpError("an empty x-mcp-header on %s" % ".".join(path))
+        if not _HEADER_TOKEN_RE.match(header):
+            raise McpError("x-mcp-header %r is not an HTTP token" % header)
+        if header.lower() in seen:
+            raise McpError("x-mcp-header %r appears twice" % header)
+        if prop.get("type") not in ("string", "integer", "boolean"):
+            raise McpError("x-mcp-header %r is on a %s, not a string, integer or boolean" % (header, prop.get("type")))
+        seen.add(header.lower())
+        out.append((path, header))
+    return out
+
+
+def schema_defaults(schema):
+    """An elicitation's answer from its requestedSchema: every property's default."""
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    return dict((k, v["default"]) for k, v in (props or {}).items() if isinstance(v, dict) and "default" in v)
+
+
+def _resumable(decoder):
+    """A fresh decoder that remembers where the last stream stopped."""
+    fresh = SSEDecoder()
+    fresh.last_id, fresh.retry = decoder.last_id, decoder.retry
+    return fresh
+
+
 class McpServer:
     """One configured server: its state ("starting", "connected", "exited", "failed", "disabled",
     "skipped"), the reason when not connected, what it offers (tools, prompts, resources), and its
     connection. on_change(server) is called after every change of state or of its lists."""
 
-    def __init__(self, spec, config, on_change):
+    def __init__(self, spec, config, on_change, elicit=None):
         self.spec, self.name, self.config, self.on_change = spec, spec.name, config, on_change
+        self.elicit = elicit  # fn(params) -> an elicitation's result; None: the capability is not declared
+        self.capabilities_sent = dict(MCP_CAPABILITIES, **({"elicitation": {}} if elicit else {}))
         self.state, self.reason = ("disabled", "disabled in %s" % spec.source) if not spec.enabled else ("idle", "")
         self.tools, self.prompts, self.resources = [], [], []
         self.protocol, self.info, self.capabilities, self.instructions = "", {}, {}, ""
@@ -5967,10 +6182,48 @@ class McpServer:
         self.peer = RpcPeer(self.transport.send, self._on_request, self._on_notify, self.log)
 
     def _handshake(self):
+        """The newest era first (server/discover); a server that does not know it gets the handshake."""
+        if self._discover():
+            return
+        if self.peer.closed is not None:  # a server that exited on the probe starts again for the handshake
+            self._close_transport()
+            self._open()
+        self._initialize()
+
+    def _discover(self):
+        """server/discover with the 2026-07-28 _meta; True when the server speaks that era (then set up for it)."""
+        http = isinstance(self.transport, HttpTransport)
+        self.peer.meta = {"io.modelcontextprotocol/protocolVersion": MCP_STATELESS_VERSION,
+                          "io.modelcontextprotocol/clientCapabilities": self.capabilities_sent,
+                          "io.modelcontextprotocol/clientInfo": MCP_CLIENT_INFO}
+        if http:
+            self.transport.protocol, self.transport.stateless = MCP_STATELESS_VERSION, True
+        timeout = min(self.spec.startup_timeout, MCP_PROBE_TIMEOUT)
+        result = None
+        for attempt in (1, 2):
+            try:
+                result = self.peer.request("server/discover", None, timeout)
+                break
+            except McpError as e:  # -32022: the first request of a stateless server may be refused: once more
+                if attempt == 2 or e.code != -32022 or MCP_STATELESS_VERSION not in e.supported_versions():
+                    self.log.write("server/discover: %s; trying the initialize handshake" % e)
+                    break
+        versions = result.get("supportedVersions") if isinstance(result, dict) else None
+        if isinstance(versions, list) and MCP_STATELESS_VERSION in versions:
+            info = result.get("serverInfo") or (result.get("_meta") or {}).get("io.modelcontextprotocol/serverInfo")
+            self._accept(MCP_STATELESS_VERSION, dict(result, serverInfo=info if isinstance(info, dict) else {}))
+            self.peer.notifications = not http
+            return True
+        self.peer.meta = None
+        if http:  # forget what the probe left (a session id, the headers)
+            self.transport.protocol, self.transport.stateless, self.transport.session_id = None, False, None
+        return False
+
+    def _initialize(self):
         """initialize (newest version offered; an older answer is accepted), then notifications/initialized."""
         try:
             result = self.peer.request("initialize", {
-                "protocolVersion": MCP_VERSIONS[0], "capabilities": MCP_CAPABILITIES, "clientInfo": MCP_CLIENT_INFO},
+                "protocolVersion": MCP_VERSIONS[0], "capabilities": self.capabilities_sent, "clientInfo": MCP_CLIENT_INFO},
                 timeout=self.spec.startup_timeout)
         except McpError as e:
             if "no answer" in str(e):
@@ -5978,9 +6231,12 @@ class McpServer:
             raise McpError("initialize failed: %s" % e)
         version = result.get("protocolVersion")
         if version not in MCP_VERSIONS:
-            raise McpError("the server speaks MCP protocol %r; nanocode speaks %s" % (version, ", ".join(MCP_VERSIONS)))
+            raise McpError("the server speaks MCP protocol %r; nanocode speaks %s" % (
+                version, ", ".join((MCP_STATELESS_VERSION,) + MCP_VERSIONS)))
         self._accept(version, result)
         self.peer.notify("notifications/initialized")
+        if isinstance(self.transport, HttpTransport):
+            self.transport.listen()
 
     def _accept(self, version, result):
         self.protocol = version
@@ -5994,7 +6250,7 @@ class McpServer:
 
     def _fetch_lists(self):
         caps = self.capabilities
-        self.tools = self._list("tools/list", "tools") if "tools" in caps else []
+        self.tools = self._usable(self._list("tools/list", "tools")) if "tools" in caps else []
         self.prompts = self._list("prompts/list", "prompts", quiet=True) if "prompts" in caps else []
         self.resources = self._list("resources/list", "resources", quiet=True) if "resources" in caps else []
 
@@ -6015,6 +6271,20 @@ class McpServer:
                 raise McpError("%s failed: %s" % (method, e))
             self.log.write("%s failed: %s" % (method, e))
             return items
+
+    def _usable(self, tools):
+        """The tools whose x-mcp-header annotations keep the rules (the others are left out, and logged);
+        over HTTP in the stateless era their annotated arguments travel as headers too."""
+        kept, headers = [], {}
+        for t in tools:
+            try:
+                headers[t["name"]] = header_params(t)
+                kept.append(t)
+            except McpError as e:
+                self.log.write("tool %s left out: %s" % (t.get("name"), e))
+        if isinstance(self.transport, HttpTransport):
+            self.transport.param_headers = headers
+        return kept
 
     def _with_stderr(self, text):
         tail = self.log.tail()
@@ -6054,6 +6324,8 @@ class McpServer:
             import pathlib
             cwd = os.path.abspath(self.config.cwd)
             return {"roots": [{"uri": pathlib.Path(cwd).as_uri(), "name": os.path.basename(cwd) or cwd}]}
+        if method == "elicitation/create" and self.elicit is not None:
+            return self.elicit(params)
         raise McpError("method not supported by this client: %s" % method, JSONRPC_NO_METHOD)
 
     def _on_notify(self, method, params):
@@ -6086,7 +6358,7 @@ class McpServer:
             while True:
                 try:
                     items = self._list(key + "/list", key)
-                    setattr(self, key, items)
+                    setattr(self, key, self._usable(items) if key == "tools" else items)
                     self._changed()
                 except McpError as e:
                     self.log.write("refreshing %s failed: %s" % (key, e))
@@ -6141,20 +6413,47 @@ class McpServer:
             try:
                 return peer.request(method, params, timeout or self.spec.timeout, cancel, progress)
             except McpError as e:
+                if e.code == -32022 and attempt == 1 and self.protocol in e.supported_versions():
+                    continue  # a stateless server refused this one request's version: once more
                 if not e.expired or attempt == 2:
                     raise
                 self.log.write("session expired: initialising again")
                 self.state, self.reason, self._free_restart = "exited", "its session expired", True
 
-    def call_tool(self, name, args, cancel=None, update=None):
-        """tools/call; returns the result object (isError included). Progress becomes update(text)."""
+    def call_tool(self, name, args, cancel=None, update=None, before_retry=None):
+        """tools/call; returns the result object (isError included). Progress becomes update(text).
+        An input_required answer (the 2026-07-28 era) is fulfilled and the call sent again with the
+        inputResponses and the server's requestState as it gave it; before_retry() runs first."""
         def progress(params):
             if update is not None:
                 total = params.get("total")
                 done = params.get("progress")
                 text = params.get("message") or ""
                 update("[%s%s] %s\n" % (done, "/%s" % total if total is not None else "", text))
-        return self.request("tools/call", {"name": name, "arguments": args or {}}, cancel, progress)
+        params = {"name": name, "arguments": args or {}}
+        for _ in range(MCP_INPUT_ROUNDS):
+            result = self.request("tools/call", params, cancel, progress)
+            if result.get("resultType") != "input_required":
+                return result
+            asked = result.get("inputRequests") if isinstance(result.get("inputRequests"), dict) else {}
+            params = {"name": name, "arguments": args or {},
+                      "inputResponses": dict((k, self._input(r)) for k, r in asked.items())}
+            if "requestState" in result:
+                params["requestState"] = result["requestState"]
+            if before_retry is not None:
+                before_retry()
+        raise McpError("%s still asked for input after %d rounds" % (name, MCP_INPUT_ROUNDS))
+
+    def _input(self, asked):
+        """The answer to one input request of an input_required result."""
+        method = asked.get("method") if isinstance(asked, dict) else None
+        params = asked.get("params") if isinstance(asked, dict) and isinstance(asked.get("params"), dict) else {}
+        if method == "elicitation/create":
+            return self.elicit(params) if self.elicit is not None else {"action": "decline"}
+        try:
+            return self._on_request(method, params)
+        except McpError as e:
+            raise McpError("the server asked for %s, which nanocode does not offer (%s)" % (method, e))
 
 
 # =============================================================================

@@ -4602,6 +4602,175 @@ class TestMcpStdio(McpServerTestCase):
         self.assertEqual(os.path.getsize(path), 10 << 20)
 
 
+class FakeMcpHttp:
+    """A Streamable HTTP MCP server on 127.0.0.1: initialize answers JSON with a session id, tools/list
+    answers an event stream (a priming event, a log notification, the answer), GET opens a stream that
+    asks roots/list (id 0). forget() drops the sessions (a restarted server): the next POST gets
+    expired_status. Every request is recorded as (method, headers, body)."""
+
+    def __init__(self, expired_status=404):
+        self.requests, self.sessions, self.expired_status = [], set(), expired_status
+        self.stop_event = threading.Event()
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_DELETE(self):
+                fake.record(self, None)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self):
+                fake.record(self, None)
+                if self.headers.get("Mcp-Session-Id") not in fake.sessions:
+                    return self.plain(fake.expired_status, b'{"error": "No valid session ID provided"}')
+                self.stream_start()
+                if self.headers.get("Last-Event-ID") == "r1":
+                    self.event({"jsonrpc": "2.0", "id": fake.resume_id, "result": {
+                        "content": [{"type": "text", "text": "resumed answer"}]}}, "r2")
+                    return
+                self.event({"jsonrpc": "2.0", "id": 0, "method": "roots/list"}, "g1")
+                fake.stop_event.wait(30)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                fake.record(self, body)
+                method, rid = body.get("method"), body.get("id")
+                if method == "initialize":
+                    sid = "session-%d" % (len(fake.sessions) + 1)
+                    fake.sessions.add(sid)
+                    return self.plain(200, json.dumps({"jsonrpc": "2.0", "id": rid, "result": {
+                        "protocolVersion": "2025-11-25", "capabilities": {"tools": {}},
+                        "serverInfo": {"name": "fake-http", "version": "2"}}}).encode(), {"Mcp-Session-Id": sid})
+                if self.headers.get("Mcp-Session-Id") not in fake.sessions:
+                    return self.plain(fake.expired_status, b'{"jsonrpc": "2.0", "error": {"code": -32000, '
+                                      b'"message": "Bad Request: No valid session ID provided"}}')
+                if method is None or rid is None:
+                    return self.plain(202, b"")
+                if method == "tools/list":
+                    self.stream_start()
+                    self.wfile.write(b"id: p0\ndata: \n\n")
+                    self.event({"jsonrpc": "2.0", "method": "notifications/message",
+                                "params": {"level": "info", "data": "from the stream"}}, "p1")
+                    self.event({"jsonrpc": "2.0", "id": rid, "result": {"tools": [
+                        {"name": "echo", "inputSchema": {"type": "object"}},
+                        {"name": "resume", "inputSchema": {"type": "object"}}]}}, "p2")
+                    return
+                if body["params"]["name"] == "resume":  # the stream closes before the answer; GET resumes it
+                    fake.resume_id = rid
+                    self.stream_start()
+                    self.wfile.write(b"id: r1\nretry: 10\ndata: \n\n")
+                    return
+                text = "Echo: %s" % body["params"].get("arguments", {}).get("text")
+                self.plain(200, json.dumps({"jsonrpc": "2.0", "id": rid, "result": {
+                    "content": [{"type": "text", "text": text}]}}).encode())
+
+            def plain(self, status, data, headers=None):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def stream_start(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+
+            def event(self, obj, event_id):
+                self.wfile.write(("id: %s\ndata: %s\n\n" % (event_id, json.dumps(obj))).encode())
+                self.wfile.flush()
+
+        self.server = _FakeServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d/mcp" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def record(self, handler, body):
+        self.requests.append((handler.command, dict((k.lower(), v) for k, v in handler.headers.items()), body))
+
+    def posts(self, method=None):
+        return [(h, b) for verb, h, b in list(self.requests) if verb == "POST" and (method is None or b.get("method") == method)]
+
+    def close(self):
+        self.stop_event.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class TestMcpHttp(McpServerTestCase):
+    def http_server(self, fake, **headers):
+        spec = nanocode.McpSpec(name="web", transport="http", url=fake.url, headers=headers, timeout=10, startup_timeout=10)
+        server = nanocode.McpServer(spec, nanocode.Config(home=self.home, cwd=self.cwd), lambda s: None)
+        self.addCleanup(server.stop)
+        server.connect()
+        self.assertEqual(server.state, "connected", server.reason)
+        return server
+
+    def fake_http(self, **kwargs):
+        fake = FakeMcpHttp(**kwargs)
+        self.addCleanup(fake.close)
+        return fake
+
+    def test_json_and_event_stream_answers_with_the_session_headers(self):
+        fake = self.fake_http()
+        server = self.http_server(fake, **{"X-Api-Key": "secret-1"})
+        self.assertEqual([t["name"] for t in server.tools], ["echo", "resume"])
+        self.assertEqual(self.text_of(server.call_tool("echo", {"text": "hi"})), "Echo: hi")
+        posts = fake.posts()
+        self.assertTrue(all(h.get("x-api-key") == "secret-1" for h, _ in posts))
+        self.assertTrue(all("text/event-stream" in h["accept"] and "application/json" in h["accept"] for h, _ in posts))
+        probe, init = posts[0], posts[1]
+        self.assertEqual(probe[1]["method"], "server/discover", "the newest era is tried first")
+        self.assertEqual(probe[0].get("mcp-protocol-version"), "2026-07-28")
+        self.assertEqual(probe[0].get("mcp-method"), "server/discover")
+        self.assertEqual(probe[1]["params"]["_meta"]["io.modelcontextprotocol/clientInfo"]["name"], "nanocode")
+        self.assertEqual(init[1]["method"], "initialize", "then the handshake, for a server of that era")
+        self.assertNotIn("mcp-session-id", init[0], "initialize goes without a session")
+        self.assertNotIn("mcp-protocol-version", init[0], "the probe's headers are forgotten")
+        for headers, body in posts[2:]:
+            self.assertEqual(headers.get("mcp-session-id"), "session-1", body)
+            self.assertEqual(headers.get("mcp-protocol-version"), "2025-11-25", body)
+        self.assertTrue(wait_for(lambda: "from the stream" in self.log_text(server)), "the stream's notification was read")
+
+    def test_the_get_stream_carries_the_servers_requests(self):
+        fake = self.fake_http()
+        self.http_server(fake)
+        answers = wait_for(lambda: [b for _, b in fake.posts() if b.get("id") == 0 and "result" in b])
+        self.assertEqual(answers[0]["result"]["roots"][0]["uri"], "file://" + self.cwd)
+
+    def test_an_expired_session_initialises_again(self):
+        for status in (404, 400):
+            fake = self.fake_http(expired_status=status)
+            server = self.http_server(fake)
+            fake.sessions.clear()
+            self.assertEqual(self.text_of(server.call_tool("echo", {"text": "again"})), "Echo: again", status)
+            self.assertEqual(len(fake.posts("initialize")), 2, status)
+            self.assertEqual(fake.posts("tools/call")[-1][0].get("mcp-session-id"), "session-1", status)
+
+    def test_a_stream_closed_before_its_answer_resumes_with_last_event_id(self):
+        fake = self.fake_http()
+        server = self.http_server(fake)
+        self.assertEqual(self.text_of(server.call_tool("resume", {})), "resumed answer")
+        self.assertIn("r1", [h.get("last-event-id") for verb, h, _ in fake.requests if verb == "GET"])
+
+    def test_an_unreachable_url_fails_with_the_reason(self):
+        spec = nanocode.McpSpec(name="gone", transport="http", url="http://127.0.0.1:%d/mcp" % closed_port(),
+                                startup_timeout=5)
+        server = nanocode.McpServer(spec, nanocode.Config(home=self.home, cwd=self.cwd), lambda s: None)
+        server.connect()
+        self.assertEqual(server.state, "failed")
+        self.assertIn("cannot reach", server.reason)
+
+
 # =============================================================================
 # 17. MCP servers
 # =============================================================================
