@@ -4769,7 +4769,7 @@ class TestMcpRealServers(McpServerTestCase, EndToEndTestCase):
         self.assertEqual(self.text_of(server.call_tool("get-sum", {"a": 2, "b": 3})), "The sum of 2 and 3 is 5.")
         self.assertIn("Session initialized with ID: ", read_text_or_empty(self.http_out))
         # stopping ends the session: a DELETE with its Mcp-Session-Id
-        server.stop()
+        self.assertStopsPromptly(server)
         self.assertTrue(wait_for(lambda: "Received session termination request" in read_text_or_empty(self.http_out)),
                         read_text_or_empty(self.http_out)[-2000:])
 
@@ -4783,6 +4783,13 @@ class TestMcpRealServers(McpServerTestCase, EndToEndTestCase):
             # does, this skip cannot happen and the assertions below hold the roots answer to account
             self.skipTest("nanocode's HttpTransport opened no GET stream, so requests from the server cannot reach it")
         self.assertRootsAnswered(server)
+        self.assertStopsPromptly(server)  # the GET stream, idle in a read on another thread, is closed too
+
+    def assertStopsPromptly(self, server, limit=5.0):
+        """server.stop() returns within limit seconds (its streams closed, its session ended)."""
+        started = time.monotonic()
+        server.stop()
+        self.assertLess(time.monotonic() - started, limit, "stopping %s took that long" % server.name)
 
     # -- server-filesystem ---------------------------------------------------------------------------
 
