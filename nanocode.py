@@ -5667,6 +5667,10 @@ class RpcPeer:
             return
         self.on_notify(method, params)
 
+    def waiting(self, rid):
+        """True while request rid waits for its answer."""
+        return rid in self._pending
+
     def fail_all(self, error):
         """The connection is gone: every waiting request (and every later one) fails with error."""
         with self._lock:
@@ -5800,6 +5804,7 @@ class HttpTransport:
         self.protocol = None
         self.stateless = False  # the 2026-07-28 era: Mcp-Method, Mcp-Name and Mcp-Param-* headers on each POST
         self.param_headers = {}  # tool name -> [(argument path, header name)] from its x-mcp-header annotations
+        self.waiting = lambda rid: True  # False once request rid was answered (on another stream)
         self.timeout = spec.timeout
         self.closing = False
         self._streams = []  # responses being read, closed by close()
@@ -5893,7 +5898,8 @@ class HttpTransport:
         rid = message.get("id") if "method" in message else None
         answered = self._pump_events(read, decoder, rid)
         tries = 0
-        while rid is not None and not answered and not self.closing and decoder.last_id is not None and tries < 5:
+        while rid is not None and not answered and not self.closing and decoder.last_id is not None and tries < 5 \
+                and self.waiting(rid):
             tries += 1
             time.sleep((decoder.retry if decoder.retry is not None else 500) / 1000.0)
             decoder = _resumable(decoder)
@@ -6180,6 +6186,8 @@ class McpServer:
         else:
             self.transport = HttpTransport(spec, self.log, lambda m: self.peer.receive(m))
         self.peer = RpcPeer(self.transport.send, self._on_request, self._on_notify, self.log)
+        if isinstance(self.transport, HttpTransport):
+            self.transport.waiting = self.peer.waiting
 
     def _handshake(self):
         """The newest era first (server/discover); a server that does not know it gets the handshake."""
@@ -10544,21 +10552,69 @@ def _mcp_verb(manager, args, out):
 
 
 def mcp_connect(config, url, out):
-    """Connect to one Streamable HTTP server, list what it offers and call its tools (the conformance
-    harness runs this with the scenario in MCP_CONFORMANCE_SCENARIO)."""
+    """`nanocode mcp connect URL`: connect to one Streamable HTTP server, say what it offers, and run the
+    calls its scenario asks for when MCP_CONFORMANCE_SCENARIO names one (the official conformance
+    harness runs this command). Elicitations are accepted with the schema's defaults."""
+    scenario = os.environ.get("MCP_CONFORMANCE_SCENARIO", "")
+    try:
+        context = json.loads(os.environ.get("MCP_CONFORMANCE_CONTEXT") or "{}")
+    except ValueError:
+        context = {}
     spec = McpSpec(name="server", transport="http", url=url, timeout=30.0, startup_timeout=30.0)
-    server = McpServer(spec, config, lambda s: None)
+    server = McpServer(spec, config, lambda s: None,
+                       elicit=lambda params: {"action": "accept", "content": schema_defaults(params.get("requestedSchema"))})
     try:
         server.connect()
         if server.state != "connected":
             sys.stderr.write("nanocode: error: %s\n" % server.reason)
             return 1
-        out.write("connected: protocol %s, %d tools\n" % (server.protocol, len(server.tools)))
-        for t in server.tools:
-            out.write("  %s\n" % t["name"])
+        out.write("connected: protocol %s, %s %s\n" % (server.protocol, server.info.get("name", "?"),
+                                                      server.info.get("version", "")))
+        for kind in ("tools", "prompts", "resources"):
+            items = getattr(server, kind)
+            out.write("%s: %s\n" % (kind, ", ".join(i.get("name", "?") for i in items) or "none"))
+        for line in run_conformance_scenario(server, scenario, context):
+            out.write(line + "\n")
         return 0
+    except McpError as e:
+        sys.stderr.write("nanocode: error: %s\n" % e)
+        return 1
     finally:
         server.stop()
+
+
+def run_conformance_scenario(server, scenario, context):
+    """The calls each scenario of the conformance harness expects (an unknown scenario: none); yields lines."""
+    tools = dict((t["name"], t) for t in server.tools)
+
+    def call(name, args, **kwargs):
+        result = server.call_tool(name, args, **kwargs)
+        return "%s: %s" % (name, one_line(dump_json(result.get("content", result)), 300))
+    if scenario == "tools_call":
+        yield call("add_numbers", {"a": 2, "b": 3})
+    elif scenario == "elicitation-sep1034-client-defaults":
+        yield call("test_client_elicitation_defaults", {})
+    elif scenario == "sse-retry":
+        yield call("test_reconnection", {})
+    elif scenario == "json-schema-2020-12-preservation":
+        yield call("json_schema_echo", {"schema": tools["json_schema_2020_12_tool"]["inputSchema"]})
+    elif scenario == "http-standard-headers":
+        for name in tools:
+            yield call(name, {})
+        for r in server.resources:
+            server.request("resources/read", {"uri": r["uri"]})
+        for p in server.prompts:
+            server.request("prompts/get", {"name": p["name"]})
+    elif scenario == "http-custom-headers":
+        for item in context.get("toolCalls") or []:
+            yield call(item["name"], item.get("arguments") or {})
+    elif scenario == "http-invalid-tool-headers":
+        for name in tools:  # the invalid ones were left out when listed
+            yield call(name, {"region": "us-west1"})
+    elif scenario == "sep-2322-client-request-state":
+        yield call("test_mrtr_echo_state", {}, before_retry=lambda: call("test_mrtr_unrelated", {}))
+        yield call("test_mrtr_no_state", {})
+        yield call("test_mrtr_no_result_type", {})
 
 
 def run_main():
