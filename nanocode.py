@@ -10182,7 +10182,8 @@ class Repl:
             for spec in specs:
                 what = spec.url or " ".join([spec.command] + list(spec.args))
                 self.screen.print("  %s: %s  (%s)" % (spec.name, visible(one_line(what, 120)), display_path(spec.source, self.config.cwd)))
-            line = self.read_line("Trust this project and start them? [y/N] ")
+            self.screen.print(self.style("Trust this project and start them? (asked once; /mcp trust later)", "yellow"))
+            line = self.read_line("trust? [y/N] ")
             manager.trust(bool(line) and line.strip().lower() in ("y", "yes"))
         manager.start()
 

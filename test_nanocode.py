@@ -4341,6 +4341,9 @@ def handle(msg):
         version = os.environ.get("FAKE_MCP_VERSION") or params.get("protocolVersion")
         send({"jsonrpc": "2.0", "id": rid, "result": {"protocolVersion": version, "capabilities": {"tools": {"listChanged": True}, "prompts": {}, "resources": {}, "logging": {}}, "serverInfo": {"name": "fake", "version": "1.0"}}})
     elif method == "tools/list":
+        if "slowlist" in MODE and not os.environ.get("FAKE_MCP_LISTED"):
+            os.environ["FAKE_MCP_LISTED"] = "1"
+            time.sleep(float(os.environ.get("FAKE_MCP_DELAY") or 3))
         if PAGE:
             start = int(params.get("cursor") or 0)
             page = TOOLS[start:start + PAGE]
@@ -4828,6 +4831,229 @@ def read_text_or_empty(path):
             return f.read()
     except OSError:
         return ""
+
+
+class TestMcpConfig(NanocodeTestCase):
+    def config(self, **overrides):
+        options = dict(home=self.home, cwd=self.cwd, settings={})
+        options.update(overrides)
+        return nanocode.Config(**options)
+
+    def write_json(self, path, text):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text if isinstance(text, str) else json.dumps(text))
+        return path
+
+    def test_comments_and_trailing_commas(self):
+        self.assertEqual(nanocode.loads_jsonc('{"a": "x // not a comment", /* b */ "c": [1, 2,], // d\n}'),
+                         {"a": "x // not a comment", "c": [1, 2]})
+
+    def test_files_merge_nearest_last_and_each_problem_is_one_warning(self):
+        self.write_json(os.path.join(self.home, "mcp.json"), '{"mcpServers": {"a": {"command": "one"}, '
+                        '"b": {"command": "home-b"}, "bad": {"command": 5}}}')
+        self.write_json(os.path.join(self.cwd, ".mcp.json"), {"servers": {"b": {"command": "project-b"},
+                                                                           "c": {"type": "sse", "url": "http://x"}}})
+        self.write_json(os.path.join(self.cwd, ".nanocode", "mcp.json"), {"mcpServers": {
+            "d": {"url": "http://127.0.0.1:1/mcp", "headers": {"Authorization": "Bearer ${TOKEN}"}},
+            "e": {"command": "x", "env": {"A": "$env:HOME", "B": "${NOPE:-fallback}"}, "enabled": False},
+            "f": {"command": "x", "args": ["${MISSING_VAR}"]}}})
+        self.write_json(os.path.join(self.tmp, ".mcp.json"), "{not json")
+        servers, warnings = nanocode.load_mcp_config(self.config(), {"TOKEN": "t0k", "HOME": "/h"})
+        self.assertEqual(sorted(servers), ["a", "b", "d", "e"])
+        self.assertEqual(servers["b"].command, "project-b")
+        self.assertTrue(servers["b"].project and not servers["a"].project)
+        self.assertEqual(servers["d"].transport, "http")
+        self.assertEqual(servers["d"].headers, {"Authorization": "Bearer t0k"})
+        self.assertEqual(servers["e"].env, {"A": "/h", "B": "fallback"})
+        self.assertFalse(servers["e"].enabled)
+        text = "\n".join(warnings)
+        self.assertEqual(len(warnings), 4, text)
+        self.assertIn("mcp.json: mcpServers.bad.command: must be a string", text)
+        self.assertIn("servers.c.type: the old HTTP+SSE transport is not supported", text)
+        self.assertIn("mcpServers.f: ${MISSING_VAR} not set", text)
+        self.assertIn("%s: cannot read it" % os.path.join(self.tmp, ".mcp.json"), text)
+
+    def test_project_servers_start_only_once_trusted(self):
+        self.write_json(os.path.join(self.cwd, ".mcp.json"), {"mcpServers": {"p": {"command": "x"}}})
+        spec = nanocode.load_mcp_config(self.config(), {})[0]["p"]
+        self.assertFalse(nanocode.is_trusted(self.config(), spec))
+        self.assertTrue(nanocode.is_trusted(self.config(trust_project=True), spec))
+        self.assertTrue(nanocode.is_trusted(self.config(settings={"trustedProjects": [self.cwd]}), spec))
+        nanocode.record_trust(self.config(), [spec], True)
+        self.assertTrue(nanocode.is_trusted(self.config(), spec))
+        self.write_json(os.path.join(self.cwd, ".mcp.json"), {"mcpServers": {"p": {"command": "x", "args": ["evil"]}}})
+        changed = nanocode.load_mcp_config(self.config(), {})[0]["p"]
+        self.assertFalse(nanocode.is_trusted(self.config(), changed), "a changed entry is asked about again")
+
+    def test_header_values_and_x_mcp_header_rules(self):
+        self.assertEqual(nanocode.header_value("us west 1"), "us west 1")
+        self.assertEqual(nanocode.header_value("line1\nline2"), "=?base64?bGluZTEKbGluZTI=?=")
+        self.assertEqual(nanocode.header_value(False), "false")
+        ok = {"name": "t", "inputSchema": {"type": "object", "properties": {
+            "region": {"type": "string", "x-mcp-header": "Region"}, "n": {"type": "integer"}}}}
+        self.assertEqual(nanocode.header_params(ok), [(("region",), "Region")])
+        for bad in ({"type": "number", "x-mcp-header": "N"}, {"type": "string", "x-mcp-header": "My Region"},
+                    {"type": "string", "x-mcp-header": ""}):
+            with self.assertRaises(nanocode.McpError):
+                nanocode.header_params({"name": "b", "inputSchema": {"type": "object", "properties": {"x": bad}}})
+        nested = {"name": "b", "inputSchema": {"type": "object", "properties": {
+            "list": {"type": "array", "items": {"type": "string", "x-mcp-header": "Item"}}}}}
+        with self.assertRaises(nanocode.McpError):
+            nanocode.header_params(nested)
+
+    def test_prompt_arguments(self):
+        self.assertEqual(nanocode.prompt_arguments("a.py the tests", ["file", "focus"]), {"file": "a.py", "focus": "the tests"})
+        self.assertEqual(nanocode.prompt_arguments("focus=speed file=b.py", ["file", "focus"]), {"file": "b.py", "focus": "speed"})
+
+
+class McpEndToEndTestCase(EndToEndTestCase):
+    """nanocode.py run as a subprocess with the fake MCP server in an mcp.json."""
+
+    def write_mcp(self, servers, path=None):
+        path = path or os.path.join(self.home, "mcp.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"mcpServers": servers}, f)
+        return path
+
+    def tools_sent(self, index=0):
+        return dict((t["function"]["name"], t["function"]) for t in self.fake.posts[index].json.get("tools") or [])
+
+    def tool_ends(self, events):
+        return dict((e["id"], e) for e in self.of_type(events, "tool_end"))
+
+
+class TestMcpInTheAgent(McpEndToEndTestCase):
+    def test_the_model_calls_an_mcp_tool_with_its_real_schema(self):
+        self.write_mcp({"fake": fake_mcp_entry(self)})
+        self.fake.enqueue(tool_answer("mcp__fake__add", {"a": "2", "b": 3}))
+        self.fake.enqueue(answer("done"))
+        rc, events, err = self.run_json("add them")
+        self.assertEqual(rc, 0, err)
+        sent = self.tools_sent()
+        self.assertEqual(sent["mcp__fake__add"]["parameters"]["properties"], {"a": {"type": "integer"}, "b": {"type": "integer"}})
+        self.assertIn("(MCP fake) Add two integers.", sent["mcp__fake__add"]["description"])
+        self.assertEqual(events[0]["mcpServers"][0]["name"], "fake")
+        result = self.tool_ends(events)["call_1"]
+        self.assertFalse(result["isError"], result)
+        self.assertIn("The sum of 2 and 3 is 5.", result["result"], "'2' was coerced to the schema's integer")
+        self.assertIn("untrusted", result["result"])
+        self.assertIn("The sum of 2 and 3 is 5.", self.tool_message(self.fake.posts[1], "call_1")["content"])
+        self.assertAgentEnd(events, "done")
+
+    def test_a_crash_is_a_tool_error_with_the_reason_and_the_next_call_restarts_it(self):
+        self.write_mcp({"fake": fake_mcp_entry(self)})
+        self.fake.enqueue(tool_answer("mcp__fake__crash", {}, call_id="c1"))
+        self.fake.enqueue(tool_answer("mcp__fake__echo", {"text": "back"}, call_id="c2"))
+        self.fake.enqueue(answer("done"))
+        rc, events, err = self.run_json("go")
+        self.assertEqual(rc, 0, err)
+        ends = self.tool_ends(events)
+        self.assertTrue(ends["c1"]["isError"])
+        self.assertIn("exited with code 3", ends["c1"]["result"])
+        self.assertIn("crashing on purpose", ends["c1"]["result"])
+        self.assertIn("Echo: back", ends["c2"]["result"])
+        self.assertTrue(any(e.get("command") == "mcp" and "exited" in e["text"] for e in self.of_type(events, "info")))
+        self.assertAgentEnd(events, "done")
+
+    def test_a_failed_server_is_said_and_the_run_goes_on_without_it(self):
+        self.write_mcp({"gone": {"command": "no-such-program-xyz"}, "fake": fake_mcp_entry(self)})
+        self.fake.enqueue(answer("fine"))
+        rc, _, err, _ = self.run_nanocode(["-p", "--no-session", "hi"])
+        self.assertEqual(rc, 0, err)
+        self.assertIn("mcp: gone failed: command not found: no-such-program-xyz", err)
+        self.assertIn("mcp__fake__echo", self.tools_sent())
+
+    def test_project_servers_wait_for_trust(self):
+        self.write_mcp({"proj": fake_mcp_entry(self)}, os.path.join(self.cwd, ".mcp.json"))
+        self.fake.enqueue(answer("one"))
+        rc, _, err, _ = self.run_nanocode(["-p", "--no-session", "hi"])
+        self.assertEqual(rc, 0, err)
+        self.assertIn("mcp: not starting proj from .mcp.json", err)
+        self.assertNotIn("mcp__proj__echo", self.tools_sent(0))
+        self.assertEqual(fake_mcp_messages(self), [], "the program never ran")
+        self.fake.enqueue(answer("two"))
+        rc, _, err, _ = self.run_nanocode(["-p", "--no-session", "--trust-project", "hi"])
+        self.assertEqual(rc, 0, err)
+        self.assertIn("mcp__proj__echo", self.tools_sent(1))
+
+    def test_past_the_budget_the_router_tools_stand_for_the_rest(self):
+        entry = fake_mcp_entry(self, FAKE_MCP_EXTRA_TOOLS="50")
+        entry["selectedTools"] = ["echo"]
+        self.write_mcp({"fake": entry})
+        self.fake.enqueue(tool_answer("mcp_search", {"query": "widgets 7"}, call_id="s"))
+        self.fake.enqueue(tool_answer("mcp_inspect", {"tool": "fake/add"}, call_id="i"))
+        self.fake.enqueue(tool_answer("mcp_call", {"tool": "fake/add", "arguments": {"a": 1, "b": 2}}, call_id="c"))
+        self.fake.enqueue(answer("done"))
+        rc, events, err = self.run_json("go")
+        self.assertEqual(rc, 0, err)
+        sent = self.tools_sent()
+        for name in ("mcp_search", "mcp_inspect", "mcp_call", "mcp__fake__echo"):
+            self.assertIn(name, sent)
+        self.assertNotIn("mcp__fake__tool007", sent)
+        self.assertLess(len(json.dumps(list(sent.values()))), 9000, "58 MCP tools cost three router schemas")
+        ends = self.tool_ends(events)
+        self.assertTrue(ends["s"]["result"].startswith("fake/tool007: Extra tool number 7"), ends["s"]["result"])
+        self.assertIn('"a":{"type":"integer"}', ends["i"]["result"])
+        self.assertIn("The sum of 1 and 2 is 3.", ends["c"]["result"])
+
+    def test_a_slow_server_joins_the_next_request(self):
+        entry = fake_mcp_entry(self, "slowlist", FAKE_MCP_DELAY="2")
+        entry["startupTimeoutMs"] = 300
+        self.write_mcp({"slow": entry})
+        log = os.path.join(self.home, "logs", "mcp-slow.log")
+        wait = "until grep -q 'ready:' %s 2>/dev/null; do sleep 0.05; done; echo ready" % shlex.quote(log)
+        self.fake.enqueue(tool_answer("bash", {"command": wait}))
+        self.fake.enqueue(answer("done"))
+        rc, events, err = self.run_json("go")
+        self.assertEqual(rc, 0, err)
+        self.assertNotIn("mcp__slow__echo", self.tools_sent(0), "the first request went without it")
+        self.assertIn("mcp__slow__echo", self.tools_sent(1), "it joined the next")
+
+    def test_a_servers_env_goes_to_it_alone_and_keys_to_none(self):
+        one = fake_mcp_entry(self)
+        one["env"]["SECRET_ONE"] = "1"
+        self.write_mcp({"one": one, "two": fake_mcp_entry(self)})
+        names = {"names": ["SECRET_ONE", "OPENAI_API_KEY", "PATH"]}
+        self.fake.enqueue(sse(chunk({"role": "assistant"}), tool_chunk(tool_delta(0, "a", "mcp__one__env", json.dumps(names))),
+                              tool_chunk(tool_delta(1, "b", "mcp__two__env", json.dumps(names))), finish_chunk("tool_calls")))
+        self.fake.enqueue(answer("done"))
+        rc, events, err = self.run_json("go")
+        self.assertEqual(rc, 0, err)
+        ends = self.tool_ends(events)
+        seen = dict((k, json.loads(re.search(r"\{.*\}", ends[k]["result"]).group())) for k in ("a", "b"))
+        self.assertEqual(seen["a"]["SECRET_ONE"], "1")
+        self.assertIsNone(seen["b"]["SECRET_ONE"])
+        self.assertIsNone(seen["a"]["OPENAI_API_KEY"], "the model key never reaches a server")
+        self.assertTrue(seen["b"]["PATH"])
+
+    def test_servers_stop_when_nanocode_exits(self):
+        self.write_mcp({"fake": fake_mcp_entry(self, "ignore_eof")})
+        self.fake.enqueue(answer("bye"))
+        rc, _, err, _ = self.run_nanocode(["-p", "--no-session", "hi"])
+        self.assertEqual(rc, 0, err)
+        with open(os.path.join(self.home, "logs", "mcp-fake.log"), encoding="utf-8") as f:
+            pid = int(re.search(r"\(pid (\d+)\)", f.read()).group(1))
+        assert_gone(self, pid)
+
+
+class TestMcpCommandLine(McpEndToEndTestCase):
+    def test_list_tools_and_call(self):
+        self.write_mcp({"fake": fake_mcp_entry(self), "gone": {"command": "no-such-program-xyz"}})
+        rc, out, err, _ = self.run_nanocode(["mcp", "list"])
+        self.assertEqual(rc, 1, "a failed server makes list exit 1")
+        self.assertRegex(out, r"fake +connected · 9 tools · protocol 2025-11-25 · fake 1.0")
+        self.assertIn("gone             failed: command not found", out)
+        rc, out, err, _ = self.run_nanocode(["mcp", "tools", "fake"])
+        self.assertEqual(rc, 0, err)
+        self.assertIn("add: Add two integers.", out)
+        rc, out, err, _ = self.run_nanocode(["mcp", "call", "fake", "add", '{"a": 2, "b": 3}'])
+        self.assertEqual((rc, out.strip()), (0, "The sum of 2 and 3 is 5."), err)
+        rc, out, err, _ = self.run_nanocode(["mcp", "call", "fake", "fail"])
+        self.assertEqual(rc, 1)
+        self.assertIn("it failed on purpose", out)
+        self.assertEqual(self.run_nanocode(["mcp", "call", "nosuch", "x"])[0], 2)
+        self.assertEqual(self.run_nanocode(["mcp", "call", "fake", "add", "[1]"])[0], 2)
 
 
 class TestMcpRealServers(McpServerTestCase, EndToEndTestCase):
@@ -8724,6 +8950,58 @@ class TestBtw(ReplTestCase):
         self.type("/btw")
         self.wait_output("usage: /btw [--tools] QUESTION")
         self.assertReplAlive()
+
+
+class TestMcpCommands(ReplTestCase):
+    def setUp(self):
+        ReplTestCase.setUp(self)
+        with open(os.path.join(self.home, "mcp.json"), "w", encoding="utf-8") as f:
+            json.dump({"mcpServers": {"fake": fake_mcp_entry(self)}}, f)
+
+    def connected_repl(self):
+        repl = self.start_repl()
+        self.assertTrue(wait_for(lambda: repl.session.mcp.servers["fake"].state == "connected"))
+        return repl
+
+    def test_status_search_resources_and_tools(self):
+        self.connected_repl()
+        self.type("/mcp")
+        self.wait_output("connected · 9 tools · protocol 2025-11-25")
+        self.type("/mcp search integers")
+        self.wait_output("fake/add: Add two integers.")
+        self.type("/mcp resources")
+        self.wait_output("@fake:test://notes/1  Note one (text/plain)")
+        self.type("/mcp tools fake")
+        self.wait_output("env: Some environment variables.")
+        self.type("/help")
+        self.wait_output("/mcp__fake__review")
+
+    def test_a_resource_mention_and_a_prompt_command_reach_the_model(self):
+        self.connected_repl()
+        self.fake.enqueue(answer("seen"))
+        self.type("summarise @fake:test://notes/1")
+        self.wait_output("seen")
+        self.assertIn("NOTE CONTENT for test://notes/1", message_text(self.fake.posts[0].json["messages"][-1]))
+        self.fake.enqueue(answer("reviewed"))
+        self.type("/mcp__fake__review app.py speed")
+        self.wait_output("reviewed")
+        self.assertEqual(message_text(self.fake.posts[1].json["messages"][-1]), "Please review app.py focusing on speed.")
+        self.type("/mcp__fake__review")
+        self.wait_output("needs file")
+
+    def test_the_repl_asks_once_before_a_projects_servers_start(self):
+        os.remove(os.path.join(self.home, "mcp.json"))
+        with open(os.path.join(self.cwd, ".mcp.json"), "w", encoding="utf-8") as f:
+            json.dump({"mcpServers": {"proj": fake_mcp_entry(self)}}, f)
+        repl = self.start_repl()
+        self.wait_output("Trust this project and start them?")
+        self.assertIn("proj: %s" % sys.executable, self.out.getvalue())
+        self.type("y")
+        self.assertTrue(wait_for(lambda: repl.session.mcp.servers["proj"].state == "connected"))
+        self.stop_repl()
+        self.start_repl()
+        self.assertNotIn("Trust this project", self.out.getvalue().split("/help for commands")[-1])
+        self.assertTrue(wait_for(lambda: self.repl.session.mcp.servers["proj"].state == "connected"))
 
 
 # =============================================================================
