@@ -9939,6 +9939,48 @@ def bench_connections(rows, fake, home):
     _row(rows, "connections for a 5-turn loop", fake.connections - before, "", "1", 5, "(one per request)")
 
 
+def bench_mcp(rows):
+    """What MCP tools add to every request, directly and behind the router; connect and call times (the fake
+    stdio server; server-everything too when .ci/mcp installed it)."""
+    class Holder:
+        pass
+    holder = Holder()
+    with tempfile.TemporaryDirectory() as tmp:
+        holder.tmp = tmp
+        home = os.path.join(tmp, "home")
+        os.makedirs(home)
+        servers = {"fake": fake_mcp_entry(holder, FAKE_MCP_EXTRA_TOOLS="0"),
+                   "many": fake_mcp_entry(holder, FAKE_MCP_EXTRA_TOOLS="50")}
+        if os.environ.get("NANOCODE_MCP_EVERYTHING"):
+            servers["everything"] = {"command": "node", "args": [os.environ["NANOCODE_MCP_EVERYTHING"], "stdio"]}
+        for name, entry in servers.items():
+            config = nanocode.Config(home=home, cwd=tmp, settings={})
+            registry = nanocode.ToolRegistry()
+            manager = nanocode.McpManager(config, registry, lambda e: None)
+            manager.servers = {name: nanocode.McpServer(nanocode.parse_mcp_entry(name, entry, "bench", False, os.environ),
+                                                        config, manager._server_changed)}
+            start = time.perf_counter()
+            manager.start()
+            manager.wait_startup()
+            connect = (time.perf_counter() - start) * 1000
+            server = manager.servers[name]
+            assert server.state == "connected", server.reason
+            size = len(json.dumps(registry.snapshot().schemas))
+            how = "behind the router" if manager.routed else "directly"
+            rows.append(("MCP: %d %s tools %s" % (len(server.tools), name, how), "%d chars" % size,
+                         "-" if not manager.routed else "< 2000 chars", "~%d tokens" % (size // 4), "-"))
+            if name == "fake":
+                bare = _time_command([sys.executable, "-c", "pass"])
+                _row(rows, "MCP: stdio server start to tools listed", connect, "ms", "(diagnostic)", bare, "(python3 -c pass)")
+                calls = 200
+                start = time.perf_counter()
+                for _ in range(calls):
+                    server.call_tool("echo", {"text": "x"})
+                _row(rows, "MCP: tools/call round trip (stdio)", (time.perf_counter() - start) * 1000 / calls, "ms",
+                     "<= 5 ms")
+            manager.close()
+
+
 def bench_prompt_size(rows):
     # the built-in prompt only: context files and the skill catalogue are extra, capped on their own
     config = nanocode.Config(tools=tuple(nanocode.TOOLS), cwd="/home/user/project", context_files=False, skills=False)
@@ -10168,6 +10210,7 @@ def run_benchmarks():
         finally:
             fake.stop()
         bench_prompt_size(rows)
+        bench_mcp(rows)
         bench_big_read_and_edit(rows, tmp)
         bench_huge_line_read(rows, tmp)
         bench_huge_sse_event(rows)
