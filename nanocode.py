@@ -3567,7 +3567,7 @@ def child_command(config, model="", tools=""):
     name = model or ("%s/%s" % (config.provider, config.model) if config.provider else config.model)
     argv = [sys.executable or "python3", os.path.abspath(__file__), "--print", "--mode", "json", "--quiet",
             "--no-session", "--system-prompt", CHILD_SYSTEM_PROMPT, "--tools", tools or "none",
-            "--max-turns", str(config.max_turns), "--model", name]
+            "--max-turns", str(config.max_turns), "--model", name, "--no-mcp"]  # no second copy of the servers
     extra = {CHILD_ENV_VAR: "1", "NANOCODE": "1"}
     if target.provider:  # the child reads the provider from settings.json; its key goes where the provider reads it
         spec = (config.settings.get("providers") or {}).get(target.provider) or {}
