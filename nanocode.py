@@ -160,6 +160,7 @@ _ConfigBase = record("Config", "Everything a run needs, built once by load_confi
     ("mcp", True),  # start the MCP servers of the mcp.json files (--no-mcp)
     ("mcp_files", ()),  # more mcp.json files (--mcp-config), read last
     ("trust_project", False),  # start a project's MCP servers without asking (--trust-project)
+    ("sandbox", ""),  # "workspace-write": bash commands confined (--sandbox, settings "sandbox"); "": off
 ))
 
 
@@ -543,6 +544,9 @@ def load_config(args, env, known_tools=()):
         raise ConfigError("%s: \"maxMcpTools\" must be 0 or more" % settings.get("__path__"))
     if not isinstance(settings.get("trustedProjects", []), (list, bool)):
         raise ConfigError("%s: \"trustedProjects\" must be a list of directories (or true)" % settings.get("__path__"))
+    sandbox = getattr(args, "sandbox", None) or _setting(settings, "sandbox", str, "") or "off"
+    if sandbox not in SANDBOX_MODES:
+        raise ConfigError("%s: \"sandbox\" must be %s, not %r" % (settings.get("__path__"), " or ".join(SANDBOX_MODES), sandbox))
     config = Config(
         max_turns=max_turns,
         compaction=env.get("NANOCODE_COMPACTION", str(_setting(settings, "compaction", bool, True))).lower()
@@ -562,7 +566,7 @@ def load_config(args, env, known_tools=()):
         color=not env.get("NO_COLOR"), prices=_setting(settings, "prices", dict, {}), notes=tuple(notes),
         settings=settings, plain_endpoint=(base_url or DEFAULT_BASE_URL, api_url, key, source), missing_key=missing_key,
         mcp=not getattr(args, "no_mcp", False), mcp_files=tuple(getattr(args, "mcp_config", None) or ()),
-        trust_project=bool(getattr(args, "trust_project", False)),
+        trust_project=bool(getattr(args, "trust_project", False)), sandbox="" if sandbox == "off" else sandbox,
     )
     return with_model(config, model or DEFAULT_MODEL, env)
 
@@ -3360,10 +3364,18 @@ def tool_bash(ctx, command, timeout=BASH_DEFAULT_TIMEOUT):
     timeout = clamp(timeout, 1, BASH_MAX_TIMEOUT)
     marker = PROCESS_GROUPS.new_marker()
     env = child_environment(ctx.config, {"NANOCODE": "1", RUN_MARKER_VAR: marker})
+    argv, preexec, release = sandbox_command(ctx.config, ctx.cwd, shell_argv(command))  # ToolError: no sandbox
     if os.name != "posix":
         return _bash_simple(ctx, command, timeout, env)
-    proc = subprocess.Popen(shell_argv(command), cwd=ctx.cwd, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        proc = subprocess.Popen(argv, cwd=ctx.cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec)
+    except subprocess.SubprocessError as e:  # raised only by the sandbox's preexec_fn: nothing ran
+        if preexec is None:
+            raise
+        raise ToolError("sandbox: the command could not be confined (%s); it did not run" % e)
+    finally:
+        release()
     PROCESS_GROUPS.add(proc.pid, marker)
     capture = OutputCapture(ctx.update)
     unregister = ctx.cancel.on_cancel(lambda: PROCESS_GROUPS.kill(proc.pid))
@@ -3471,6 +3483,312 @@ def _bash_simple(ctx, command, timeout, env):
     return ToolResult(text + "\n[exit code %d]" % done.returncode, is_error=done.returncode != 0)
 
 
+# -- the sandbox (--sandbox workspace-write) -----------------------------------
+# Codex's "workspace-write": a bash command reads everywhere but writes only beneath the working
+# directory, the temp dir and the nanocode dir (and the few /dev files a shell writes to), and has
+# no network. Linux: Landlock through ctypes syscalls (the ruleset is built in nanocode, the child
+# only enforces it between fork and exec), else bubblewrap; macOS: sandbox-exec with a generated
+# profile. Where none works, bash fails every call saying why: a command the user wanted confined
+# never runs unconfined. Only bash is confined (and the bash of child jobs, which get --sandbox);
+# nanocode's own tools (write, edit) and MCP servers are not.
+
+SANDBOX_MODES = ("off", "workspace-write")
+#: landlock_create_ruleset, landlock_add_rule, landlock_restrict_self: the same numbers on every
+#: architecture with the unified syscall table (alpha and mips number them otherwise: not listed)
+_LANDLOCK_SYSCALLS = (444, 445, 446)
+_LANDLOCK_MACHINES = frozenset(("x86_64", "amd64", "i386", "i486", "i586", "i686", "aarch64", "arm64", "armv6l",
+                                "armv7l", "armv8l", "riscv64", "ppc64", "ppc64le", "s390x", "loongarch64"))
+_PR_SET_NO_NEW_PRIVS = 38
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+_LANDLOCK_RULE_PATH_BENEATH = 1
+#: the filesystem rights that change something: (bit, the first ABI that knows it, a right of files too).
+#: Reading and executing are never handled, so they stay allowed everywhere.
+_LANDLOCK_FS_RIGHTS = (
+    (1 << 1, 1, True),  # WRITE_FILE
+    (1 << 4, 1, False),  # REMOVE_DIR
+    (1 << 5, 1, False),  # REMOVE_FILE
+    (1 << 6, 1, False),  # MAKE_CHAR
+    (1 << 7, 1, False),  # MAKE_DIR
+    (1 << 8, 1, False),  # MAKE_REG
+    (1 << 9, 1, False),  # MAKE_SOCK
+    (1 << 10, 1, False),  # MAKE_FIFO
+    (1 << 11, 1, False),  # MAKE_BLOCK
+    (1 << 12, 1, False),  # MAKE_SYM
+    (1 << 13, 2, False),  # REFER: renames and links across folders (ABI 1 refuses them everywhere)
+    (1 << 14, 3, True),  # TRUNCATE
+    (1 << 15, 5, True),  # IOCTL_DEV
+)
+#: LANDLOCK_ACCESS_NET_BIND_TCP | CONNECT_TCP (ABI 4): handled with no rule, so every TCP bind and connect fails
+_LANDLOCK_NET_TCP = (1 << 0) | (1 << 1)
+#: what a shell writes to in /dev: (path, every right (a temp folder) or only the rights of files)
+SANDBOX_DEV_PATHS = (("/dev/null", False), ("/dev/zero", False), ("/dev/full", False), ("/dev/tty", False),
+                     ("/dev/ptmx", False), ("/dev/pts", False), ("/dev/shm", True))
+#: the sandbox-exec profile: everything allowed but network and writes outside the WRITABLE_ROOT_n
+#: parameters (paths go in as -D parameters, never quoted into the text); the last matching rule wins
+SEATBELT_PROFILE = """(version 1)
+(allow default)
+(deny network*)
+(deny file-write*)
+(allow file-write*
+%s    (literal "/dev/null") (literal "/dev/zero") (literal "/dev/tty") (literal "/dev/ptmx")
+    (literal "/dev/dtracehelper") (regex #"^/dev/ttys[0-9]+$") (regex #"^/dev/fd/[0-9]+$"))
+"""
+SEATBELT_EXEC = "/usr/bin/sandbox-exec"
+_SANDBOX_CACHE = {}  # "probe": sandbox_probe()'s answer, "libc": (ctypes, libc)
+_SANDBOX_LOCK = threading.RLock()  # the probe loads libc under it
+
+
+def sandbox_mode(config):
+    """The sandbox config asks for: "" (off) or "workspace-write"."""
+    mode = getattr(config, "sandbox", "") or ""
+    return "" if mode == "off" else mode
+
+
+def sandbox_status(config):
+    """(active, kind, reason): what --sandbox means on this machine, for the banner and /permissions.
+
+    active: True when config asks for workspace-write and this machine confines bash commands.
+    kind: the mechanism, "landlock ABI n", "bwrap" or "sandbox-exec"; with the sandbox off, the one
+    that would be used; None where the machine has none.
+    reason: one line for people: what is confined (and what is not, e.g. network on an old
+    Landlock); or that the sandbox is off; or, asked for but unavailable, why not. In that last
+    case every bash call fails with this reason instead of running.
+    The machine is probed once per process (a syscall; on Linux without Landlock, one bwrap run).
+
+    Examples: (True, "landlock ABI 7", "bash may write only in the working directory, ...; TCP ...
+    refused"); (False, None, "sandbox workspace-write unavailable: Landlock: not in this kernel ...;
+    bwrap: not installed; bash refuses every command rather than run it unconfined").
+    """
+    kind, abi, why = sandbox_probe()
+    name = "landlock ABI %d" % abi if kind == "landlock" else kind
+    if not sandbox_mode(config):
+        return False, name, "off: bash commands are not confined (%s)" % (
+            "--sandbox workspace-write uses %s here" % name if name else "no sandbox here: %s" % why)
+    if kind is None:
+        return False, None, ("sandbox %s unavailable: %s; bash refuses every command rather than run it "
+                             "unconfined" % (sandbox_mode(config), why))
+    reason = "bash may write only in the working directory, the temp dir and the nanocode dir"
+    if kind != "landlock":
+        return True, name, reason + "; no network (%s%s)" % (kind, "; Landlock: " + why.split(": ", 1)[-1] if why else "")
+    if abi >= 4:
+        reason += "; TCP connect and bind refused"
+    else:
+        reason += "; network NOT blocked (Landlock ABI %d; TCP rules need ABI 4, Linux 6.7)" % abi
+    if abi < 2:
+        reason += "; moving files between folders is refused (ABI 1)"
+    if abi < 3:
+        reason += "; truncate() of files elsewhere is not blocked (ABI %d)" % abi
+    return True, name, reason
+
+
+def sandbox_probe():
+    """(kind, Landlock ABI or 0, why) of the OS sandbox this machine offers, probed once per process.
+    kind: "landlock", "bwrap", "sandbox-exec" or None; why: what each mechanism lacks ("" for Landlock in use)."""
+    with _SANDBOX_LOCK:
+        if "probe" not in _SANDBOX_CACHE:
+            _SANDBOX_CACHE["probe"] = _probe_sandbox()
+        return _SANDBOX_CACHE["probe"]
+
+
+def _probe_sandbox():
+    if os.name != "posix":
+        return None, 0, "no OS sandbox for %s" % sys.platform
+    if sys.platform == "darwin":
+        why = probe_seatbelt()
+        return ("sandbox-exec", 0, "") if not why else (None, 0, why)
+    abi, landlock_why = probe_landlock()
+    if abi:
+        return "landlock", abi, ""
+    bwrap_why = probe_bwrap() if sys.platform.startswith("linux") else "bwrap: Linux only"
+    if not bwrap_why:
+        return "bwrap", 0, landlock_why
+    return None, 0, "%s; %s" % (landlock_why, bwrap_why)
+
+
+def sandbox_writable(config, cwd):
+    """The real paths of the folders a confined command may write beneath: cwd, the temp dir and the
+    nanocode dir (config.home), those that exist. Example: ['/home/u/proj', '/tmp', '/home/u/.nanocode']."""
+    import tempfile
+    out = []
+    for path in (cwd, tempfile.gettempdir(), os.path.expanduser(getattr(config, "home", "") or "")):
+        real = os.path.realpath(path) if path else ""
+        if real and os.path.isdir(real) and real not in out:
+            out.append(real)
+    return out
+
+
+def sandbox_command(config, cwd, argv):
+    """(argv, preexec_fn, release) for one bash call: argv as given when the sandbox is off, else confined.
+    Raises ToolError when the sandbox is asked for and cannot be had. release() closes what the call
+    opened (Landlock's ruleset); call it once Popen has returned."""
+    if not sandbox_mode(config):
+        return argv, None, _no_release
+    active, kind, reason = sandbox_status(config)
+    if not active:
+        raise ToolError(reason)
+    writable = sandbox_writable(config, cwd)
+    if kind == "bwrap":
+        return bwrap_argv(shutil.which("bwrap") or "bwrap", writable, cwd, argv), None, _no_release
+    if kind == "sandbox-exec":
+        return seatbelt_argv(writable, argv), None, _no_release
+    try:
+        fd = landlock_ruleset(int(kind.rsplit(" ", 1)[-1]), [(p, True) for p in writable] + list(SANDBOX_DEV_PATHS))
+    except (OSError, ValueError) as e:
+        raise ToolError("sandbox: cannot build the Landlock rules (%s); the command did not run" % e)
+    return argv, _landlock_enforcer(fd), lambda: os.close(fd)
+
+
+def _no_release():
+    pass
+
+
+def _libc():
+    """(ctypes, the C library with errno kept), loaded once."""
+    with _SANDBOX_LOCK:
+        if "libc" not in _SANDBOX_CACHE:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.syscall.restype = ctypes.c_long
+            _SANDBOX_CACHE["libc"] = ctypes, libc
+        return _SANDBOX_CACHE["libc"]
+
+
+def landlock_rights(abi):
+    """(the filesystem rights handled, those of them that apply to files) for a Landlock ABI version."""
+    known = [(bit, on_files) for bit, since, on_files in _LANDLOCK_FS_RIGHTS if abi >= since]
+    return sum(bit for bit, _ in known), sum(bit for bit, on_files in known if on_files)
+
+
+def probe_landlock():
+    """(ABI version, "") when this kernel enforces Landlock, else (0, why not)."""
+    if not sys.platform.startswith("linux"):
+        return 0, "Landlock: Linux only"
+    machine = os.uname().machine
+    if machine not in _LANDLOCK_MACHINES:
+        return 0, "Landlock: syscall numbers not known for %s" % machine
+    try:
+        ctypes, libc = _libc()
+    except (ImportError, OSError, AttributeError) as e:
+        return 0, "Landlock: no ctypes (%s)" % e
+    abi = libc.syscall(ctypes.c_long(_LANDLOCK_SYSCALLS[0]), None, ctypes.c_long(0),
+                       ctypes.c_long(_LANDLOCK_CREATE_RULESET_VERSION))
+    if abi < 0:
+        import errno
+        err = ctypes.get_errno()
+        return 0, "Landlock: " + {errno.ENOSYS: "not in this kernel (needs Linux 5.13+ with CONFIG_SECURITY_LANDLOCK)",
+                                  errno.EOPNOTSUPP: "built in but not enabled at boot (lsm=...,landlock)"}.get(
+                                      err, "unavailable (%s)" % os.strerror(err))
+    try:
+        os.close(landlock_ruleset(abi, ()))
+    except OSError as e:
+        return 0, "Landlock ABI %d: %s" % (abi, e)
+    return int(abi), ""
+
+
+def landlock_ruleset(abi, paths):
+    """A Landlock ruleset fd (close-on-exec) for ABI abi: writes allowed only beneath paths, a list of
+    (path, True: every right (a folder) / False: the rights of files); paths that do not exist are left
+    out; TCP bind and connect refused from ABI 4. Raises OSError. Built in nanocode: the child enforces it."""
+    import stat
+    import struct
+    ctypes, libc = _libc()
+    handled, on_files = landlock_rights(abi)
+    net = _LANDLOCK_NET_TCP if abi >= 4 else 0
+    attr = (ctypes.c_uint64 * 2)(handled, net)  # struct landlock_ruleset_attr, without its ABI 6 "scoped"
+    fd = libc.syscall(ctypes.c_long(_LANDLOCK_SYSCALLS[0]), attr, ctypes.c_long(16 if abi >= 4 else 8), ctypes.c_long(0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "landlock_create_ruleset: %s" % os.strerror(err))
+    try:
+        for path, everything in paths:
+            try:
+                parent = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                folder = stat.S_ISDIR(os.fstat(parent).st_mode)
+                rule = ctypes.create_string_buffer(struct.pack("=Qi", handled if everything and folder else on_files, parent), 12)
+                if libc.syscall(ctypes.c_long(_LANDLOCK_SYSCALLS[1]), ctypes.c_long(fd),
+                                ctypes.c_long(_LANDLOCK_RULE_PATH_BENEATH), rule, ctypes.c_long(0)) < 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, "landlock_add_rule %s: %s" % (path, os.strerror(err)))
+            finally:
+                os.close(parent)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _landlock_enforcer(fd):
+    """The preexec_fn that confines the child to ruleset fd: everything is prepared here, in nanocode;
+    between fork and exec the child only makes the two calls (no_new_privs, then landlock_restrict_self).
+    A failure raises, so subprocess refuses to exec the command."""
+    ctypes, libc = _libc()
+    prctl, syscall, get_errno = libc.prctl, libc.syscall, ctypes.get_errno
+    no_new_privs = tuple(ctypes.c_long(v) for v in (_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+    restrict = (ctypes.c_long(_LANDLOCK_SYSCALLS[2]), ctypes.c_long(fd), ctypes.c_long(0))
+
+    def enforce():
+        if prctl(*no_new_privs) != 0 or syscall(*restrict) != 0:
+            raise OSError(get_errno(), "Landlock could not be enforced")
+    return enforce
+
+
+def bwrap_argv(bwrap, writable, cwd, argv):
+    """argv run by bubblewrap: / read-only, a fresh /dev, the writable folders bound read-write, no network.
+
+    No --new-session and no pid namespace: the command stays in the process group bash kills and in
+    /proc where the marker scan finds what left the group. (--new-session guards against a command
+    typing into its terminal with TIOCSTI; it has none: stdin is /dev/null, start_new_session drops
+    the controlling terminal.) --die-with-parent: killing bwrap kills the command too."""
+    out = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev"]
+    for path in writable:
+        out += ["--bind", path, path]
+    return out + ["--unshare-net", "--die-with-parent", "--chdir", cwd, "--"] + list(argv)
+
+
+def probe_bwrap():
+    """"" when bubblewrap runs a command here with the sandbox's options, else why not (user namespaces
+    are often disabled, e.g. in containers)."""
+    import subprocess
+    path = shutil.which("bwrap")
+    if not path:
+        return "bwrap: not installed"
+    try:
+        done = subprocess.run(bwrap_argv(path, [], "/", ["sh", "-c", ":"]), stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        return "bwrap: %s" % e
+    if done.returncode != 0:
+        return "bwrap: " + one_line(done.stderr.decode("utf-8", "replace").strip() or "exit code %d" % done.returncode, 200)
+    return ""
+
+
+def seatbelt_argv(writable, argv):
+    """argv run by macOS sandbox-exec with SEATBELT_PROFILE, the writable folders as its parameters."""
+    roots = "".join('    (subpath (param "WRITABLE_ROOT_%d"))\n' % i for i in range(len(writable)))
+    return ([SEATBELT_EXEC, "-p", SEATBELT_PROFILE % roots] +
+            ["-DWRITABLE_ROOT_%d=%s" % (i, path) for i, path in enumerate(writable)] + ["--"] + list(argv))
+
+
+def probe_seatbelt():
+    """"" when sandbox-exec runs a command with the profile here, else why not (it cannot nest: inside
+    another sandbox it fails)."""
+    import subprocess
+    import tempfile
+    if not os.path.exists(SEATBELT_EXEC):
+        return "sandbox-exec: not found"
+    try:
+        done = subprocess.run(seatbelt_argv([os.path.realpath(tempfile.gettempdir())], ["/usr/bin/true"]),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        return "sandbox-exec: %s" % e
+    if done.returncode != 0:
+        return "sandbox-exec: " + one_line(done.stderr.decode("utf-8", "replace").strip() or "exit code %d" % done.returncode, 200)
+    return ""
+
+
 # =============================================================================
 # 12. Child jobs
 # =============================================================================
@@ -3568,6 +3886,8 @@ def child_command(config, model="", tools=""):
     argv = [sys.executable or "python3", os.path.abspath(__file__), "--print", "--mode", "json", "--quiet",
             "--no-session", "--system-prompt", CHILD_SYSTEM_PROMPT, "--tools", tools or "none",
             "--max-turns", str(config.max_turns), "--model", name, "--no-mcp"]  # no second copy of the servers
+    if getattr(config, "sandbox", ""):
+        argv += ["--sandbox", config.sandbox]
     extra = {CHILD_ENV_VAR: "1", "NANOCODE": "1"}
     if target.provider:  # the child reads the provider from settings.json; its key goes where the provider reads it
         spec = (config.settings.get("providers") or {}).get(target.provider) or {}
@@ -10423,6 +10743,8 @@ def build_parser():
     p.add_argument("--no-mcp", action="store_true", help="do not start MCP servers")
     p.add_argument("--mcp-config", action="append", metavar="FILE", help="read MCP servers from this file too (repeatable)")
     p.add_argument("--trust-project", action="store_true", help="start this project's MCP servers without asking")
+    p.add_argument("--sandbox", choices=SANDBOX_MODES, help="workspace-write: bash commands may write only in the "
+                   "working directory, the temp dir and the nanocode dir, without network (default: off)")
     p.add_argument("--quiet", action="store_true", help="print only the final answer")
     p.add_argument("--max-turns", type=int, help="stop after N model requests (default 100)")
     p.add_argument("--doctor", action="store_true", help="check the endpoint: what it is, streaming, tool calls; exit 0/1")
