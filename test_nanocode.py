@@ -3047,6 +3047,263 @@ def _alive(pid):
         return True
 
 
+_SANDBOX_BACKENDS = []
+
+
+def sandbox_backends():
+    """[(name, sandbox_probe() answer that forces it)] for every OS sandbox this machine has, and why the
+    others are missing; probed once for all tests."""
+    if not _SANDBOX_BACKENDS:
+        found, why = [], []
+        abi, landlock_why = nanocode.probe_landlock()
+        if abi:
+            found.append(("landlock ABI %d" % abi, ("landlock", abi, "")))
+        why.append(landlock_why)
+        bwrap_why = nanocode.probe_bwrap() if sys.platform.startswith("linux") else "bwrap: Linux only"
+        if not bwrap_why:
+            found.append(("bwrap", ("bwrap", 0, landlock_why or "Landlock: left out by the test")))
+        why.append(bwrap_why)
+        seatbelt_why = nanocode.probe_seatbelt() if sys.platform == "darwin" else ""
+        if sys.platform == "darwin" and not seatbelt_why:
+            found.append(("sandbox-exec", ("sandbox-exec", 0, "")))
+        _SANDBOX_BACKENDS.append((found, "; ".join(w for w in why + [seatbelt_why] if w)))
+    return _SANDBOX_BACKENDS[0]
+
+
+class TestBashSandbox(EndToEndTestCase):
+    """--sandbox workspace-write: bash reads everywhere, writes only beneath the working dir, the temp dir
+    and the nanocode dir, has no network; where no sandbox works it refuses every command. Each test
+    runs the real bash tool under every sandbox this machine has (Landlock and bwrap on Linux)."""
+
+    def setUp(self):
+        super().setUp()
+        self.tmpdir = os.path.join(self.tmp, "tmp")  # the temp dir of the commands, apart from self.tmp
+        self.outside = os.path.join(self.tmp, "outside")
+        os.makedirs(self.tmpdir)
+        os.makedirs(self.outside)
+        patcher = mock.patch.object(tempfile, "tempdir", self.tmpdir)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.config = nanocode.Config(home=self.home, sandbox="workspace-write")
+
+    def sandboxes(self):
+        """[(name, probe)] of each sandbox this machine has (for `with self.using(...)`); skips when there is none."""
+        found, why = sandbox_backends()
+        if not found:
+            self.skipTest("no OS sandbox on this machine (%s)" % why)
+        return found
+
+    @contextlib.contextmanager
+    def using(self, name, probe):
+        """A subtest in which sandbox_status() reports this sandbox and bash uses it."""
+        with self.subTest(sandbox=name), mock.patch.dict(nanocode._SANDBOX_CACHE, {"probe": probe}):
+            yield
+            self.assertEqual(nanocode.sandbox_status(self.config)[:2], (True, name))
+
+    def bash(self, command, sandbox=True, **args):
+        return call_tool(self.cwd, "bash", dict(args, command=command), self.config if sandbox else None)
+
+    def assertRefusedWrite(self, result, path):
+        self.assertFalse(os.path.exists(path), result.text)
+        self.assertRegex(result.text, r"Permission denied|Read-only file system")
+
+    def test_a_write_outside_fails_and_succeeds_without_the_sandbox(self):
+        for name, probe in self.sandboxes():
+            with self.using(name, probe):
+                target = os.path.join(self.outside, name.replace(" ", "-"))
+                r = self.bash("echo x > %s" % shlex.quote(target))
+                self.assertTrue(r.is_error, r.text)
+                self.assertRefusedWrite(r, target)
+                for command in ("touch %s", "mkdir %s", "ln -s /etc/hostname %s", "cp /etc/hostname %s", "mv x %s"):
+                    self.bash("touch x")
+                    self.assertRefusedWrite(self.bash(command % shlex.quote(target)), target)
+                r = self.bash("echo x > %s" % shlex.quote(target), sandbox=False)
+                self.assertEqual(r.text, "[exit code 0]")
+                self.assertTrue(os.path.exists(target))
+
+    def test_writes_in_the_working_dir_the_temp_dir_and_the_nanocode_dir_succeed(self):
+        for name, probe in self.sandboxes():
+            with self.using(name, probe):
+                r = self.bash("set -e; mkdir -p d && echo w > d/w.txt && mv d/w.txt moved.txt && ln -sf moved.txt link\n"
+                              "echo t > %s/t.txt; mkdir -p %s/cache && echo h > %s/cache/h.txt\n"
+                              "echo gone > /dev/null; echo err >&2; echo stderr > /dev/stderr; rm -r d; echo done"
+                              % (shlex.quote(self.tmpdir), shlex.quote(self.home), shlex.quote(self.home)))
+                self.assertEqual(r.text, "err\nstderr\ndone\n[exit code 0]")
+                for path in ("work/moved.txt", "tmp/t.txt", ".nanocode/cache/h.txt"):
+                    self.assertTrue(os.path.exists(os.path.join(self.tmp, path)), path)
+                for path in ("work/moved.txt", "work/link", "tmp/t.txt"):
+                    os.remove(os.path.join(self.tmp, path))
+                shutil.rmtree(os.path.join(self.home, "cache"))
+
+    def test_network_is_refused_where_the_sandbox_blocks_it(self):
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        listener.settimeout(10)
+        connect = "%s -c 'import socket; socket.create_connection((\"127.0.0.1\", %d), 5); print(\"connected\" + \"!\")'" % (
+            shlex.quote(sys.executable), listener.getsockname()[1])
+        for name, probe in self.sandboxes():
+            with self.using(name, probe):
+                if name.startswith("landlock ABI ") and int(name.split()[-1]) < 4:
+                    self.assertIn("network NOT blocked", nanocode.sandbox_status(self.config)[2])
+                    continue  # TCP rules came with ABI 4
+                r = self.bash(connect)
+                self.assertTrue(r.is_error, r.text)
+                self.assertRegex(r.text, r"PermissionError|ConnectionRefusedError|Network is unreachable")
+                self.assertNotIn("connected!", r.text)
+        r = self.bash(connect, sandbox=False)
+        self.assertEqual(r.text, "connected!\n[exit code 0]")
+        listener.accept()[0].close()
+
+    def test_the_command_s_children_stay_sandboxed(self):
+        for name, probe in self.sandboxes():
+            with self.using(name, probe):
+                paths = [os.path.join(self.outside, "%s-%d" % (name.replace(" ", "-"), i)) for i in range(4)]
+                q = [shlex.quote(p) for p in paths]
+                r = self.bash("sh -c 'bash -c \"touch %s\"'\n(touch %s &); wait\n%s -c 'open(%r, \"w\")'\n"
+                              "env -i /bin/sh -c 'touch %s'\necho end"
+                              % (q[0], q[1], shlex.quote(sys.executable), paths[2], q[3]))
+                self.assertTrue(r.text.endswith("end\n[exit code 0]"), r.text)
+                self.assertEqual([p for p in paths if os.path.exists(p)], [])
+                if shutil.which("setsid"):
+                    self.assertRefusedWrite(self.bash("setsid sh -c 'touch %s'" % q[0]), paths[0])
+
+    def test_timeouts_and_process_groups_work_inside(self):
+        for name, probe in self.sandboxes():
+            with self.using(name, probe):
+                pidfile = os.path.join(self.cwd, "pid")
+                r = self.bash("sleep 300 & echo $! > pid; echo $NANOCODE_RUN; wait", timeout=1)
+                self.assertIn("timed out after 1s", r.text)
+                self.assertRegex(r.text, r"^%d-\d+\n" % os.getpid())  # the run marker gets through
+                with open(pidfile) as f:
+                    assert_gone(self, int(f.read()))
+                os.remove(pidfile)
+
+    def test_without_a_sandbox_bash_refuses_and_says_why(self):
+        reason = "sandbox workspace-write unavailable: Landlock: not in this kernel; bwrap: not installed"
+        marker = os.path.join(self.cwd, "ran")
+        with mock.patch.object(nanocode, "sandbox_status", return_value=(False, None, reason)):
+            r = self.bash("touch ran; echo ran")
+        self.assertEqual((r.is_error, r.text), (True, "error: " + reason))
+        self.assertFalse(os.path.exists(marker))
+        probe = (None, 0, "Landlock: not in this kernel (ENOSYS); bwrap: not installed")
+        with mock.patch.dict(nanocode._SANDBOX_CACHE, {"probe": probe}):
+            status = nanocode.sandbox_status(self.config)
+            r = self.bash("touch ran; echo ran")
+            off = self.bash("echo ran", sandbox=False)
+            off_status = nanocode.sandbox_status(nanocode.Config())
+        self.assertEqual(status, (False, None, "sandbox workspace-write unavailable: %s; bash refuses every command "
+                                               "rather than run it unconfined" % probe[2]))
+        self.assertEqual((r.is_error, r.text), (True, "error: " + status[2]))
+        self.assertNotIn("\n", r.text)
+        self.assertFalse(os.path.exists(marker))
+        self.assertEqual(off.text, "ran\n[exit code 0]")  # off: nothing changes
+        self.assertEqual(off_status, (False, None, "off: bash commands are not confined (no sandbox here: %s)" % probe[2]))
+
+    def test_a_child_that_cannot_be_confined_does_not_run(self):
+        found = [probe for name, probe in sandbox_backends()[0] if probe[0] == "landlock"]
+        if not found:
+            self.skipTest("needs Landlock")
+
+        def broken(fd):
+            def enforce():
+                raise OSError(1, "refused")
+            return enforce
+        with mock.patch.dict(nanocode._SANDBOX_CACHE, {"probe": found[0]}), \
+                mock.patch.object(nanocode, "_landlock_enforcer", broken):
+            r = self.bash("touch ran")
+        self.assertTrue(r.is_error)
+        self.assertTrue(r.text.startswith("error: sandbox: the command could not be confined"), r.text)
+        self.assertFalse(os.path.exists(os.path.join(self.cwd, "ran")))
+
+    def test_status_says_what_is_confined(self):
+        cases = [(("landlock", 7, ""), (True, "landlock ABI 7", "bash may write only in the working directory, the temp "
+                                        "dir and the nanocode dir; TCP connect and bind refused")),
+                 (("landlock", 3, ""), (True, "landlock ABI 3", "bash may write only in the working directory, the temp "
+                                        "dir and the nanocode dir; network NOT blocked (Landlock ABI 3; TCP rules "
+                                        "need ABI 4, Linux 6.7)")),
+                 (("bwrap", 0, "Landlock: not in this kernel"), (True, "bwrap", "bash may write only in the working "
+                  "directory, the temp dir and the nanocode dir; no network (bwrap; Landlock: not in this kernel)"))]
+        for probe, expected in cases:
+            with mock.patch.dict(nanocode._SANDBOX_CACHE, {"probe": probe}):
+                self.assertEqual(nanocode.sandbox_status(self.config), expected)
+                self.assertEqual(nanocode.sandbox_status(nanocode.Config())[:2], (False, expected[1]))
+        with mock.patch.dict(nanocode._SANDBOX_CACHE, {"probe": ("landlock", 1, "")}):
+            self.assertIn("moving files between folders is refused", nanocode.sandbox_status(self.config)[2])
+
+    def test_landlock_handles_only_the_rights_the_abi_knows(self):
+        self.assertEqual([nanocode.landlock_rights(abi) for abi in (1, 2, 3, 4, 5, 7)],
+                         [(0x1FF2, 0x2), (0x3FF2, 0x2), (0x7FF2, 0x4002), (0x7FF2, 0x4002), (0xFFF2, 0xC002),
+                          (0xFFF2, 0xC002)])
+
+    def test_bwrap_and_macos_command_lines(self):
+        argv = ["/bin/bash", "-c", "make"]
+        self.assertEqual(nanocode.bwrap_argv("/usr/bin/bwrap", ["/p", "/tmp"], "/p", argv),
+                         ["/usr/bin/bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--bind", "/p", "/p",
+                          "--bind", "/tmp", "/tmp", "--unshare-net", "--die-with-parent", "--chdir", "/p", "--"] + argv)
+        roots = ["/Users/me/my proj", '/private/var/folders/x"y/T', "/Users/me/.nanocode"]
+        out = nanocode.seatbelt_argv(roots, argv)
+        self.assertEqual(out[:2], ["/usr/bin/sandbox-exec", "-p"])
+        self.assertEqual(out[3:], ["-DWRITABLE_ROOT_0=/Users/me/my proj", '-DWRITABLE_ROOT_1=/private/var/folders/x"y/T',
+                                   "-DWRITABLE_ROOT_2=/Users/me/.nanocode", "--"] + argv)
+        self.assertEqual(out[2], '(version 1)\n'
+                                 '(allow default)\n'
+                                 '(deny network*)\n'
+                                 '(deny file-write*)\n'
+                                 '(allow file-write*\n'
+                                 '    (subpath (param "WRITABLE_ROOT_0"))\n'
+                                 '    (subpath (param "WRITABLE_ROOT_1"))\n'
+                                 '    (subpath (param "WRITABLE_ROOT_2"))\n'
+                                 '    (literal "/dev/null") (literal "/dev/zero") (literal "/dev/tty") (literal "/dev/ptmx")\n'
+                                 '    (literal "/dev/dtracehelper") (regex #"^/dev/ttys[0-9]+$") (regex #"^/dev/fd/[0-9]+$"))\n')
+        self.assertEqual(out[2].count("("), out[2].count(")"))
+        with mock.patch.dict(nanocode._SANDBOX_CACHE, {"probe": ("sandbox-exec", 0, "")}), \
+                mock.patch.object(nanocode.shutil, "which", return_value=None):
+            argv2, preexec, release = nanocode.sandbox_command(self.config, self.cwd, argv)
+        self.assertEqual(argv2[3:], ["-DWRITABLE_ROOT_0=" + self.cwd, "-DWRITABLE_ROOT_1=" + self.tmpdir,
+                                     "-DWRITABLE_ROOT_2=" + self.home, "--"] + argv)
+        self.assertIsNone(preexec)
+
+    def test_the_flag_the_setting_and_child_jobs(self):
+        env = {"NANOCODE_DIR": self.home, "OPENAI_BASE_URL": self.fake.url, "OPENAI_API_KEY": "k"}
+
+        def sandbox(*flags):
+            return nanocode.load_config(nanocode.build_parser().parse_args(list(flags) + ["task"]), env).sandbox
+        self.assertEqual([sandbox(), sandbox("--sandbox", "workspace-write"), sandbox("--sandbox", "off")],
+                         ["", "workspace-write", ""])
+        self.write_settings({"sandbox": "workspace-write"})
+        self.assertEqual([sandbox(), sandbox("--sandbox", "off")], ["workspace-write", ""])
+        argv = nanocode.child_command(nanocode.Config(sandbox="workspace-write"))[0]
+        self.assertEqual(argv[argv.index("--sandbox"):][:2], ["--sandbox", "workspace-write"])
+        self.assertNotIn("--sandbox", nanocode.child_command(nanocode.Config())[0])
+        self.write_settings({"sandbox": "strict"})
+        rc, out, err, _ = self.run_nanocode(["-p", "task"])
+        self.assertEqual(rc, 2)
+        self.assertIn('settings.json: "sandbox" must be off or workspace-write, not \'strict\'', err)
+        rc, out, err, _ = self.run_nanocode(["-p", "--sandbox", "on", "task"])
+        self.assertEqual(rc, 2)
+        self.assertIn("--sandbox: invalid choice", err)
+
+    def test_end_to_end_a_headless_run_confines_its_commands(self):
+        if not sandbox_backends()[0]:
+            self.skipTest("no OS sandbox on this machine (%s)" % sandbox_backends()[1])
+        escape = os.path.join(self.outside, "escape.txt")
+        self.fake.enqueue(tool_answer("bash", {"command": "echo in > inside.txt; echo t > \"$TMPDIR/t.txt\"; "
+                                               "echo out > %s; echo done" % shlex.quote(escape)}))
+        self.fake.enqueue(answer("finished"))
+        rc, out, err, _ = self.run_nanocode(["-p", "--sandbox", "workspace-write", "--no-session", "go"],
+                                            env={"TMPDIR": self.tmpdir})
+        self.assertEqual(rc, 0, err)
+        self.assertIn("finished", out)
+        self.assertTrue(os.path.exists(os.path.join(self.cwd, "inside.txt")))
+        self.assertTrue(os.path.exists(os.path.join(self.tmpdir, "t.txt")))
+        self.assertFalse(os.path.exists(escape))
+        result = message_text(self.tool_message(self.fake.posts[1], "call_1"))
+        self.assertRegex(result, r"escape\.txt: (Permission denied|Read-only file system)")
+        self.assertIn("done", result)
+
+
 # =============================================================================
 # 12. Child jobs
 # =============================================================================
