@@ -45,6 +45,7 @@ import errno
 import io
 import codecs
 import collections
+import concurrent.futures
 import copy
 import email.utils
 import http.server
@@ -5372,6 +5373,131 @@ class TestMcpRealServers(McpServerTestCase, EndToEndTestCase):
         self.assertEqual(tool["parameters"]["properties"], {"a": {"title": "A", "type": "integer"},
                                                             "b": {"title": "B", "type": "integer"}})
         self.assertEqual(tool["parameters"]["required"], ["a", "b"])
+
+
+# -- the official MCP conformance harness --------------------------------------------
+
+#: what `bash .ci/mcp` prepared for TestMcpConformance (pinned, in $NANOCODE_MCP_CACHE), from the variables
+#: it prints: NANOCODE_MCP_CONFORMANCE_STABLE and _PRE (@modelcontextprotocol/conformance 0.1.16 and
+#: 0.2.0-alpha.12: a dist/index.js each), _NODE22 (the Node 22 they need) and _BIND (.ci/bind-localhost.cjs,
+#: preloaded so the harness's mock servers listen on 127.0.0.1 only). The rules of MCP_REAL: unset skips,
+#: set but not there fails. Read at import, before the tests' clean environments.
+MCP_CONFORMANCE = dict((name, os.environ.get("NANOCODE_MCP_" + name.upper()) or "")
+                       for name in ("conformance_stable", "conformance_pre", "node22", "bind"))
+
+#: the harness's colours
+_ANSI_SGR = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class TestMcpConformance(NanocodeTestCase):
+    """`nanocode.py mcp connect URL` against the official MCP conformance harness, every client scenario that
+    needs no OAuth, at each wire it speaks: the harness starts its mock server, runs
+    `<our command> <the mock's URL>` with MCP_CONFORMANCE_SCENARIO (and _CONTEXT, _PROTOCOL_VERSION) set,
+    then scores what the mock saw. A run passes when no check failed or warned and the client exited 0 in
+    time (30 s): exit code 0 and "OVERALL: PASSED". Each run also has to pass at least as many checks as
+    nanocode passes today, so a scenario whose checks all went unseen ("Passed: 0/0" passes) cannot pass
+    quietly. The runs are independent (each mock has a port of its own): a few at a time."""
+
+    #: (scenario, --spec-version or None, the fewest checks that pass). 0.1.16 has no --spec-version for
+    #: one scenario: each runs its one way
+    STABLE = (("initialize", None, 1), ("tools_call", None, 1),
+              ("elicitation-sep1034-client-defaults", None, 5), ("sse-retry", None, 3))
+    #: 0.2: the legacy wire (2025-11-25: initialize, sessions) and the 2026-07-28 one (server/discover,
+    #: _meta, no sessions) where a scenario has both. The skills extension's (sep-2640-*) checks stay
+    #: SKIPPED (0/0) for a client that never asks skills/list, as nanocode does not
+    PRE = (("initialize", "2025-11-25", 1), ("tools_call", "2025-11-25", 2), ("tools_call", "2026-07-28", 2),
+           ("elicitation-sep1034-client-defaults", "2025-11-25", 5), ("sse-retry", "2025-11-25", 3),
+           ("json-schema-2020-12-preservation", "2025-11-25", 9), ("json-schema-2020-12-preservation", "2026-07-28", 9),
+           ("request-metadata", "2026-07-28", 7), ("http-standard-headers", "2026-07-28", 9),
+           ("http-custom-headers", "2026-07-28", 18), ("http-invalid-tool-headers", "2026-07-28", 12),
+           ("json-schema-ref-no-deref", "2026-07-28", 1), ("sep-2322-client-request-state", "2026-07-28", 5),
+           ("sep-2640-client-no-prefetch", None, 0), ("sep-2640-client-verify-digest", None, 0),
+           ("sep-2640-client-verify-size", None, 0), ("sep-2640-client-verify-frontmatter", None, 0))
+    #: scored on timing (sse-retry: the reconnect must come 450-700 ms after the stream closed): run alone,
+    #: once the others are done, so a busy machine does not make nanocode look late
+    ALONE = ("sse-retry",)
+    PARALLEL = 2  #: runs at once: each is a node and a python (2 take 10 s where 1 takes 15; 3 gain nothing on 2 cores)
+    TIMEOUT = 120  #: seconds for one run (the harness gives the client 30)
+
+    def harness(self, which):
+        """(node 22, the preload, the harness's dist/index.js) for stable or pre: skipped when
+        $NANOCODE_MCP_CONFORMANCE_<WHICH> is not set; a failure when it, or what goes with it, is missing."""
+        var = "NANOCODE_MCP_CONFORMANCE_" + which.upper()
+        if not MCP_CONFORMANCE["conformance_" + which]:
+            self.skipTest('$%s is not set: `eval "$(bash .ci/mcp)"` installs the conformance harness and sets it' % var)
+        paths = []
+        for name in ("node22", "bind", "conformance_" + which):
+            path, other = MCP_CONFORMANCE[name], "NANOCODE_MCP_" + name.upper()
+            self.assertTrue(path, "$%s is set but $%s is not (.ci/mcp prints both)" % (var, other))
+            self.assertTrue(os.path.isfile(path), "$%s names %s, which is not there (run .ci/mcp again)" % (other, path))
+            paths.append(path)
+        return paths
+
+    def run_harness(self, node, preload, dist, scenario, version):
+        """One harness run of `nanocode.py mcp connect` on one scenario, in its own process group (killed
+        after, with any client it left); returns (exit code, output without colours, seconds). Our clean
+        environment goes to the harness and from it to nanocode: HOME and NANOCODE_DIR are the test's."""
+        # exec: the harness stops a client that overstays by killing what it started, so that must be nanocode
+        # itself (behind sh, it would live on, the harness waiting for its output to end)
+        command = "exec %s %s mcp connect" % (shlex.quote(sys.executable), shlex.quote(NANOCODE))
+        argv = [node, "--require", preload, dist, "client", "--command", command, "--scenario", scenario]
+        if version:
+            argv += ["--spec-version", version]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.tmp, "NANOCODE_DIR": self.home,
+               "TMPDIR": self.tmp}
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                cwd=self.cwd, env=env, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=self.TIMEOUT)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            code = "none: killed after %ds" % self.TIMEOUT
+        finally:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)  # a client the harness gave up on
+        return code, _ANSI_SGR.sub("", out.decode("utf-8", "replace")), time.monotonic() - started
+
+    def run_all(self, which, runs):
+        """Every run of runs, PARALLEL at a time (the ALONE ones after, one by one), then a subTest each."""
+        node, preload, dist = self.harness(which)
+        together = [r for r in runs if r[0] not in self.ALONE]
+        results = {}
+        with concurrent.futures.ThreadPoolExecutor(self.PARALLEL) as pool:
+            futures = dict((pool.submit(self.run_harness, node, preload, dist, scenario, version), (scenario, version))
+                           for scenario, version, _ in together)
+            for future in concurrent.futures.as_completed(futures):
+                results[futures[future]] = future.result()
+        for scenario, version, _ in runs:
+            if scenario in self.ALONE:
+                results[scenario, version] = self.run_harness(node, preload, dist, scenario, version)
+        for scenario, version, fewest in runs:
+            with self.subTest(scenario=scenario, spec_version=version or "(default)"):
+                code, out, seconds = results[scenario, version]
+                run = "%s%s (%.1fs)" % (scenario, " at " + version if version else "", seconds)
+                self.assertHarnessPassed(code, out, fewest, run)
+
+    def assertHarnessPassed(self, code, out, fewest, run):
+        """Exit code 0, "OVERALL: PASSED", and at least fewest checks passed with none failed or warned; on a
+        failure the message has the harness's Test Results block (or the end of its output)."""
+        start = out.find("Test Results:")
+        shown = out[start:] if start >= 0 else out[-3000:]
+        detail = "conformance harness, %s: exit code %s\n%s" % (run, code, shown.strip())
+        self.assertEqual(code, 0, detail)
+        self.assertRegex(out, r"(?m)^\W*OVERALL: PASSED$", detail)
+        counts = re.search(r"(?m)^Passed: (\d+)/(\d+), (\d+) failed, (\d+) warnings$", out)
+        self.assertTrue(counts, detail)
+        passed, scored, failed, warned = (int(n) for n in counts.groups())
+        self.assertEqual((failed, warned, scored), (0, 0, passed), detail)
+        self.assertGreaterEqual(passed, fewest, "fewer checks were seen than before: " + detail)
+
+    def test_stable_harness_every_non_auth_client_scenario(self):
+        self.run_all("stable", self.STABLE)
+
+    def test_pre_release_harness_every_non_auth_client_scenario(self):
+        self.run_all("pre", self.PRE)
 
 
 # =============================================================================
