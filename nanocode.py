@@ -23,16 +23,17 @@ Table of contents (each section opens with a numbered banner):
    15. Web                   webfetch (HTML to Markdown, deadlines), websearch
    16. MCP client            JSON-RPC peer, stdio and Streamable HTTP transports, one server's lifecycle
    17. MCP servers           mcp.json, project trust, McpManager: tools, router, results, resources, prompts
-   18. Context               system prompt, @path mentions, token estimates
-   19. Context files, skills AGENTS.md / CLAUDE.md, SYSTEM.md, Agent Skills, /skill:NAME
-   20. Agent core            Session: history, the one agent loop, tool calls, before_tool, fork (/btw)
-   21. Compaction            thresholds, the cut, the summary, overflow recovery
-   22. Session files         JSONL store, resume and repair, the session list, undo
-   23. Command loop          CommandLoop (the worker, job reports, /btw sidecars), the slash-command table
-   24. Front ends: headless  -p text and --mode json
-   25. Front ends: rendering styles, streamed Markdown, Screen, ReplRenderer
-   26. Front ends: the REPL  input, Ctrl+C, dispatch, readline
-   27. CLI                   --doctor, flags, main()
+   18. Permissions           modes, rules, the read-only command classifier, the before_tool verdict
+   19. Context               system prompt, @path mentions, token estimates
+   20. Context files, skills AGENTS.md / CLAUDE.md, SYSTEM.md, Agent Skills, /skill:NAME
+   21. Agent core            Session: history, the one agent loop, tool calls, before_tool, fork (/btw)
+   22. Compaction            thresholds, the cut, the summary, overflow recovery
+   23. Session files         JSONL store, resume and repair, the session list, undo
+   24. Command loop          CommandLoop (the worker, job reports, /btw sidecars), the slash-command table
+   25. Front ends: headless  -p text and --mode json
+   26. Front ends: rendering styles, streamed Markdown, Screen, ReplRenderer
+   27. Front ends: the REPL  input, Ctrl+C, dispatch, readline
+   28. CLI                   --doctor, flags, main()
 """
 
 # =============================================================================
@@ -7203,7 +7204,321 @@ def prompt_arguments(arg, names):
 
 
 # =============================================================================
-# 18. Context
+# 18. Permissions
+# =============================================================================
+# One Permissions object per session is its before_tool hook: every tool call
+# gets a verdict (allow, ask or deny) from the permission mode, the rules and,
+# for bash, the read-only classifier. Rules come from settings.json
+# ("permissions": {"allow": [...], "ask": [...], "deny": [...]}), from the
+# project's .nanocode/settings.json (narrowing only until the project is
+# trusted), from --allow, and from "always" answers. Deny beats ask beats allow.
+# The REPL asks; a headless run cannot, so there a question is a denial that
+# says which flag or rule would allow the call.
+
+PERMISSION_MODES = ("ask", "auto-edit", "plan", "yolo")
+READ_TOOLS = frozenset(["read", "glob", "grep", "ls", "find", "websearch", "mcp_search", "mcp_inspect"])
+EDIT_TOOLS = frozenset(["write", "edit"])
+PermissionRule = record("PermissionRule", "One rule: tool glob, argument pattern (or None), the list it is in, where from.", (
+    ("text", ""), ("tool", ""), ("pattern", None), ("kind", "allow"), ("source", ""),
+))
+PLAN_REFUSAL = "plan mode is read-only: present your plan to the user instead of changing anything"
+
+
+def parse_rule(text, kind="allow", source=""):
+    """A PermissionRule from 'bash(git diff *)', 'edit(src/**)', 'webfetch(domain:x.org)' or 'mcp__github__*';
+    ConfigError for what is not a rule. Example: 'bash(npm test)' -> tool 'bash', pattern 'npm test'."""
+    m = re.match(r"^\s*([A-Za-z0-9_*?.-]+)\s*(?:\((.*)\))?\s*$", str(text), re.S)
+    if not m or (m.group(2) is not None and not m.group(2).strip()):
+        raise ConfigError("%r is not a permission rule (tool or tool(pattern), e.g. bash(npm test), edit(src/**))" % text)
+    return PermissionRule(str(text).strip(), m.group(1), m.group(2).strip() if m.group(2) is not None else None, kind, source)
+
+
+def rules_from(settings, source, narrow_only=False):
+    """The rules of one settings.json ("permissions": {"allow", "ask", "deny"}); narrow_only drops allow."""
+    section = settings.get("permissions") if isinstance(settings, dict) else None
+    if section is None:
+        return []
+    if not isinstance(section, dict):
+        raise ConfigError("%s: \"permissions\" must be an object with allow, ask and deny lists" % source)
+    rules = []
+    for kind in ("deny", "ask", "allow"):
+        items = section.get(kind, [])
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError("%s: permissions.%s must be a list of rules (strings)" % (source, kind))
+        if kind == "allow" and narrow_only:
+            continue
+        rules += [parse_rule(i, kind, source) for i in items]
+    return rules
+
+
+def project_settings(config):
+    """(path, settings) of the nearest project .nanocode/settings.json (not the home one), or (None, {})."""
+    for d in reversed(project_dirs(config.cwd)):
+        path = os.path.join(d, ".nanocode", "settings.json")
+        if os.path.isfile(path) and os.path.abspath(os.path.dirname(path)) != os.path.abspath(config.home):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = loads_jsonc(f.read())
+            except (OSError, ValueError) as e:
+                raise ConfigError("cannot read %s: %s; fix or remove the file" % (path, one_line(e, 200)))
+            return path, data if isinstance(data, dict) else {}
+    return None, {}
+
+
+def project_trusted(config):
+    """True when this project may widen permissions and start its servers: --trust-project, settings.json's
+    "trustedProjects", or the REPL's yes (trust.json)."""
+    if getattr(config, "trust_project", False):
+        return True
+    listed = config.settings.get("trustedProjects") if isinstance(config.settings, dict) else None
+    root = project_root(config.cwd)
+    if listed is True or (isinstance(listed, list) and any(os.path.abspath(os.path.expanduser(str(p))) == root
+                                                             for p in listed)):
+        return True
+    return bool((read_trust(config)["projects"].get(root) or {}).get("trusted"))
+
+
+def _within(path, folder):
+    """True when path is folder or beneath it (both resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _command_matches(command, pattern):
+    """A bash rule's pattern against one sub-command: glob (* any text); 'x *' also matches 'x' alone."""
+    import fnmatch
+    command = " ".join(command.split())
+    pattern = " ".join(pattern.split())
+    return fnmatch.fnmatchcase(command, pattern) or (pattern.endswith(" *") and command == pattern[:-2])
+
+
+def _host_of(url):
+    from urllib.parse import urlsplit
+    try:
+        return (urlsplit(str(url).strip()).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def is_private_host(host):
+    """True for loopback, private-range, link-local or unspecified addresses, by name or after DNS resolution."""
+    import ipaddress
+    import socket
+    if not host:
+        return False
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        if host == "localhost" or host.endswith(".localhost"):
+            return True
+        try:
+            infos = socket.getaddrinfo(host, None)
+        except (OSError, UnicodeError):
+            return False
+        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    return any(a.is_loopback or a.is_private or a.is_link_local or a.is_unspecified or a.is_reserved for a in addresses)
+
+
+class Permissions:
+    """A session's permission mode and rules; called as its before_tool hook: (verdict, text)."""
+
+    def __init__(self, config, mode=None, rules=(), sandboxed=False):
+        self.config = config
+        self.mode = mode or config.permission_mode
+        self.rules = list(rules)  # settings, project, --allow: deny, ask, allow in any order
+        self.session_rules = []  # "always" answers of this session
+        self.sandboxed = sandboxed  # bash runs in the OS sandbox: in ask mode it needs no question
+        self.mcp = None  # the session's McpManager, to look up what mcp_call would run
+        self.last_denial = None  # the text telling the user how to allow the last refused call
+
+    @classmethod
+    def for_config(cls, config, sandboxed=False):
+        """The rules of config: settings.json, the project's settings (narrowing only until trusted), --allow."""
+        rules = rules_from(config.settings, config.settings.get("__path__", "settings.json"))
+        path, data = project_settings(config)
+        if path:
+            rules += rules_from(data, path, narrow_only=not project_trusted(config))
+        rules += [parse_rule(text, "allow", "--allow") for text in config.allow_rules]
+        return cls(config, config.permission_mode, rules, sandboxed)
+
+    def all_rules(self):
+        return self.rules + self.session_rules
+
+    # -- the verdict ----------------------------------------------------------------------
+
+    def __call__(self, session, call):
+        verdict, text = self.decide(call["name"], call.get("args") or {}, session)
+        if verdict == "ask" and not session.interactive:
+            self.last_denial = self.how_to_allow(call["name"], call.get("args") or {})
+            session.emit({"type": "info", "command": "permission", "text": self.last_denial, "tool": call["name"],
+                          "rules": self.rules_for(call["name"], call.get("args") or {})})
+            return "deny", "it needs the user's approval (%s) and this run cannot ask; %s" % (
+                text, "do without it, or say what you need in your answer")
+        return verdict, text
+
+    def decide(self, name, args, session=None):
+        """(allow | ask | deny, why) for one call in this mode under these rules."""
+        kind, detail = self.kind_of(name, args, session)
+        rule = self._rule_verdict(name, args, kind)
+        if rule == "deny":
+            return "deny", "a deny rule in the permissions forbids it"
+        mutating = kind in ("edit", "bash", "mcp", "unknown") or (kind == "fetch" and detail == "private")
+        if self.mode == "plan" and mutating and not (kind == "bash" and detail == "read-only"):
+            return "deny", PLAN_REFUSAL
+        if self.mode == "yolo":
+            return "allow", ""
+        if rule == "ask":
+            return "ask", "an ask rule matches it"
+        if rule == "allow" or kind in ("read", "job"):
+            return "allow", ""
+        if kind == "bash":
+            if detail == "read-only" or self.sandboxed:
+                return "allow", ""
+            return "ask", "bash: %s" % detail
+        if kind == "edit":
+            if self.mode == "auto-edit" and detail == "inside":
+                return "allow", ""
+            return "ask", "a change %s the working directory" % ("inside" if detail == "inside" else "outside")
+        if kind == "fetch":
+            return "ask", "a private or local address" if detail == "private" else "a site not allowed yet"
+        return "ask", "%s can change things" % name
+
+    def kind_of(self, name, args, session=None):
+        """(kind, detail): read, job, edit (inside / outside), bash (read-only / why not), fetch (private / new),
+        mcp, unknown."""
+        if name in READ_TOOLS:
+            return "read", ""
+        if name == "nanocode":
+            return "job", ""  # the child runs under the same mode and rules, and cannot ask
+        if name in EDIT_TOOLS:
+            return "edit", "inside" if self._inside(args.get("path") or args.get("file_path") or "") else "outside"
+        if name == "bash":
+            read_only, why = classify_command(str(args.get("command") or args.get("cmd") or ""))
+            return "bash", "read-only" if read_only else why
+        if name == "webfetch":
+            host = _host_of(args.get("url") or "")
+            return "fetch", "private" if is_private_host(host) else "new"
+        tool = session.tools.get(name) if session is not None else None
+        if name == "mcp_call":
+            target = self._mcp_target(args)
+            return ("read", "") if target is not None and (target.get("annotations") or {}).get("readOnlyHint") else ("mcp", "")
+        if name.startswith("mcp__") or (tool is not None and tool.schema is not None):
+            return ("read", "") if tool is not None and tool.readonly else ("mcp", "")
+        return "unknown", ""
+
+    def _mcp_target(self, args):
+        if self.mcp is None:
+            return None
+        try:
+            return self.mcp.find_tool(args.get("tool") or "")[1]
+        except ToolError:
+            return None
+
+    def _inside(self, path):
+        """True when path, symlinks resolved (its nearest existing parent for a new file), is in the working directory."""
+        target = os.path.realpath(resolve_path(self.config.cwd, path))
+        return _within(target, os.path.realpath(self.config.cwd))
+
+    def _rule_verdict(self, name, args, kind):
+        """deny, ask, allow or None: the strongest list with a rule that matches the call (for bash: any
+        sub-command for deny and ask; every sub-command, each read-only or allowed, for allow)."""
+        import fnmatch
+        found = set()
+        if kind == "bash":
+            command = str(args.get("command") or "")
+            parts = command_prefixes(command)
+            for rule in self.all_rules():
+                if fnmatch.fnmatchcase("bash", rule.tool) and rule.kind in ("deny", "ask"):
+                    if rule.pattern is None or any(_command_matches(p, rule.pattern) for p in parts):
+                        found.add(rule.kind)
+            if "deny" in found or "ask" in found:
+                return "deny" if "deny" in found else "ask"
+            if parts and not re.search(r"\$\(|`|<\(|>\(", command) and all(
+                    classify_command(p)[0] or any(r.kind == "allow" and fnmatch.fnmatchcase("bash", r.tool) and
+                                                  (r.pattern is None or _command_matches(p, r.pattern))
+                                                  for r in self.all_rules()) for p in parts):
+                return "allow" if any(not classify_command(p)[0] for p in parts) else None
+            return None
+        for rule in self.all_rules():
+            if fnmatch.fnmatchcase(name, rule.tool) and self._argument_matches(rule, name, args):
+                found.add(rule.kind)
+        for kind_name in ("deny", "ask", "allow"):
+            if kind_name in found:
+                return kind_name
+        return None
+
+    def _argument_matches(self, rule, name, args):
+        if rule.pattern is None:
+            return True
+        if name in EDIT_TOOLS or name == "read":
+            target = os.path.realpath(resolve_path(self.config.cwd, args.get("path") or ""))
+            pattern = os.path.expanduser(rule.pattern)
+            if not os.path.isabs(pattern):
+                pattern = os.path.join(os.path.realpath(self.config.cwd), pattern)
+            return _glob_matcher(pattern)(target)
+        if name == "webfetch":
+            host = _host_of(args.get("url") or "")
+            want = rule.pattern[len("domain:"):] if rule.pattern.startswith("domain:") else _host_of(rule.pattern)
+            return bool(host) and (host == want.lower() or (want.startswith("*.") and host.endswith(want[1:].lower())))
+        return False
+
+    # -- answers and the user's view ----------------------------------------------------------
+
+    def rules_for(self, name, args):
+        """The rules an "always" answer saves: one per sub-command for bash (its exact text), the folder for an
+        edit, the domain for webfetch, the tool for the rest. Never broader than what the user saw."""
+        if name == "bash":
+            return ["bash(%s)" % p for p in command_prefixes(str(args.get("command") or "")) if not classify_command(p)[0]]
+        if name in EDIT_TOOLS:
+            target = resolve_path(self.config.cwd, args.get("path") or "")
+            return ["%s(%s)" % (name, target)]
+        if name == "webfetch":
+            return ["webfetch(domain:%s)" % _host_of(args.get("url") or "")]
+        return [name]
+
+    def remember(self, texts):
+        """Add session allow rules (an "always" answer, or its edited text)."""
+        added = []
+        for text in texts:
+            rule = parse_rule(text, "allow", "this session")
+            if rule.text not in [r.text for r in self.session_rules]:
+                self.session_rules.append(rule)
+                added.append(rule.text)
+        return added
+
+    def how_to_allow(self, name, args):
+        """One line for the user: which flag or rule would let this call run."""
+        rules = self.rules_for(name, args)
+        return "denied %s: it needs approval in permission mode %s; allow it with %s in settings.json's " \
+               "\"permissions\": {\"allow\": [...]}, --allow '%s', or --permission-mode %s" % (
+                   " ".join(rules) or name, self.mode, dump_json(rules[0] if rules else name), rules[0] if rules else name,
+                   "auto-edit" if name in EDIT_TOOLS and self.mode == "ask" else "yolo")
+
+    def describe(self, sandbox=None):
+        """Lines for /permissions: the mode, the sandbox, and every rule numbered."""
+        lines = ["  mode: %s%s" % (self.mode, " (bash runs without asking: the sandbox is the brake)"
+                                   if self.sandboxed and self.mode in ("ask", "auto-edit") else "")]
+        if sandbox is not None:
+            lines.append("  sandbox: %s" % sandbox)
+        for i, rule in enumerate(self.all_rules(), 1):
+            lines.append("  %2d. %-5s %s  (%s)" % (i, rule.kind, rule.text, rule.source))
+        if not self.all_rules():
+            lines.append("  no rules (settings.json \"permissions\": {\"allow\": [], \"ask\": [], \"deny\": []})")
+        return lines
+
+    def remove(self, number):
+        """Remove rule number (1-based, as describe() shows it); only session rules can go. Returns its text."""
+        rules = self.all_rules()
+        if not 1 <= number <= len(rules):
+            raise NanocodeError("no rule %d; /permissions lists them" % number)
+        rule = rules[number - 1]
+        if rule not in self.session_rules:
+            raise NanocodeError("rule %d comes from %s: change it there" % (number, rule.source))
+        self.session_rules.remove(rule)
+        return rule.text
+
+
+# =============================================================================
+# 19. Context
 # =============================================================================
 
 SYSTEM_PROMPT = """You are nanocode, a coding agent working in the user's project. \
@@ -7268,7 +7583,7 @@ def message_tokens(message):
 
 
 # =============================================================================
-# 19. Context files and skills
+# 20. Context files and skills
 # =============================================================================
 # Found once per session (load_context) and kept in the system prompt, which stays
 # byte-stable: /reload rescans and rewrites the system message on purpose.
@@ -7890,7 +8205,7 @@ def describe_context(context, cwd):
 
 
 # =============================================================================
-# 20. Agent core
+# 21. Agent core
 # =============================================================================
 # A Session holds one conversation and runs the one agent loop: build the
 # request, stream it (emitting deltas), record the assistant message, run its
@@ -8632,7 +8947,7 @@ class Session:
 
 
 # =============================================================================
-# 21. Compaction
+# 22. Compaction
 # =============================================================================
 # Before every model request: when the context in use passes the window less a
 # reserve, the older part of the history is summarised by the model and
@@ -8837,7 +9152,7 @@ def _shrink_tool_outputs(session, reason, before, announce=True):
 
 
 # =============================================================================
-# 22. Session files and undo
+# 23. Session files and undo
 # =============================================================================
 # ~/.nanocode/sessions/<slug of cwd>/<UTC time>_<id>.jsonl, one JSON entry a line:
 #   {"type":"session","version":1,"id","cwd","model","created"}   first line
@@ -9148,7 +9463,7 @@ def undo(session, count=1, force=False):
 
 
 # =============================================================================
-# 23. Command loop and slash commands
+# 24. Command loop and slash commands
 # =============================================================================
 # Front ends submit commands to a CommandLoop and render the session's events.
 # The loop's worker thread is the only thread that runs the agent, tools or
@@ -9708,7 +10023,7 @@ def cmd_quit(loop, arg):
 
 
 # =============================================================================
-# 24. Front ends: headless
+# 25. Front ends: headless
 # =============================================================================
 # Each front end is a sink for the session's events plus a source of commands.
 
@@ -9834,7 +10149,7 @@ def run_headless(config, prompt, resume=None):
 
 
 # =============================================================================
-# 25. Front ends: REPL rendering
+# 26. Front ends: REPL rendering
 # =============================================================================
 # Styles, streamed Markdown, a screen that prints above the live prompt, and the
 # renderer that turns events into lines.
@@ -10154,7 +10469,7 @@ def usage_cost(usage, config):
 
 
 # =============================================================================
-# 26. Front ends: the REPL
+# 27. Front ends: the REPL
 # =============================================================================
 
 
@@ -10462,7 +10777,7 @@ def run_repl(config, resume=None, pick=False):
 
 
 # =============================================================================
-# 27. CLI
+# 28. CLI
 # =============================================================================
 
 

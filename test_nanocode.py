@@ -22,16 +22,17 @@ Sections follow nanocode.py, banner for banner:
    15. Web                   webfetch, HTML to Markdown, websearch
    16. MCP client            fake servers: lifecycle, faults, timeouts, cancels; Streamable HTTP
    17. MCP servers           mcp.json, trust, tools in a session, router, results, real servers, conformance
-   18. Context               system prompt flags (end to end)
-   19. Context files, skills AGENTS.md, SYSTEM.md, frontmatter, skills, public skills
-   20. Agent core            tool scheduling, run-time tools, the loop end to end, text calls
-   21. Compaction            overflow detection, budgets, the cut, summaries, 300-turn loops, prefix
-   22. Session files         the JSONL file, resume, kill -9 recovery, /undo
-   23. Command loop          the in-process REPL: queues, Ctrl+C, /model, asks, jobs, /btw, robustness
-   24. Front ends: headless  -p text and --mode json, the fault matrix
-   25. Front ends: rendering the REPL renderer without a terminal
-   26. Front ends: the REPL  tmux: a real terminal
-   27. CLI                   flags, exit codes, signals, --doctor
+   18. Permissions           the mode x tool table, rule precedence, symlinks, the classifier table, asking
+   19. Context               system prompt flags (end to end)
+   20. Context files, skills AGENTS.md, SYSTEM.md, frontmatter, skills, public skills
+   21. Agent core            tool scheduling, run-time tools, the loop end to end, text calls
+   22. Compaction            overflow detection, budgets, the cut, summaries, 300-turn loops, prefix
+   23. Session files         the JSONL file, resume, kill -9 recovery, /undo
+   24. Command loop          the in-process REPL: queues, Ctrl+C, /model, asks, jobs, /btw, robustness
+   25. Front ends: headless  -p text and --mode json, the fault matrix
+   26. Front ends: rendering the REPL renderer without a terminal
+   27. Front ends: the REPL  tmux: a real terminal
+   28. CLI                   flags, exit codes, signals, --doctor
 Benchmarks and the screenshot follow the tests.
 """
 
@@ -5501,7 +5502,12 @@ class TestMcpConformance(NanocodeTestCase):
 
 
 # =============================================================================
-# 18. Context
+# 18. Permissions
+# =============================================================================
+
+
+# =============================================================================
+# 19. Context
 # =============================================================================
 
 class TestContext(EndToEndTestCase):
@@ -5532,7 +5538,7 @@ class TestContext(EndToEndTestCase):
 
 
 # =============================================================================
-# 19. Context files and skills
+# 20. Context files and skills
 # =============================================================================
 
 def put(path, text=""):
@@ -6090,7 +6096,7 @@ class TestPublicSkills(ContextTestCase):
 
 
 # =============================================================================
-# 20. Agent core
+# 21. Agent core
 # =============================================================================
 
 class ScriptedClient:
@@ -6368,7 +6374,7 @@ class TestAgentCore(EndToEndTestCase):
 
 
 # =============================================================================
-# 21. Compaction
+# 22. Compaction
 # =============================================================================
 
 # Compaction (issue 7 §3-4): when and how the context is compacted, overflow answers,
@@ -7222,7 +7228,7 @@ class TestRequestPrefix(EndToEndTestCase):
 
 
 # =============================================================================
-# 22. Session files and undo
+# 23. Session files and undo
 # =============================================================================
 
 # Session files, resume, crash recovery and /undo (spec issue 7), driven end to end where possible.
@@ -7767,7 +7773,7 @@ class TestRebuildAfterCompaction(SessionCase):
 
 
 # =============================================================================
-# 23. Command loop and the in-process REPL
+# 24. Command loop and the in-process REPL
 # =============================================================================
 
 """Issue 7: the REPL core (Session, CommandLoop, slash commands, Repl) driven in-process.
@@ -9240,7 +9246,7 @@ class TestMcpCommands(ReplTestCase):
 
 
 # =============================================================================
-# 24. Front ends: headless
+# 25. Front ends: headless
 # =============================================================================
 
 class TestHeadless(EndToEndTestCase):
@@ -9546,7 +9552,7 @@ class TestFaultMatrix(EndToEndTestCase):
 
 
 # =============================================================================
-# 25. Front ends: REPL rendering
+# 26. Front ends: REPL rendering
 # =============================================================================
 
 class TestReplRenderer(unittest.TestCase):
@@ -9588,7 +9594,7 @@ class TestReplRenderer(unittest.TestCase):
 
 
 # =============================================================================
-# 26. Front ends: the REPL in a real terminal (tmux)
+# 27. Front ends: the REPL in a real terminal (tmux)
 # =============================================================================
 
 TMUX = shutil.which("tmux")
@@ -9857,7 +9863,7 @@ class TestReplTerminal(TmuxTestCase):
 
 
 # =============================================================================
-# 27. CLI
+# 28. CLI
 # =============================================================================
 
 class TestCLI(EndToEndTestCase):
