@@ -161,6 +161,8 @@ _ConfigBase = record("Config", "Everything a run needs, built once by load_confi
     ("mcp", True),  # start the MCP servers of the mcp.json files (--no-mcp)
     ("mcp_files", ()),  # more mcp.json files (--mcp-config), read last
     ("trust_project", False),  # start a project's MCP servers without asking (--trust-project)
+    ("permission_mode", "ask"),  # ask, auto-edit, plan or yolo (--permission-mode, --yolo)
+    ("allow_rules", ()),  # permission rules given with --allow (and a child's inherited "always" answers)
 ))
 
 
@@ -564,8 +566,30 @@ def load_config(args, env, known_tools=()):
         settings=settings, plain_endpoint=(base_url or DEFAULT_BASE_URL, api_url, key, source), missing_key=missing_key,
         mcp=not getattr(args, "no_mcp", False), mcp_files=tuple(getattr(args, "mcp_config", None) or ()),
         trust_project=bool(getattr(args, "trust_project", False)),
+        permission_mode=permission_mode(args, env, settings), allow_rules=allow_rules(args),
     )
-    return with_model(config, model or DEFAULT_MODEL, env)
+    config = with_model(config, model or DEFAULT_MODEL, env)
+    Permissions.for_config(config)  # a bad rule in any settings file is said now, before anything starts
+    return config
+
+
+def permission_mode(args, env, settings):
+    """The permission mode from --yolo, --permission-mode, NANOCODE_PERMISSION_MODE or settings "permissionMode"."""
+    if getattr(args, "yolo", False):
+        return "yolo"
+    mode = getattr(args, "permission_mode", None) or env.get("NANOCODE_PERMISSION_MODE") or \
+        _setting(settings, "permissionMode", str, "ask")
+    if mode not in PERMISSION_MODES:
+        raise ConfigError("permission mode %r: use one of %s" % (mode, ", ".join(PERMISSION_MODES)))
+    return mode
+
+
+def allow_rules(args):
+    """The --allow rules, each checked."""
+    rules = tuple(getattr(args, "allow", None) or ())
+    for text in rules:
+        parse_rule(text)
+    return rules
 
 
 def with_model(config, model, env):
@@ -3573,7 +3597,10 @@ def child_command(config, model="", tools=""):
     name = model or ("%s/%s" % (config.provider, config.model) if config.provider else config.model)
     argv = [sys.executable or "python3", os.path.abspath(__file__), "--print", "--mode", "json", "--quiet",
             "--no-session", "--system-prompt", CHILD_SYSTEM_PROMPT, "--tools", tools or "none",
-            "--max-turns", str(config.max_turns), "--model", name, "--no-mcp"]  # no second copy of the servers
+            "--max-turns", str(config.max_turns), "--model", name, "--no-mcp",  # no second copy of the servers
+            "--permission-mode", config.permission_mode]  # the same brakes, and the parent's rules
+    for rule in config.allow_rules:
+        argv += ["--allow", rule]
     extra = {CHILD_ENV_VAR: "1", "NANOCODE": "1"}
     if target.provider:  # the child reads the provider from settings.json; its key goes where the provider reads it
         spec = (config.settings.get("providers") or {}).get(target.provider) or {}
@@ -7167,6 +7194,16 @@ class McpManager:
         return lines
 
 
+def attach_permissions(session):
+    """Make the session's before_tool the Permissions of its config (mode, rules, the sandbox)."""
+    sandboxed = bool(getattr(session.config, "sandbox", "")) and "sandbox_status" in globals() and \
+        globals()["sandbox_status"](session.config)[0]
+    permissions = Permissions.for_config(session.config, sandboxed)
+    permissions.mcp = session.mcp
+    session.permissions, session.before_tool = permissions, permissions
+    return permissions
+
+
 def attach_mcp(session):
     """Give session an McpManager for the configured servers (not started yet); None under --no-mcp."""
     if not session.config.mcp:
@@ -7249,6 +7286,222 @@ def rules_from(settings, source, narrow_only=False):
             continue
         rules += [parse_rule(i, kind, source) for i in items]
     return rules
+
+
+# -- the read-only command classifier -------------------------------------------------------
+# Conservative by design: a command is read-only only when every simple command in it is a
+# program known to read only, with arguments that keep it so, and nothing in the line can
+# write (an output redirection other than /dev/null), run other code ($(...), `...`, <(...),
+# eval, interpreters, xargs) or outlive the call (&). Anything it cannot be sure of asks.
+
+_RO_PLAIN = frozenset("""cat head tail wc grep egrep fgrep pwd echo which type stat du df printenv whoami id uname
+true false basename dirname realpath readlink cut tr nl diff cmp comm md5sum sha1sum sha256sum sha512sum cksum
+jq test [ cd ls column hostname nproc seq od xxd hexdump strings paste join rev tac fold expand unexpand numfmt
+file""".split())
+_RO_SAFE_ASSIGNMENTS = re.compile(r"^(LC_[A-Z]+|LANG|LANGUAGE|TZ|NO_COLOR|TERM|COLUMNS|LINES)=")
+_RO_BIN_DIRS = ("/bin", "/usr/bin", "/usr/local/bin")
+_RO_GIT = frozenset("""status diff log show rev-parse ls-files blame grep shortlog describe ls-tree cat-file
+show-ref merge-base count-objects""".split())
+_RO_SED_SCRIPT = re.compile(r"^(\d+|\$|/[^/]*/)?(,(\d+|\$|/[^/]*/))?[pd=]$|^\d+q$|"
+                            r"^s([/|#])(?:(?!\4).)*\4(?:(?!\4).)*\4[gpiI0-9]*$")
+
+
+def split_command(command):
+    """The sub-commands of a shell line, split at unquoted &&, ||, ;, |, & and newlines, as written, and
+    what makes it unsafe whatever its programs (substitution, a background &, unbalanced quotes), or ''.
+    Example: 'ls && echo "a;b" | wc' -> (['ls', 'echo "a;b"', 'wc'], '')."""
+    pieces, start, i, quote, problem = [], 0, 0, "", ""
+    n = len(command)
+    while i < n:
+        c = command[i]
+        if quote == "'":
+            quote = "" if c == "'" else quote
+        elif c == "\\":
+            i += 1
+        elif quote == '"':
+            if c == '"':
+                quote = ""
+            elif c == "`" or command.startswith("$(", i):
+                problem = problem or "command substitution"
+        elif c in "'\"":
+            quote = c
+        elif c == "`" or command.startswith("$(", i) or command.startswith("<(", i) or command.startswith(">(", i):
+            problem = problem or "command substitution"
+        elif c in ";|\n" or (c == "&" and command[i - 1:i] != ">" and command[i + 1:i + 2] != ">"):
+            if c == "&" and command[i + 1:i + 2] != "&" and command[i - 1:i] != "&" and command[i - 1:i] != "|":
+                problem = problem or "a background &"
+            pieces.append(command[start:i])
+            if command[i:i + 2] in ("&&", "||", "|&"):
+                i += 1
+            start = i + 1
+        i += 1
+    if quote:
+        problem = problem or "unbalanced quotes"
+    pieces.append(command[start:])
+    return [p.strip() for p in pieces if p.strip()], problem
+
+
+def command_prefixes(command):
+    """Each sub-command's exact text, for rules an "always" answer saves (never a broader pattern).
+    Example: 'git status && rm -rf ./tmp' -> ['git status', 'rm -rf ./tmp']."""
+    return split_command(command)[0]
+
+
+def classify_command(command):
+    """(read_only, why not). Example: 'ls | wc -l' -> (True, ''); 'ls > out' -> (False, 'redirection to a file')."""
+    pieces, problem = split_command(command)
+    if problem:
+        return False, problem
+    if not pieces:
+        return False, "an empty command"
+    for piece in pieces:
+        why = _simple_command_problem(piece)
+        if why:
+            return False, why
+    return True, ""
+
+
+def _shell_words(piece):
+    """Words and operators of one simple command; None when it cannot be parsed."""
+    import shlex
+    try:
+        lexer = shlex.shlex(piece, posix=True, punctuation_chars="<>&|();")
+        lexer.whitespace_split = True
+        return list(lexer)
+    except ValueError:
+        return None
+
+
+def _simple_command_problem(piece):
+    words = _shell_words(piece)
+    if words is None:
+        return "cannot parse it"
+    args, i = [], 0
+    while i < len(words):
+        word = words[i]
+        if word in ("(", ")", "{", "}") or word.startswith("("):
+            return "a subshell or group"
+        if set(word) <= set("<>&|") and word:
+            target = words[i + 1] if i + 1 < len(words) else ""
+            if word in ("<", "<<", "<<<", "<&"):
+                i += 2
+                continue
+            if target in ("/dev/null", "/dev/stdout", "/dev/stderr") or (word in (">&", "<&") and target.isdigit()):
+                if args and args[-1].isdigit():
+                    args.pop()  # the descriptor of 2>/dev/null
+                i += 2
+                continue
+            return "redirection to a file"
+        args.append(word)
+        i += 1
+    while args and "=" in args[0] and not args[0].startswith("="):
+        if not _RO_SAFE_ASSIGNMENTS.match(args[0]):
+            return "sets %s for the command" % args[0].split("=", 1)[0]
+        args.pop(0)
+    if not args:
+        return ""
+    program, rest = args[0], args[1:]
+    if "/" in program:
+        if os.path.dirname(program) not in _RO_BIN_DIRS:
+            return "runs %s" % program
+        program = os.path.basename(program)
+    check = _RO_CHECKS.get(program)
+    if check is not None:
+        return check(rest)
+    if program in _RO_PLAIN:
+        return ""
+    return "%s is not known to be read-only" % program
+
+
+def _ro_flag_problem(args, forbidden, why):
+    """why when an argument is one of forbidden (or forbidden=value, or a short cluster holding one)."""
+    for a in args:
+        if a == "--":
+            return ""
+        name = a.split("=", 1)[0]
+        if name in forbidden or (a.startswith("-") and not a.startswith("--") and
+                                 any("-" + c in forbidden for c in a[1:])):
+            return why
+    return ""
+
+
+def _ro_find(args):
+    bad = set(["-exec", "-execdir", "-ok", "-okdir", "-delete", "-fprint", "-fprintf", "-fls", "-fprint0"])
+    return "find %s runs or writes" % next((a for a in args if a in bad), "") if any(a in bad for a in args) else ""
+
+
+def _ro_git(args):
+    while args and args[0] in ("-C", "--no-pager", "--no-optional-locks", "-P", "--paginate"):
+        args = args[2:] if args[0] == "-C" else args[1:]
+    if not args:
+        return "git without a subcommand"
+    sub, rest = args[0], args[1:]
+    if sub in ("diff", "log", "show") and any(a.startswith("--output") or a == "--ext-diff" for a in rest):
+        return "git %s writes a file or runs a diff program" % sub
+    if sub in _RO_GIT:
+        return ""
+    if sub == "branch":
+        listing = set(["-a", "-r", "-v", "-vv", "--all", "--remotes", "--list", "-l", "--show-current", "--verbose",
+                       "--no-color", "--color"])
+        flags = [a for a in rest if a.startswith("-")]
+        if all(a in listing or a.startswith(("--sort=", "--format=", "--contains", "--merged", "--no-merged", "--points-at"))
+               for a in flags) and (len(flags) == len(rest) or "--list" in rest or "-l" in rest):
+            return ""
+        return "git branch changes branches"
+    if sub == "tag" and (not rest or rest[0] in ("-l", "--list")):
+        return ""
+    if sub == "remote" and all(a in ("-v", "--verbose", "show", "get-url") for a in rest[:1]) and len(rest) <= 2:
+        return "" if not rest or rest[0] in ("-v", "--verbose") else ("" if rest[0] in ("show", "get-url") else "git remote changes remotes")
+    if sub == "config" and rest and rest[0] in ("--get", "--get-all", "--get-regexp", "--list", "-l"):
+        return ""
+    return "git %s can change the repository" % sub
+
+
+_RO_CHECKS = {
+    "find": _ro_find,
+    "git": _ro_git,
+    "rg": lambda a: _ro_flag_problem(a, ("--pre", "-z", "--search-zip"), "rg runs a preprocessor"),
+    "sort": lambda a: _ro_flag_problem(a, ("-o", "--output", "--compress-program"), "sort writes a file"),
+    "uniq": lambda a: "uniq writes its output file" if len([x for x in a if not x.startswith("-")]) > 1 else "",
+    "date": lambda a: "date sets the clock" if any(x in ("-s",) or x.startswith("--set") or
+                                                   (not x.startswith(("-", "+"))) for x in a) else "",
+    "env": lambda a: "env runs a program" if a else "",
+    "printf": lambda a: "printf -v sets a variable" if a[:1] == ["-v"] else "",
+    "tree": lambda a: _ro_flag_problem(a, ("-o",), "tree writes a file"),
+    "file": lambda a: _ro_flag_problem(a, ("-C", "--compile"), "file -C writes a file"),
+    "tail": lambda a: "",
+    "sed": lambda a: _ro_sed(a),
+    "awk": lambda a: _ro_awk(a),
+}
+
+
+def _ro_sed(args):
+    scripts, files, i = [], [], 0
+    while i < len(args):
+        a = args[i]
+        if a in ("-e", "--expression"):
+            scripts.append(args[i + 1] if i + 1 < len(args) else "")
+            i += 2
+            continue
+        if a in ("-n", "-E", "-r", "-s", "-u", "-z", "--quiet", "--silent", "--regexp-extended"):
+            i += 1
+            continue
+        if a.startswith("-"):
+            return "sed %s can write files" % a
+        files.append(a)
+        i += 1
+    if not scripts:
+        scripts, files = files[:1], files[1:]
+    if not scripts or not all(_RO_SED_SCRIPT.match(s.strip()) for s in scripts):
+        return "a sed script not known to be read-only"
+    return ""
+
+
+def _ro_awk(args):
+    program = next((a for a in args if not a.startswith("-")), "")
+    if any(a.startswith("-f") or a == "--file" for a in args) or re.search(r"system|getline|[|>]|@", program):
+        return "an awk program that may run commands or write files"
+    return ""
 
 
 def project_settings(config):
@@ -8377,6 +8630,7 @@ class Session:
         self.jobs = JobManager(self._job_ended)  # child nanocode jobs; they outlive /new
         self.job_listener = None  # fn() after a background report was queued (the CommandLoop starts a run)
         self.mcp = None  # the McpManager whose servers' tools are in self.tools, or None
+        self.permissions = None  # the Permissions that are before_tool, or None (everything allowed)
         self.start(store)
 
     def emit(self, event):
@@ -8937,13 +9191,48 @@ class Session:
         if verdict == "allow":
             return None
         if verdict == "ask":
-            reply = self.ask(text or "run %s?" % format_tool_call(call["name"], call["args"]), call["id"], events=events,
-                             cancel=cancel)
-            if reply is not None and reply.strip().lower() in ("y", "yes", "a", "always", "allow"):
-                return None
-            why = "the user declined it" if reply is not None else "it needs the user's approval and nobody can answer here"
-            return ToolResult("error: %s was not run: %s" % (call["name"], why), True)
+            return self._ask_permission(call, text, events, cancel)
         return ToolResult("error: %s was not run: %s" % (call["name"], text or "denied"), True)
+
+    def _ask_permission(self, call, why, events, cancel):
+        """Ask yes / no / always / edit; "always" saves the rules the question showed (one per sub-command),
+        "edit" lets the user change each first. None: run the call."""
+        if self.permissions is None or self.before_tool is not self.permissions:  # another hook: its text is the question
+            rules, question = [], why or "run %s?" % format_tool_call(call["name"], call["args"])
+        else:
+            rules = self.permissions.rules_for(call["name"], call["args"])
+            question = "%s (%s)" % (format_tool_call(call["name"], call["args"], 160), why)
+            if rules:
+                question += "; always allows %s for this session" % ", ".join(rules)
+        reply = self.ask(question, call["id"], ("yes", "no", "always", "edit") if rules else ("yes", "no"), events, cancel)
+        answer = (reply or "").strip().lower()
+        if answer in ("e", "edit") and rules:
+            edited = []
+            for rule in rules:
+                line = self.ask("rule to allow (Enter keeps %s)" % rule, call["id"], (), events, cancel)
+                if line is None:
+                    reply = None
+                    break
+                edited.append(line.strip() or rule)
+            else:
+                return self._allow_always(edited, events)
+        elif answer in ("a", "always") and rules:
+            return self._allow_always(rules, events)
+        elif answer in ("y", "yes"):
+            return None
+        why = "the user declined it" if reply is not None else "it needs the user's approval and nobody can answer here"
+        return ToolResult("error: %s was not run: %s" % (call["name"], why), True)
+
+    def _allow_always(self, rules, events):
+        """Save session rules (children inherit them through the config); None: run the call."""
+        try:
+            added = self.permissions.remember(rules)
+        except ConfigError as e:
+            return ToolResult("error: not run: the rule is not valid: %s" % e, True)
+        self.config = self.config._replace(allow_rules=tuple(self.config.allow_rules) + tuple(added))
+        if added:
+            events({"type": "info", "command": "permission", "text": "allowed for this session: %s" % ", ".join(added)})
+        return None
 
 
 # =============================================================================
@@ -9885,6 +10174,45 @@ def run_mcp_prompt(loop, name, arg, cancel):
         loop.session.run(text, cancel)
 
 
+@slash("mode", "show or set the permission mode: ask, auto-edit, plan, yolo")
+def cmd_mode(loop, arg):
+    s = loop.session
+    if s.permissions is None:
+        return loop.info("no permission checks in this session (every call runs)", "mode")
+    if arg:
+        if arg not in PERMISSION_MODES:
+            return loop.info("unknown mode %r: %s" % (arg, ", ".join(PERMISSION_MODES)), "mode")
+        s.permissions.mode = arg
+        s.config = s.config._replace(permission_mode=arg)
+    loop.info("permission mode: %s" % s.permissions.mode, "mode")
+
+
+@slash("permissions", "the permission mode, the sandbox and the rules; /permissions remove N drops a session rule")
+def cmd_permissions(loop, arg):
+    s = loop.session
+    if s.permissions is None:
+        return loop.info("no permission checks in this session (every call runs)", "permissions")
+    m = re.match(r"^(?:remove|rm|delete)\s+(\d+)$", arg)
+    if m:
+        try:
+            text = s.permissions.remove(int(m.group(1)))
+        except NanocodeError as e:
+            return loop.info(str(e), "permissions")
+        s.config = s.config._replace(allow_rules=tuple(r for r in s.config.allow_rules if r != text))
+        return loop.info("removed %s" % text, "permissions")
+    loop.info("\n".join(s.permissions.describe(sandbox_line(s.config))), "permissions")
+
+
+def sandbox_line(config):
+    """What /permissions says of the bash sandbox."""
+    if not getattr(config, "sandbox", ""):
+        return "off (--sandbox workspace-write runs bash in one)"
+    if "sandbox_status" not in globals():
+        return "not available in this build"
+    active, kind, reason = globals()["sandbox_status"](config)
+    return ("%s: %s" % (config.sandbox, kind)) if active else "%s requested but not active: %s" % (config.sandbox, reason)
+
+
 @slash("steer", "MSG: deliver at the next safe point (plain input while busy does the same)")
 def cmd_steer(loop, arg):
     _queue_message(loop, arg, "steer")
@@ -10059,7 +10387,7 @@ class TextProgress:
             event = visible_event(event)
         if kind == "error":
             self.stream.write("nanocode: error: %s\n" % event["message"])
-        elif kind == "info" and event.get("command") in ("warning", "mcp"):
+        elif kind == "info" and event.get("command") in ("warning", "mcp", "permission"):
             self.stream.write("nanocode: %s\n" % event["text"])
         elif not self.show:
             return
@@ -10099,6 +10427,7 @@ def run_headless(config, prompt, resume=None):
     session.sink = emit
     session.learn_server()
     manager = attach_mcp(session)
+    attach_permissions(session)
     if manager is not None:
         manager.start()
         warnings = warnings + ["mcp: " + w for w in manager.warnings] + [n for n in [skipped_servers_note(manager)] if n]
@@ -10423,7 +10752,8 @@ class ReplRenderer:
         self.screen.print(self.s(event["text"], color) if color else event["text"])
 
     def on_ask(self, event):
-        options = "/".join("[%s]%s" % (o[0], o[1:]) for o in event.get("options") or ("yes", "no"))
+        options = event.get("options")
+        options = "/".join("[%s]%s" % (o[0], o[1:]) for o in (("yes", "no") if options is None else options) if o)
         self.lines([self.s("? " + event["question"], "yellow", "bold") + "  " + self.s(options, "gray")])
 
     def on_compaction(self, event):
@@ -10444,6 +10774,8 @@ def status_line(session):
     """Tokens in/out, cache reads, context used and cost so far."""
     u = session.usage
     parts = ["%s↑%s ↓%s" % ("~" if session.usage_estimated else "", _k(u["input"]), _k(u["output"]))]
+    if session.permissions is not None:
+        parts.insert(0, "mode " + session.permissions.mode)
     if u["cacheRead"]:
         parts.append("cache %s" % _k(u["cacheRead"]))
     parts.append("context %d%%" % (100 * session.context_tokens() // max(1, session.context_window)))
@@ -10536,6 +10868,7 @@ class Repl:
         self.session.interactive = True
         self.session.learn_server()
         attach_mcp(self.session)
+        attach_permissions(self.session)
         self.loop = CommandLoop(self.session)
         self.last_interrupt = 0.0
         self.history_path = os.path.join(config.home, "history")
@@ -10586,7 +10919,9 @@ class Repl:
         """One line: model, provider, key source, cwd; then the context files and skills, and what was found."""
         c = self.config
         host = url_host(c.api_url or c.base_url)
-        line = "nanocode %s · %s · %s · key: %s · %s" % (VERSION, c.model, c.provider or host, c.key_source, c.cwd)
+        line = "nanocode %s · %s · %s · key: %s · %s · mode %s%s" % (
+            VERSION, c.model, c.provider or host, c.key_source, c.cwd, c.permission_mode,
+            " · sandbox" if self.session.permissions is not None and self.session.permissions.sandboxed else "")
         self.screen.print(self.style(line, "bold"))
         for found in describe_context(self.session.context, c.cwd):
             self.screen.print(self.style(found, "gray"))
@@ -10855,6 +11190,9 @@ def build_parser():
     p.add_argument("--no-mcp", action="store_true", help="do not start MCP servers")
     p.add_argument("--mcp-config", action="append", metavar="FILE", help="read MCP servers from this file too (repeatable)")
     p.add_argument("--trust-project", action="store_true", help="start this project's MCP servers without asking")
+    p.add_argument("--permission-mode", choices=PERMISSION_MODES, help="ask (default), auto-edit, plan or yolo")
+    p.add_argument("--yolo", action="store_true", help="never ask before a tool call (--permission-mode yolo)")
+    p.add_argument("--allow", action="append", metavar="RULE", help="allow calls matching RULE, e.g. 'bash(npm test)' (repeatable)")
     p.add_argument("--quiet", action="store_true", help="print only the final answer")
     p.add_argument("--max-turns", type=int, help="stop after N model requests (default 100)")
     p.add_argument("--doctor", action="store_true", help="check the endpoint: what it is, streaming, tool calls; exit 0/1")

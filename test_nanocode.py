@@ -550,7 +550,8 @@ class NanocodeTestCase(unittest.TestCase):
         os.makedirs(self.home)
         os.makedirs(self.cwd)
         env = mock.patch.dict(os.environ, {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.tmp,
-                                           "NANOCODE_DIR": self.home, "NANOCODE_RETRY_BASE_MS": "10"}, clear=True)
+                                           "NANOCODE_DIR": self.home, "NANOCODE_RETRY_BASE_MS": "10",
+                                           "NANOCODE_PERMISSION_MODE": "yolo"}, clear=True)
         env.start()
         self.addCleanup(env.stop)
         self.fake = start_fake_llm(self)
@@ -612,8 +613,10 @@ class EndToEndTestCase(NanocodeTestCase):
 
     def nanocode_env(self, **overrides):
         """The clean subprocess environment; an override of None removes the variable."""
+        # every tool call runs unless a test says otherwise: the permission tests set the mode they test
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self.tmp, "NANOCODE_DIR": self.home,
-               "OPENAI_BASE_URL": self.fake.url, "OPENAI_API_KEY": "test-key", "NANOCODE_RETRY_BASE_MS": "10"}
+               "OPENAI_BASE_URL": self.fake.url, "OPENAI_API_KEY": "test-key", "NANOCODE_RETRY_BASE_MS": "10",
+               "NANOCODE_PERMISSION_MODE": "yolo"}
         for name, value in overrides.items():
             if value is None:
                 env.pop(name, None)
@@ -2863,7 +2866,10 @@ class TestBashTool(TempDirMixin, unittest.TestCase):
         code = ("import os, resource, sys; sys.path.insert(0, %r); import nanocode\n"
                 "r = nanocode.run_tool(nanocode.ToolContext(%r), 'bash', "
                 "{'command': 'yes 0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz012345678 | head -c 100000000'})\n"
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nprint(r.text.splitlines()[-1])\n"
+                # VmHWM: this process's own peak (ru_maxrss keeps the forking parent's peak across exec on Linux)
+                "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')] if os.path.exists('/proc/self/status') else []\n"
+                "print(int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+                "print(r.text.splitlines()[-1])\n"
                 "path = r.text.rsplit(' ', 1)[-1][:-1]\nprint(os.path.getsize(path))\n"
                 "print(open(path, 'rb').readline().decode().strip())\n"
                 % (HERE, self.dir))
@@ -5506,6 +5512,214 @@ class TestMcpConformance(NanocodeTestCase):
 # =============================================================================
 
 
+class TestPermissionDecisions(NanocodeTestCase):
+    """The verdict of every mode for every kind of call, rules and their precedence, symlinks."""
+
+    def permissions(self, mode="ask", rules=(), sandboxed=False, **config):
+        options = dict(home=self.home, cwd=self.cwd, settings={}, permission_mode=mode)
+        options.update(config)
+        return nanocode.Permissions(nanocode.Config(**options), mode,
+                                    [nanocode.parse_rule(text, kind, "test") for kind, text in rules], sandboxed)
+
+    def session(self):
+        session = nanocode.Session(nanocode.Config(home=self.home, cwd=self.cwd, tools=tuple(nanocode.TOOLS)),
+                                   lambda e: None, client=ScriptedClient([]))
+        session.tools.add(nanocode.Tool("mcp__s__look", "", {}, lambda ctx, args: "", True, {"type": "object"}))
+        session.tools.add(nanocode.Tool("mcp__s__push", "", {}, lambda ctx, args: "", False, {"type": "object"}))
+        return session
+
+    def test_every_mode_for_every_kind_of_call(self):
+        os.makedirs(os.path.join(self.tmp, "elsewhere"))
+        calls = [
+            ("read", {"path": "a.txt"}), ("grep", {"pattern": "x"}), ("write", {"path": "new.txt", "content": ""}),
+            ("edit", {"path": os.path.join(self.tmp, "elsewhere", "b.txt"), "edits": []}),
+            ("bash", {"command": "git status && ls | wc -l"}), ("bash", {"command": "rm -rf build"}),
+            ("webfetch", {"url": "https://93.184.216.34/page"}), ("webfetch", {"url": "http://127.0.0.1:8080/admin"}),
+            ("mcp__s__look", {}), ("mcp__s__push", {}), ("nanocode", {"action": "run", "task": "t"})]
+        expected = {  # read grep write-in edit-out bash-ro bash-rm web web-local mcp-ro mcp job
+            "ask":       "allow allow ask   ask   allow ask   ask   ask   allow ask   allow",
+            "auto-edit": "allow allow allow ask   allow ask   ask   ask   allow ask   allow",
+            "plan":      "allow allow deny  deny  allow deny  ask   deny  allow deny  allow",
+            "yolo":      "allow allow allow allow allow allow allow allow allow allow allow"}
+        session = self.session()
+        for mode, row in expected.items():
+            perms = self.permissions(mode)
+            got = [perms.decide(name, args, session)[0] for name, args in calls]
+            self.assertEqual(got, row.split(), mode)
+        self.assertEqual(self.permissions("plan").decide("write", {"path": "x"})[1], nanocode.PLAN_REFUSAL)
+
+    def test_the_sandbox_lets_bash_run_without_asking(self):
+        self.assertEqual(self.permissions("ask", sandboxed=True).decide("bash", {"command": "rm -rf build"})[0], "allow")
+        self.assertEqual(self.permissions("plan", sandboxed=True).decide("bash", {"command": "rm -rf build"})[0], "deny")
+
+    def test_deny_beats_ask_beats_allow(self):
+        perms = self.permissions("ask", [("allow", "bash(npm *)"), ("deny", "bash(npm publish *)"),
+                                         ("ask", "bash(npm run deploy)"), ("allow", "edit(src/**)"), ("deny", "edit(src/secret/**)"),
+                                         ("allow", "webfetch(domain:docs.python.org)"), ("deny", "mcp__s__*")])
+        decide = lambda name, **args: perms.decide(name, args)[0]
+        self.assertEqual(decide("bash", command="npm test"), "allow")
+        self.assertEqual(decide("bash", command="npm publish --tag x"), "deny")
+        self.assertEqual(decide("bash", command="npm run deploy"), "ask")
+        self.assertEqual(decide("edit", path="src/app/main.py"), "allow")
+        self.assertEqual(decide("edit", path="src/secret/key.py"), "deny")
+        self.assertEqual(decide("edit", path="docs/x.md"), "ask")
+        self.assertEqual(decide("webfetch", url="https://docs.python.org/3/"), "allow")
+        self.assertEqual(decide("mcp__s__look"), "deny")
+        yolo = self.permissions("yolo", [("deny", "bash(rm *)")])
+        self.assertEqual(yolo.decide("bash", {"command": "rm -rf /"})[0], "deny", "a deny rule holds in yolo too")
+
+    def test_a_rule_allows_a_chain_only_when_it_covers_every_part(self):
+        perms = self.permissions("ask", [("allow", "bash(npm test)")])
+        decide = lambda command: perms.decide("bash", {"command": command})[0]
+        self.assertEqual(decide("npm test"), "allow")
+        self.assertEqual(decide("git status && npm test"), "allow")
+        self.assertEqual(decide("npm test && rm -rf x"), "ask")
+        self.assertEqual(decide("npm test $(rm -rf x)"), "ask", "a substitution is never covered by a rule")
+        self.assertEqual(decide("npm test > out.txt"), "ask")
+
+    def test_always_saves_one_exact_rule_per_sub_command(self):
+        perms = self.permissions()
+        self.assertEqual(perms.rules_for("bash", {"command": "git status && rm -rf ./tmp"}), ["bash(rm -rf ./tmp)"])
+        self.assertEqual(perms.rules_for("bash", {"command": "make build; npm  test"}), ["bash(make build)", "bash(npm  test)"])
+        self.assertEqual(perms.rules_for("webfetch", {"url": "https://docs.python.org/3/x"}), ["webfetch(domain:docs.python.org)"])
+        perms.remember(perms.rules_for("bash", {"command": "git status && rm -rf ./tmp"}))
+        self.assertEqual(perms.decide("bash", {"command": "rm -rf ./tmp"})[0], "allow")
+        self.assertEqual(perms.decide("bash", {"command": "rm -rf ./tmp/../.."})[0], "ask", "never broader than what was seen")
+
+    def test_a_symlink_cannot_smuggle_a_write_out(self):
+        outside = os.path.join(self.tmp, "outside")
+        os.makedirs(outside)
+        os.symlink(outside, os.path.join(self.cwd, "link"))
+        perms = self.permissions("auto-edit", [("allow", "write(link/**)")])
+        self.assertEqual(perms.decide("write", {"path": "inside.txt"})[0], "allow")
+        self.assertEqual(perms.decide("write", {"path": "link/evil.txt"})[0], "ask", "the link resolves outside")
+        self.assertEqual(self.permissions("plan").decide("write", {"path": "link/evil.txt"})[0], "deny")
+
+    def test_an_untrusted_projects_settings_only_narrow(self):
+        os.makedirs(os.path.join(self.cwd, ".nanocode"))
+        with open(os.path.join(self.cwd, ".nanocode", "settings.json"), "w") as f:
+            json.dump({"permissions": {"allow": ["bash(rm *)"], "deny": ["bash(ls *)"]}}, f)
+        config = nanocode.Config(home=self.home, cwd=self.cwd, settings={})
+        perms = nanocode.Permissions.for_config(config)
+        self.assertEqual(perms.decide("bash", {"command": "rm -rf x"})[0], "ask")
+        self.assertEqual(perms.decide("bash", {"command": "ls -la"})[0], "deny")
+        trusted = nanocode.Permissions.for_config(config._replace(trust_project=True))
+        self.assertEqual(trusted.decide("bash", {"command": "rm -rf x"})[0], "allow")
+
+    def test_bad_rules_and_modes_are_config_errors(self):
+        for text in ("bash(", "", "edit()"):
+            with self.assertRaises(nanocode.ConfigError):
+                nanocode.parse_rule(text)
+        with self.assertRaises(nanocode.ConfigError):
+            nanocode.rules_from({"permissions": {"allow": "bash"}}, "settings.json")
+
+    def test_child_jobs_inherit_the_mode_and_the_rules(self):
+        config = nanocode.Config(base_url="http://127.0.0.1:1/v1", permission_mode="plan", allow_rules=("bash(make)",))
+        argv, _ = nanocode.child_command(config)
+        self.assertEqual(argv[argv.index("--permission-mode") + 1], "plan")
+        self.assertEqual(argv[argv.index("--allow") + 1], "bash(make)")
+
+
+#: (command, read-only?) — half of them tricky
+CLASSIFIER_TABLE = [
+    ("ls", True), ("ls -la src", True), ("cat a.txt b.txt", True), ("head -n 5 x", True), ("tail -f log", True),
+    ("wc -l *.py", True), ("grep -rn TODO .", True), ("rg foo src", True), ("find . -name '*.py'", True),
+    ("git status", True), ("git diff HEAD~1", True), ("git log --oneline -5", True), ("git show HEAD", True),
+    ("git branch -a", True), ("pwd", True), ("echo hello", True), ("which python3", True), ("file x.bin", True),
+    ("stat x", True), ("du -sh .", True), ("df -h", True), ("env", True), ("ls | wc -l", True),
+    ("ls 2>/dev/null", True), ("ls >/dev/null 2>&1", True), ("echo hi >&2", True), ("git -C sub status", True),
+    ("git --no-pager log", True), ("cat <<< 'text'", True), ("sort f | uniq -c", True), ("sed -n 1,5p f", True),
+    ("sed -n '/x/p' f", True), ("sed 's/a/b/g' f", True), ("awk '{print $1}' f", True), ("[ -f x ] && cat x", True),
+    ("echo '$(id)'", True), ("echo 'a;rm x'", True), ("echo \"a && b\"", True), ("LANG=C ls", True),
+    ("/usr/bin/ls", True), ("ls # rm -rf /", True), ("cd src && ls", True), ("date +%s", True), ("git config --get user.name", True),
+    ("git tag -l", True), ("git remote -v", True), ("cat a | grep b | head", True), ("true || false", True), ("test -d x", True),
+    ("git rev-parse HEAD", True),
+    ("rm x", False), ("rm -rf /", False), ("ls > out", False), ("ls >> out", False), ("cat a > b", False),
+    ("ls 2> err.txt", False), ("ls &> all.txt", False), ("ls >| out", False), ("echo $(rm -rf ~)", False),
+    ("echo `id`", False), ("echo \"`id`\"", False), ("echo \"$(id)\"", False), ("cat <(ls)", False), ("ls &", False),
+    ("ls & rm x", False), ("ls; rm x", False), ("ls && touch y", False), ("ls\nrm x", False), ("true || rm x", False),
+    ("grep x f | xargs rm", False), ("ls | tee out", False), ("ls | sh", False), ("python3 -c 'print(1)'", False),
+    ("node x.js", False), ("bash -c ls", False), ("sh script.sh", False), ("perl -e 1", False), ("sudo ls", False),
+    ("find . -delete", False), ("find . -exec rm {} \\;", False), ("find . -execdir x \\;", False), ("find . -fprint out", False),
+    ("sed -i s/a/b/ f", False), ("sed --in-place s/a/b/ f", False), ("sed 's/a/b/w out' f", False), ("sed e f", False),
+    ("awk '{print > \"f\"}' x", False), ("awk '{system(\"rm x\")}'", False), ("awk '{print | \"sh\"}'", False),
+    ("git branch newname", False), ("git branch -D main", False), ("git commit -m x", False), ("git push", False),
+    ("git checkout .", False), ("git reset --hard", False), ("git clean -fdx", False), ("git stash", False),
+    ("git diff --output=f", False), ("git log --output=x", False), ("git -c core.pager=sh log", False),
+    ("git config user.name x", False), ("git tag v1", False), ("git remote add o u", False), ("sort -o out f", False),
+    ("sort --output=out f", False), ("uniq in out", False), ("date -s 2020-01-01", False), ("date 0101", False),
+    ("env rm x", False), ("env PATH=/tmp ls", False), ("PATH=/tmp ls", False), ("LD_PRELOAD=x.so ls", False),
+    ("./ls", False), ("bin/ls", False), ("~/bin/ls", False), ("printf -v x hi", False), ("tree -o out", False),
+    ("rg --pre cat x", False), ("rg -z x", False), ("curl http://x", False), ("wget x", False), ("make", False),
+    ("npm test", False), ("pip install x", False), ("mv a b", False), ("cp a b", False), ("mkdir d", False),
+    ("touch f", False), ("chmod +x f", False), ("ln -s a b", False), ("dd if=a of=b", False), ("truncate -s0 f", False),
+    ("kill 1", False), ("eval ls", False), ("exec ls", False), ("source x", False), (". x", False), ("(ls)", False),
+    ("{ ls; }", False), ("ls; (rm x)", False), ("time ls", False), ("nice ls", False), ("command rm x", False),
+    ("\\rm x", False), ("xargs ls", False), ("echo 'unbalanced", False), ("cat $(ls)", False), ("ls $((1+2))", False),
+    ("for f in *; do rm $f; done", False), ("if true; then rm x; fi", False), ("cat x | python3", False),
+    ("ls | tee /dev/null", False), ("git -C . push", False), ("yes | rm -i x", False),
+]
+
+
+class TestReadOnlyClassifier(unittest.TestCase):
+    def test_the_table(self):
+        self.assertGreaterEqual(len(CLASSIFIER_TABLE), 150)
+        wrong = [(c, want, nanocode.classify_command(c)) for c, want in CLASSIFIER_TABLE
+                 if nanocode.classify_command(c)[0] != want]
+        self.assertEqual(wrong, [])
+
+    def test_every_refusal_says_why(self):
+        for command, read_only in CLASSIFIER_TABLE:
+            ok, why = nanocode.classify_command(command)
+            self.assertEqual(bool(why), not ok, command)
+
+    def test_sub_commands_keep_their_exact_text(self):
+        self.assertEqual(nanocode.command_prefixes("git status && rm -rf ./tmp"), ["git status", "rm -rf ./tmp"])
+        self.assertEqual(nanocode.command_prefixes("echo 'a && b' || ls | wc -l"), ["echo 'a && b'", "ls", "wc -l"])
+        self.assertEqual(nanocode.command_prefixes("ls 2>&1 && pwd"), ["ls 2>&1", "pwd"])
+
+
+class TestPermissionsEndToEnd(EndToEndTestCase):
+    def test_headless_ask_mode_denies_with_a_way_to_allow_it(self):
+        self.fake.enqueue(tool_answer("bash", {"command": "touch made.txt"}))
+        self.fake.enqueue(answer("could not"))
+        rc, events, err = self.run_json("make it", env={"NANOCODE_PERMISSION_MODE": None})
+        self.assertEqual(rc, 0, err)
+        end = [e for e in events if e["type"] == "tool_end"][0]
+        self.assertTrue(end["isError"])
+        self.assertIn("needs the user's approval", end["result"])
+        self.assertFalse(os.path.exists(os.path.join(self.cwd, "made.txt")))
+        info = [e for e in events if e["type"] == "info" and e.get("command") == "permission"][0]
+        self.assertIn("--allow 'bash(touch made.txt)'", info["text"])
+        self.assertEqual(info["rules"], ["bash(touch made.txt)"])
+        self.fake.enqueue(tool_answer("bash", {"command": "touch made.txt"}))
+        self.fake.enqueue(answer("made"))
+        rc, events, err = self.run_json("--allow", "bash(touch made.txt)", "make it", env={"NANOCODE_PERMISSION_MODE": None})
+        self.assertEqual(rc, 0, err)
+        self.assertTrue(os.path.exists(os.path.join(self.cwd, "made.txt")))
+
+    def test_plan_mode_refuses_changes_and_reads_freely(self):
+        self.write_file("a.txt", "alpha\n")
+        self.fake.enqueue(tool_answer("read", {"path": "a.txt"}, call_id="r"))
+        self.fake.enqueue(tool_answer("write", {"path": "b.txt", "content": "x"}, call_id="w"))
+        self.fake.enqueue(answer("here is the plan"))
+        rc, events, err = self.run_json("--permission-mode", "plan", "plan it")
+        self.assertEqual(rc, 0, err)
+        ends = dict((e["id"], e) for e in events if e["type"] == "tool_end")
+        self.assertFalse(ends["r"]["isError"])
+        self.assertIn(nanocode.PLAN_REFUSAL, ends["w"]["result"])
+        self.assertFalse(os.path.exists(os.path.join(self.cwd, "b.txt")))
+
+    def test_a_bad_mode_or_rule_is_a_usage_error(self):
+        rc, _, err, _ = self.run_nanocode(["-p", "x"], env={"NANOCODE_PERMISSION_MODE": "reckless"})
+        self.assertEqual(rc, 2)
+        self.assertIn("permission mode 'reckless'", err)
+        self.write_settings({"permissions": {"deny": ["bash("]}})
+        rc, _, err, _ = self.run_nanocode(["-p", "x"])
+        self.assertEqual(rc, 2)
+        self.assertIn("is not a permission rule", err)
+
+
 # =============================================================================
 # 19. Context
 # =============================================================================
@@ -6737,7 +6951,8 @@ class TestCompactionConfig(NanocodeTestCase):
         if settings is not None:
             with open(os.path.join(self.home, "settings.json"), "w") as f:
                 json.dump(settings, f)
-        base = {"NANOCODE_DIR": self.home, "HOME": self.tmp, "OPENAI_BASE_URL": self.fake.url, "OPENAI_API_KEY": "k"}
+        base = {"NANOCODE_DIR": self.home, "HOME": self.tmp, "OPENAI_BASE_URL": self.fake.url, "OPENAI_API_KEY": "k",
+                "NANOCODE_PERMISSION_MODE": "yolo"}
         base.update(env or {})
         args = nanocode.build_parser().parse_args(["--model", model, "x"])
         return nanocode.load_config(args, base, list(nanocode.TOOLS))
@@ -7872,7 +8087,7 @@ class ReplTestCase(NanocodeTestCase):
 
     def config(self, **overrides):
         options = dict(base_url=self.fake.url, api_key="k", model="m", cwd=self.cwd, home=self.home,
-                       tools=tuple(nanocode.TOOLS), save_session=False, color=False)
+                       tools=tuple(nanocode.TOOLS), save_session=False, color=False, permission_mode="yolo")
         options.update(overrides)
         return nanocode.Config(**options)
 
@@ -8236,7 +8451,8 @@ class TestModelSwitchAcrossProviders(ReplTestCase):
         with open(os.path.join(self.home, "settings.json"), "w") as f:
             json.dump(settings, f)
         args = nanocode.build_parser().parse_args(["--no-session", "--model", "m"])
-        env = {"HOME": self.tmp, "NANOCODE_DIR": self.home, "OPENAI_BASE_URL": self.fake.url, "OPENAI_API_KEY": "k"}
+        env = {"HOME": self.tmp, "NANOCODE_DIR": self.home, "OPENAI_BASE_URL": self.fake.url, "OPENAI_API_KEY": "k",
+               "NANOCODE_PERMISSION_MODE": "yolo"}
         config = nanocode.load_config(args, env, list(nanocode.TOOLS))
         self.config_ = config._replace(cwd=self.cwd, color=False)
 
@@ -9178,6 +9394,61 @@ class TestBtw(ReplTestCase):
         self.assertReplAlive()
 
 
+class TestPermissionQuestions(ReplTestCase):
+    def ask_repl(self, **config):
+        return self.start_repl(self.config(permission_mode="ask", **config))
+
+    def test_always_saves_the_exact_command_and_the_next_call_runs_without_asking(self):
+        self.ask_repl()
+        self.fake.enqueue(tool_answer("bash", {"command": "touch one.txt"}, call_id="c1"))
+        self.fake.enqueue(tool_answer("bash", {"command": "touch one.txt"}, call_id="c2"))
+        self.fake.enqueue(answer("done"))
+        self.type("make one")
+        self.wait_event(lambda e: e["type"] == "ask")
+        self.wait_output("always allows bash(touch one.txt) for this session")
+        self.type("a")
+        self.wait_output("done")
+        self.assertEqual(len([e for e in self.events if e["type"] == "ask"]), 1, "the second call was not asked")
+        self.assertTrue(os.path.exists(os.path.join(self.cwd, "one.txt")))
+        self.type("/permissions")
+        self.wait_output("allow bash(touch one.txt)  (this session)")
+        self.type("/permissions remove 1")
+        self.wait_output("removed bash(touch one.txt)")
+
+    def test_no_refuses_and_edit_saves_the_edited_rule(self):
+        self.ask_repl()
+        self.fake.enqueue(tool_answer("bash", {"command": "touch two.txt"}, call_id="c1"))
+        self.fake.enqueue(tool_answer("bash", {"command": "touch three.txt"}, call_id="c2"))
+        self.fake.enqueue(tool_answer("bash", {"command": "touch four.txt"}, call_id="c3"))
+        self.fake.enqueue(answer("finished"))
+        self.type("go")
+        self.wait_event(lambda e: e["type"] == "ask")
+        self.type("n")
+        self.wait_event(lambda e: e["type"] == "tool_end" and e["id"] == "c1")
+        self.wait_event(lambda e: e["type"] == "ask" and e["toolCallId"] == "c2")
+        self.type("e")
+        self.wait_output("rule to allow (Enter keeps bash(touch three.txt))")
+        self.type("bash(touch *)")
+        self.wait_output("finished")
+        self.assertFalse(os.path.exists(os.path.join(self.cwd, "two.txt")))
+        self.assertTrue(os.path.exists(os.path.join(self.cwd, "three.txt")))
+        self.assertTrue(os.path.exists(os.path.join(self.cwd, "four.txt")), "the edited rule covered the third call")
+        declined = [e for e in self.events if e["type"] == "tool_end" and e["id"] == "c1"][0]
+        self.assertIn("the user declined it", declined["result"])
+
+    def test_mode_switches_and_the_banner_shows_it(self):
+        self.ask_repl()
+        self.wait_output("mode ask")
+        self.type("/mode plan")
+        self.wait_output("permission mode: plan")
+        self.fake.enqueue(tool_answer("write", {"path": "x.txt", "content": "x"}))
+        self.fake.enqueue(answer("planned"))
+        self.type("write it")
+        self.wait_output("planned")
+        self.assertFalse(os.path.exists(os.path.join(self.cwd, "x.txt")))
+        self.assertEqual([e for e in self.events if e["type"] == "ask"], [])
+
+
 class TestMcpCommands(ReplTestCase):
     def setUp(self):
         ReplTestCase.setUp(self)
@@ -9670,9 +9941,9 @@ class TmuxSession:
 class TmuxTestCase(EndToEndTestCase):
     """Starts nanocode's REPL in tmux against the fake server."""
 
-    def start(self, **env):
+    def start(self, height=30, **env):
         self.assertTrue(TMUX, "tmux is required (NANOCODE_INTEROP=1)")
-        session = TmuxSession(self, self.nanocode_env(**env), self.cwd)
+        session = TmuxSession(self, self.nanocode_env(**env), self.cwd, height=height)
         session.wait("/help for commands")
         return session
 
@@ -9700,6 +9971,18 @@ class TestRepl(TmuxTestCase):
         self.assertIn("[interrupted by the user]", partial)
         self.assertNotIn("partial99", partial)
         self.assertEqual(history[-1], {"role": "user", "content": "next"})
+
+    def test_a_permission_question_answered_at_the_prompt(self):
+        self.fake.enqueue(tool_answer("bash", {"command": "touch asked.txt"}))
+        self.fake.enqueue(answer("made the file"))
+        tui = self.start(NANOCODE_PERMISSION_MODE=None)  # the default: ask
+        tui.wait("mode ask")
+        tui.enter("make a file")
+        tui.wait("[y]es/[n]o/[a]lways/[e]dit")
+        self.assertFalse(os.path.exists(os.path.join(self.cwd, "asked.txt")))
+        tui.enter("y")
+        tui.wait("made the file")
+        self.assertTrue(os.path.exists(os.path.join(self.cwd, "asked.txt")))
 
     def test_at_file_attachment_and_bang_command(self):
         self.write_file("notes.txt", "the secret is 42\n")
@@ -9742,7 +10025,7 @@ class TestRepl(TmuxTestCase):
                 tui.kill()
 
     def test_commands_help_typo_and_exit(self):
-        tui = self.start()
+        tui = self.start(height=60)
         tui.enter("/hlep")
         tui.wait("did you mean /help?")
         tui.enter("/help")
@@ -10049,7 +10332,7 @@ def bench_cold_start(rows):
 
 def _bench_env(fake, home):
     return {"PATH": os.environ.get("PATH", ""), "HOME": home, "NANOCODE_DIR": os.path.join(home, ".nanocode"),
-            "OPENAI_BASE_URL": fake.url, "OPENAI_API_KEY": "k"}
+            "OPENAI_BASE_URL": fake.url, "OPENAI_API_KEY": "k", "NANOCODE_PERMISSION_MODE": "yolo"}
 
 
 def bench_print_mode_latency(rows, fake, home):
