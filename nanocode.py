@@ -2194,8 +2194,10 @@ def clamp(value, low, high=None):
 class ToolContext:
     """What a running tool may touch: cwd, config, cancel token, update sink, checkpoints, child jobs."""
 
-    def __init__(self, cwd, config=None, cancel=None, update=None, checkpoints=None, files=None, jobs=None):
+    def __init__(self, cwd, config=None, cancel=None, update=None, checkpoints=None, files=None, jobs=None,
+                 permissions=None):
         self.cwd = cwd
+        self.permissions = permissions  # the session's Permissions (webfetch checks redirects with it), or None
         self.config = config
         self.cancel = cancel or Cancel()
         self._update = update
@@ -4841,7 +4843,7 @@ _META_CHARSET_RE = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([\w.:-]+)"""
 _TEXT_TYPE_RE = re.compile(r"^text/|[/+](json|xml|javascript|ecmascript|x-sh|yaml|x-yaml|toml|csv)$")
 
 
-def _fetch(url, timeout, cancel, data=None, headers=None, hint="check the URL"):
+def _fetch(url, timeout, cancel, data=None, headers=None, hint="check the URL", check=None):
     """(body, cut, final URL, content type) of a request; at most WEB_MAX_BYTES of body are read.
 
     timeout bounds the whole fetch, not each read: a server that drips a byte a second, or a
@@ -4853,7 +4855,7 @@ def _fetch(url, timeout, cancel, data=None, headers=None, hint="check the URL"):
 
     def work():
         try:
-            with _open_url(url, timeout, stop, data, headers, hint) as resp:
+            with _open_url(url, timeout, stop, data, headers, hint, check) as resp:
                 body, cut = _read_capped(resp, WEB_MAX_BYTES, stop, url, timeout)
                 box["value"] = body, cut, resp.geturl(), resp.headers.get("Content-Type", "")
         except BaseException as e:  # handed to the waiting thread
@@ -4878,7 +4880,7 @@ def _fetch(url, timeout, cancel, data=None, headers=None, hint="check the URL"):
     raise box["error"]
 
 
-def _open_url(url, timeout, stop, data=None, headers=None, hint="check the URL"):
+def _open_url(url, timeout, stop, data=None, headers=None, hint="check the URL", check=None):
     """Open url (a POST when data is given) with _web_opener; HTTP and network failures become
     one-line ToolErrors."""
     import http.client
@@ -4886,7 +4888,7 @@ def _open_url(url, timeout, stop, data=None, headers=None, hint="check the URL")
     import urllib.request
     req = urllib.request.Request(url, data=data, headers=dict(WEB_HEADERS, **(headers or {})))
     try:
-        return _web_opener(stop).open(req, timeout=timeout)
+        return _web_opener(stop, check).open(req, timeout=timeout)
     except urllib.error.HTTPError as e:
         e.close()
         raise ToolError("HTTP %d %s for %s; %s" % (e.code, e.reason, url, hint))
@@ -4894,8 +4896,9 @@ def _open_url(url, timeout, stop, data=None, headers=None, hint="check the URL")
         raise _network_error(url, e, timeout)
 
 
-def _web_opener(stop):
-    """A urllib opener that follows only http(s) redirects and whose sockets stop shuts down."""
+def _web_opener(stop, check=None):
+    """A urllib opener that follows only http(s) redirects (each passed to check(url), which may raise
+    ToolError) and whose sockets stop shuts down."""
     import urllib.request
 
     class Redirects(urllib.request.HTTPRedirectHandler):
@@ -4913,6 +4916,12 @@ def _web_opener(stop):
                 fp.close()
                 raise ToolError("refused the redirect from %s to %s: only http:// and https:// redirects are followed"
                                 % (one_line(req.full_url, 200), one_line(target, 200) or "an empty address"))
+            if check is not None:
+                try:
+                    check(target)
+                except ToolError:
+                    fp.close()
+                    raise
             return urllib.request.HTTPRedirectHandler.http_error_302(self, req, fp, code, msg, headers)
 
         http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
@@ -5357,7 +5366,8 @@ def tool_webfetch(ctx, url, format="markdown", maxCharacters=WEB_MAX_CHARS, time
     if format not in ("markdown", "text", "html"):
         raise ToolError("format must be markdown, text or html")
     timeout = min(max(float(timeoutSeconds), 1.0), WEB_MAX_TIMEOUT)
-    body, body_cut, final_url, content_type = _fetch(url, timeout, ctx.cancel)
+    check = ctx.permissions.check_redirect if ctx.permissions is not None else None
+    body, body_cut, final_url, content_type = _fetch(url, timeout, ctx.cancel, check=check)
     text = render_web_body(body, content_type, final_url, format)
     if text is None:
         size = "{:,}".format(len(body)) + ("+" if body_cut else "")
@@ -6782,6 +6792,21 @@ def record_trust(config, specs, trusted):
         pass
 
 
+def record_project_trust(config, trusted):
+    """Remember whether the user trusts this project's settings (asked once)."""
+    data = read_trust(config)
+    data["projects"].setdefault(project_root(config.cwd), {})["trusted" if trusted else "declinedSettings"] = True
+    try:
+        make_private_dirs(config.home)
+        atomic_write(trust_path(config), (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"), 0o600)
+    except OSError:
+        pass
+
+
+def was_project_declined(config):
+    return bool((read_trust(config)["projects"].get(project_root(config.cwd)) or {}).get("declinedSettings"))
+
+
 def was_declined(config, spec):
     entry = read_trust(config)["projects"].get(project_root(config.cwd)) or {}
     return (entry.get("declined") or {}).get(spec.name) == spec.fingerprint
@@ -7715,6 +7740,16 @@ class Permissions:
         return False
 
     # -- answers and the user's view ----------------------------------------------------------
+
+    def check_redirect(self, url):
+        """A webfetch redirect target: one to a private or local address is refused unless yolo or a rule allows
+        it (the question was about the first address, not this one)."""
+        if self.mode == "yolo" or not is_private_host(_host_of(url)):
+            return
+        if self._rule_verdict("webfetch", {"url": url}, "fetch") == "allow":
+            return
+        raise ToolError("refused the redirect to %s: a private or local address (permission mode %s); fetch it "
+                        "directly if you need it, so the user can be asked" % (one_line(url, 200), self.mode))
 
     def rules_for(self, name, args):
         """The rules an "always" answer saves: one per sub-command for bash (its exact text), the folder for an
@@ -9174,7 +9209,8 @@ class Session:
                 elif result is None:
                     ctx = ToolContext(self.config.cwd, self.config, cancel, checkpoints=self.checkpoints,
                                       update=lambda text: events.tool_update(call["id"], text), files=self.files,
-                                      jobs=self.jobs)
+                                      jobs=self.jobs, permissions=self.permissions
+                                      if self.before_tool is self.permissions else None)
                     result = run_tool(ctx, call["name"], call["args"], self.tools)
         except Exception as e:  # a hook or bookkeeping bug: the model gets an error, the run goes on
             result = ToolResult("error: internal error before %s ran: %s: %s" % (call["name"], e.__class__.__name__, e), True)
@@ -10932,27 +10968,46 @@ class Repl:
         self.screen.print(self.style("/help for commands · Enter while working steers · Ctrl+C stops", "gray"))
 
     def start_mcp(self):
-        """Start the MCP servers; a project's servers not trusted yet are listed and asked about once."""
+        """Start the MCP servers. What a project would run or widen (its servers, the allow rules of its
+        .nanocode/settings.json) and the user has not trusted yet is listed and asked about once."""
         manager = self.session.mcp
-        if manager is None:
-            return
-        for w in manager.warnings:
+        for w in manager.warnings if manager is not None else ():
             self.screen.print(self.style("mcp: " + w, "yellow"))
-        specs = manager.untrusted(asked_only=True)
-        if specs:
-            self.screen.print(self.style("This project configures MCP servers, programs that would run on this machine:", "yellow"))
+        specs = manager.untrusted(asked_only=True) if manager is not None else []
+        widening = self.project_allow_rules()
+        if specs or widening:
+            self.screen.print(self.style("This project asks for trust:", "yellow"))
             for spec in specs:
                 what = spec.url or " ".join([spec.command] + list(spec.args))
                 extra = ["env " + ", ".join(sorted(spec.env))] if spec.env else []
                 extra += ["cwd " + spec.cwd] if spec.cwd else []
                 extra += ["headers " + ", ".join(sorted(spec.headers))] if spec.headers else []
-                self.screen.print("  %s: %s  (%s%s)" % (spec.name, visible(one_line(what, 160)),
-                                                        display_path(spec.source, self.config.cwd),
-                                                        "; " + "; ".join(extra) if extra else ""))
-            self.screen.print(self.style("Trust this project and start them? (asked once; /mcp trust later)", "yellow"))
+                self.screen.print("  MCP server %s: %s  (%s%s)" % (spec.name, visible(one_line(what, 160)),
+                                                                   display_path(spec.source, self.config.cwd),
+                                                                   "; " + "; ".join(extra) if extra else ""))
+            if widening:
+                self.screen.print("  permission rules that allow without asking: %s  (%s)" % (
+                    visible(one_line(", ".join(r.text for r in widening), 200)),
+                    display_path(widening[0].source, self.config.cwd)))
+            self.screen.print(self.style("Trust this project? MCP servers run as programs on this machine (asked once; "
+                                         "/mcp trust later)", "yellow"))
             line = self.read_line("trust? [y/N] ")
-            manager.trust(bool(line) and line.strip().lower() in ("y", "yes"), specs)
-        manager.start()
+            yes = bool(line) and line.strip().lower() in ("y", "yes")
+            if manager is not None and specs:
+                manager.trust(yes, specs)
+            if widening:
+                record_project_trust(self.config, yes)
+                if yes:
+                    attach_permissions(self.session)
+        if manager is not None:
+            manager.start()
+
+    def project_allow_rules(self):
+        """The allow rules of the project's settings that wait for trust (none once it is trusted)."""
+        path, data = project_settings(self.config)
+        if not path or project_trusted(self.config) or was_project_declined(self.config):
+            return []
+        return [r for r in rules_from(data, path) if r.kind == "allow"]
 
     def pick_session(self):
         """-r without an id: a numbered list of this directory's sessions; the answer picks one."""

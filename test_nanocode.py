@@ -4020,6 +4020,19 @@ class TestWebFetch(WebTestCase):
         self.assertIn("landed", text)
         self.assertIn('url="%s/page.html"' % self.url, text.split("\n")[0])
 
+    def test_a_redirect_to_a_private_address_is_refused_unless_yolo(self):
+        self.serve("/page.html", b"<p>landed</p>")
+        self.serve("/old", b"", status=302, Location="/page.html")
+        config = nanocode.Config(cwd=self.ctx.cwd, settings={})
+        for mode, refused in (("ask", True), ("plan", True), ("yolo", False)):
+            self.ctx.permissions = nanocode.Permissions(config, mode)
+            result = self.run_web("webfetch", url=self.url + "/old")
+            self.assertEqual(result.is_error, refused, (mode, result.text))
+            if refused:
+                self.assertIn("refused the redirect to %s/page.html: a private or local address" % self.url, result.text)
+        self.ctx.permissions = nanocode.Permissions(config, "ask", [nanocode.parse_rule("webfetch(domain:127.0.0.1)")])
+        self.assertIn("landed", self.fetch(self.url + "/old"), "an allow rule for the address lets it through")
+
     def test_browser_user_agent(self):
         self.fetch(self.serve("/page.html", b"<p>hi</p>"))
         agent = self.server.requests[-1][2]["User-Agent"]
@@ -9436,6 +9449,20 @@ class TestPermissionQuestions(ReplTestCase):
         declined = [e for e in self.events if e["type"] == "tool_end" and e["id"] == "c1"][0]
         self.assertIn("the user declined it", declined["result"])
 
+    def test_a_projects_allow_rules_wait_for_trust(self):
+        os.makedirs(os.path.join(self.cwd, ".nanocode"))
+        with open(os.path.join(self.cwd, ".nanocode", "settings.json"), "w") as f:
+            json.dump({"permissions": {"allow": ["bash(touch *)"]}}, f)
+        repl = self.ask_repl()
+        self.wait_output("permission rules that allow without asking: bash(touch *)")
+        self.assertEqual(repl.session.permissions.decide("bash", {"command": "touch x"})[0], "ask")
+        self.type("y")
+        self.assertTrue(wait_for(lambda: repl.session.permissions.decide("bash", {"command": "touch x"})[0] == "allow"))
+        self.stop_repl()
+        self.events[:] = []
+        self.ask_repl()
+        self.assertNotIn("asks for trust", self.out.getvalue())
+
     def test_mode_switches_and_the_banner_shows_it(self):
         self.ask_repl()
         self.wait_output("mode ask")
@@ -9506,8 +9533,8 @@ class TestMcpCommands(ReplTestCase):
         with open(os.path.join(self.cwd, ".mcp.json"), "w", encoding="utf-8") as f:
             json.dump({"mcpServers": {"proj": fake_mcp_entry(self)}}, f)
         repl = self.start_repl()
-        self.wait_output("Trust this project and start them?")
-        self.assertIn("proj: %s" % sys.executable, self.out.getvalue())
+        self.wait_output("Trust this project?")
+        self.assertIn("MCP server proj: %s" % sys.executable, self.out.getvalue())
         self.type("y")
         self.assertTrue(wait_for(lambda: repl.session.mcp.servers["proj"].state == "connected"))
         self.stop_repl()
