@@ -7325,8 +7325,11 @@ jq test [ cd ls column hostname nproc seq od xxd hexdump strings paste join rev 
 file""".split())
 _RO_SAFE_ASSIGNMENTS = re.compile(r"^(LC_[A-Z]+|LANG|LANGUAGE|TZ|NO_COLOR|TERM|COLUMNS|LINES)=")
 _RO_BIN_DIRS = ("/bin", "/usr/bin", "/usr/local/bin")
-_RO_GIT = frozenset("""status diff log show rev-parse ls-files blame grep shortlog describe ls-tree cat-file
-show-ref merge-base count-objects""".split())
+_RO_GIT = frozenset("""status diff log show rev-parse ls-files blame grep shortlog describe ls-tree
+show-ref merge-base count-objects rev-list for-each-ref version""".split())
+#: programs whose arguments are options too: a glob or variable there could expand into one (-delete, -o)
+_RO_SENSITIVE = frozenset("find git rg sort uniq date env printf tree file sed awk test [ grep egrep fgrep".split())
+_RO_PARAMETER = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)(?::?-[\w./~ @%+,=-]*)?\}|([A-Za-z_][A-Za-z0-9_]*))")
 _RO_SED_SCRIPT = re.compile(r"^(\d+|\$|/[^/]*/)?(,(\d+|\$|/[^/]*/))?[pd=]$|^\d+q$|"
                             r"^s([/|#])(?:(?!\4).)*\4(?:(?!\4).)*\4[gpiI0-9]*$")
 
@@ -7343,18 +7346,26 @@ def split_command(command):
             quote = "" if c == "'" else quote
         elif c == "\\":
             i += 1
+        elif c == "$" and quote != "'":
+            m = _RO_PARAMETER.match(command, i)
+            if not m or (m.group(1) or m.group(2)) == "_":  # $(..), $[..], $((..)), ${x:=..}, ${!x}, $'..', $_...
+                problem = problem or ("command substitution" if command.startswith("$(", i) else "an expansion that may run code")
+            else:
+                i = m.end() - 1
         elif quote == '"':
             if c == '"':
                 quote = ""
-            elif c == "`" or command.startswith("$(", i):
+            elif c == "`":
                 problem = problem or "command substitution"
         elif c in "'\"":
             quote = c
-        elif c == "`" or command.startswith("$(", i) or command.startswith("<(", i) or command.startswith(">(", i):
+        elif c == "`" or command.startswith("<(", i) or command.startswith(">(", i):
             problem = problem or "command substitution"
         elif c in ";|\n" or (c == "&" and command[i - 1:i] != ">" and command[i + 1:i + 2] != ">"):
             if c == "&" and command[i + 1:i + 2] != "&" and command[i - 1:i] != "&" and command[i - 1:i] != "|":
                 problem = problem or "a background &"
+            if not command[start:i].strip() and c not in ";\n":
+                problem = problem or "an incomplete command"
             pieces.append(command[start:i])
             if command[i:i + 2] in ("&&", "||", "|&"):
                 i += 1
@@ -7362,6 +7373,8 @@ def split_command(command):
         i += 1
     if quote:
         problem = problem or "unbalanced quotes"
+    if command[start:].strip() == "" and re.search(r"(&&|\|\||\|)\s*$", command):
+        problem = problem or "an incomplete command"
     pieces.append(command[start:])
     return [p.strip() for p in pieces if p.strip()], problem
 
@@ -7408,6 +7421,10 @@ def _simple_command_problem(piece):
             return "a subshell or group"
         if set(word) <= set("<>&|") and word:
             target = words[i + 1] if i + 1 < len(words) else ""
+            if not target:
+                return "a redirection without a target"
+            if word in ("&>", "&>>"):
+                return "redirection of all output"
             if word in ("<", "<<", "<<<", "<&"):
                 i += 2
                 continue
@@ -7419,23 +7436,48 @@ def _simple_command_problem(piece):
             return "redirection to a file"
         args.append(word)
         i += 1
+    assigned = False
     while args and "=" in args[0] and not args[0].startswith("="):
         if not _RO_SAFE_ASSIGNMENTS.match(args[0]):
             return "sets %s for the command" % args[0].split("=", 1)[0]
         args.pop(0)
+        assigned = True
     if not args:
-        return ""
+        return "sets a shell variable" if assigned else ""
     program, rest = args[0], args[1:]
     if "/" in program:
         if os.path.dirname(program) not in _RO_BIN_DIRS:
             return "runs %s" % program
         program = os.path.basename(program)
+    if program in _RO_SENSITIVE and _unquoted_expansion(piece):
+        return "a glob or variable could turn into an option of %s" % program
     check = _RO_CHECKS.get(program)
     if check is not None:
         return check(rest)
     if program in _RO_PLAIN:
         return ""
     return "%s is not known to be read-only" % program
+
+
+def _unquoted_expansion(piece):
+    """True when the text has a glob, brace or $ outside quotes (or $ inside double quotes)."""
+    quote, i = "", 0
+    while i < len(piece):
+        c = piece[i]
+        if quote == "'":
+            quote = "" if c == "'" else quote
+        elif c == "\\":
+            i += 1
+        elif quote == '"':
+            quote = "" if c == '"' else quote
+            if c == "$":
+                return True
+        elif c in "'\"":
+            quote = c
+        elif c in "*?[{$" and not (c == "[" and piece[:i].strip() == ""):
+            return True
+        i += 1
+    return False
 
 
 def _ro_flag_problem(args, forbidden, why):
@@ -7461,8 +7503,10 @@ def _ro_git(args):
     if not args:
         return "git without a subcommand"
     sub, rest = args[0], args[1:]
-    if sub in ("diff", "log", "show") and any(a.startswith("--output") or a == "--ext-diff" for a in rest):
+    if sub in ("diff", "log", "show") and any(a.startswith("--ou") or a.startswith("--ext") for a in rest):
         return "git %s writes a file or runs a diff program" % sub
+    if sub == "grep" and any(a.startswith(("-O", "--open")) for a in rest):
+        return "git grep -O runs a pager program"
     if sub in _RO_GIT:
         return ""
     if sub == "branch":
@@ -7486,7 +7530,8 @@ _RO_CHECKS = {
     "find": _ro_find,
     "git": _ro_git,
     "rg": lambda a: _ro_flag_problem(a, ("--pre", "-z", "--search-zip"), "rg runs a preprocessor"),
-    "sort": lambda a: _ro_flag_problem(a, ("-o", "--output", "--compress-program"), "sort writes a file"),
+    "sort": lambda a: "sort writes a file or runs a program" if any(x.startswith(("--o", "--c")) or (
+        x.startswith("-") and not x.startswith("--") and "o" in x[1:]) for x in a) else "",
     "uniq": lambda a: "uniq writes its output file" if len([x for x in a if not x.startswith("-")]) > 1 else "",
     "date": lambda a: "date sets the clock" if any(x in ("-s",) or x.startswith("--set") or
                                                    (not x.startswith(("-", "+"))) for x in a) else "",
@@ -7494,10 +7539,17 @@ _RO_CHECKS = {
     "printf": lambda a: "printf -v sets a variable" if a[:1] == ["-v"] else "",
     "tree": lambda a: _ro_flag_problem(a, ("-o",), "tree writes a file"),
     "file": lambda a: _ro_flag_problem(a, ("-C", "--compile"), "file -C writes a file"),
+    "test": lambda a: _ro_test(a),
+    "[": lambda a: _ro_test(a),
     "tail": lambda a: "",
     "sed": lambda a: _ro_sed(a),
     "awk": lambda a: _ro_awk(a),
 }
+
+
+def _ro_test(args):
+    """test and [: -v and -R look up variables by names that may hold code ('a[$(id)]')."""
+    return "test -v or -R evaluates a name" if any(a in ("-v", "-R") or "[" in a for a in args if a != "[") else ""
 
 
 def _ro_sed(args):

@@ -5671,6 +5671,16 @@ CLASSIFIER_TABLE = [
     ("\\rm x", False), ("xargs ls", False), ("echo 'unbalanced", False), ("cat $(ls)", False), ("ls $((1+2))", False),
     ("for f in *; do rm $f; done", False), ("if true; then rm x; fi", False), ("cat x | python3", False),
     ("ls | tee /dev/null", False), ("git -C . push", False), ("yes | rm -i x", False),
+    # expansions that run code or assign, incomplete chains, globs and variables that become options
+    ("echo $[1+2]", False), ("echo ${x:=y}", False), ("echo ${!x}", False), ("echo ${x@P}", False), ("echo ${_}", False),
+    ("echo -delete; find . \"$_\"", False), ("ls &&", False), ("&& ls", False), ("echo &>/dev/null rm x", False),
+    ("cat <<", False), ("LANG=C", False), ("git log --outp=x", False), ("git grep -O TODO", False),
+    ("find . -name *.py", False), ("find . -name x -del*", False), ("find {.,-delete}", False), ("find . -name \"$X\"", False),
+    ("sort --out=x f", False), ("sort {-o,x} f", False), ("sort -uo out f", False), ("printf \"$FMT\" x", False),
+    ("file *", False), ("test -v 'a[$(id)]'", False), ("sed \"s/a/$X/\" f", False), ("sed -n p *.txt", False),
+    ("[ * ]", False), ("[ $PWD ]", False), ("test -R ref", False), ("git -C src/* log", False), ("git cat-file -p HEAD", False),
+    ("echo ${HOME:-'a b'}", False), ("echo $HOME", True), ("ls $HOME/src", True), ("cat \"$HOME/.bashrc\"", True),
+    ("ls *.py", True), ("grep -n 'a|b' f", True), ("find src -name 'x*'", True),
 ]
 
 
@@ -5680,6 +5690,16 @@ class TestReadOnlyClassifier(unittest.TestCase):
         wrong = [(c, want, nanocode.classify_command(c)) for c, want in CLASSIFIER_TABLE
                  if nanocode.classify_command(c)[0] != want]
         self.assertEqual(wrong, [])
+
+    def test_random_lines_never_raise(self):
+        rng = random.Random(7)
+        alphabet = "ab -|&;<>()$`'\"\\{}*?[]=\n#!~/%"
+        for _ in range(3000):
+            line = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+            ok, why = nanocode.classify_command(line)
+            self.assertIsInstance(ok, bool)
+            self.assertEqual(bool(why), not ok, repr(line))
+            self.assertIsInstance(nanocode.command_prefixes(line), list)
 
     def test_every_refusal_says_why(self):
         for command, read_only in CLASSIFIER_TABLE:
