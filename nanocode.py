@@ -16,7 +16,7 @@ Table of contents (each section opens with a numbered banner):
     8. Tool registry         the @tool decorator, argument coercion, run_tool, ToolRegistry
     9. Reading files         read: text, long lines, images, special files
    10. Writing files         checkpoints (for /undo), read-before-write, atomic writes, write, edit
-   11. Shell                 bash: process groups, marked children, bounded logs, child environment
+   11. Shell                 bash: process groups, marked children, bounded logs, child environment, sandbox
    12. Child jobs            the nanocode tool: child agents, run / start, the JobManager
    13. Globs and file lists  glob matching without blow-ups, .gitignore, the file walk
    14. Search tools          grep (rg or stdlib, risky patterns in a child), glob, ls, find
@@ -1323,20 +1323,56 @@ def reply_to_message(reply, compat):
     return msg
 
 
-def wire_messages(messages, compat):
-    """History as sent: compat rules applied, never mutating the stored messages."""
+def wire_messages(messages, compat, memo=None):
+    """History as sent: compat rules applied, never mutating the stored messages. memo (a dict kept by
+    the caller between requests) keeps each changed message's copy, so it is the same object next time."""
     if compat.tool_calls == "text":
         return text_mode_messages(messages)
     out = []
-    for msg in messages:
+    for original in messages:
+        msg = original
         if msg.get("role") == "assistant" and msg.get("tool_calls"):
+            kept = memo.get(id(original)) if memo is not None else None
+            if kept is not None and kept[0] is original and kept[1] == compat:
+                out.append(kept[2])
+                continue
             msg = dict(msg)
             if not compat.keep_reasoning:
                 msg.pop("reasoning_content", None)
             if msg.get("content") is None and compat.empty_content:
                 msg["content"] = ""
+            if memo is not None:
+                memo[id(original)] = (original, compat, msg)
         out.append(msg)
     return out
+
+
+class BodyEncoder:
+    """A request body as JSON bytes with each message encoded once: the history only grows at its end
+    between compactions, so a turn encodes its new messages and joins the rest. The bytes are exactly
+    encode_json(body)'s (the prompt-cache prefix depends on it)."""
+
+    def __init__(self):
+        self.wire_memo = {}  # for wire_messages
+        self._pieces = {}  # id(message) -> (message, its JSON bytes)
+
+    def encode(self, body):
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            return encode_json(body)
+        pieces, kept = [], {}
+        for m in messages:
+            entry = self._pieces.get(id(m))
+            if entry is None or entry[0] is not m:
+                entry = (m, encode_json(m))
+            kept[id(m)] = entry
+            pieces.append(entry[1])
+        self._pieces = kept  # what left the history is forgotten
+        live = set(kept)
+        self.wire_memo = dict((k, v) for k, v in self.wire_memo.items() if id(v[2]) in live)
+        head = encode_json(dict(body, messages=0))
+        at = head.index(b'"messages":0')  # the key: no string value can hold an unescaped quote
+        return head[:at] + b'"messages":[' + b",".join(pieces) + b"]" + head[at + len(b'"messages":0'):]
 
 
 def text_mode_messages(messages):
@@ -1428,6 +1464,7 @@ class ChatClient:
         self._conn = None
         self._live_sock = None  # the socket the current response reads from (http.client may hand it over)
         self._url = None  # the parsed chat URL, split once
+        self.encoder = BodyEncoder()  # each history message encoded once
 
     def close(self):
         """Drop the connection."""
@@ -1437,7 +1474,8 @@ class ChatClient:
 
     def build_body(self, messages, tools):
         """The request body for a history and tool schemas."""
-        body = {"model": self.config.model, "messages": wire_messages(messages, self.config.compat), "stream": True}
+        body = {"model": self.config.model, "messages": wire_messages(messages, self.config.compat, self.encoder.wire_memo),
+                "stream": True}
         if self.include_usage:
             body["stream_options"] = {"include_usage": True}
         if tools and self.config.compat.tool_calls != "text":
@@ -1554,7 +1592,7 @@ class ChatClient:
         # registered before sending, so an abort also ends the wait for the response headers
         unregister = cancel.on_cancel(self._abort_socket)
         try:
-            resp = self._send(encode_json(body), cancel)
+            resp = self._send(self.encoder.encode(body), cancel)
             if resp.status != 200:
                 raise self._status_error(resp)
             self._read_stream(resp, assembler, cancel)
@@ -3381,10 +3419,20 @@ class OutputCapture:
         return text, (self.path if cut or self.total > len(text.encode("utf-8")) else None)
 
 
+_WHICH = {}
+
+
+def which(program):
+    """shutil.which, asked once per program and process (bash, rg, mise, bwrap: looked up on every call)."""
+    if program not in _WHICH:
+        _WHICH[program] = shutil.which(program)
+    return _WHICH[program]
+
+
 def shell_argv(command):
     """argv that runs command in bash (sh when there is none); mise's env is loaded when present."""
-    bash = shutil.which("bash")
-    if bash and shutil.which("mise"):
+    bash = which("bash")
+    if bash and which("mise"):
         command = 'eval "$(mise env -s bash 2>/dev/null)" 2>/dev/null\n' + command
     return [bash, "-c", command] if bash else ["sh", "-c", command]
 
@@ -5050,7 +5098,7 @@ def tool_grep(ctx, pattern, path=".", glob="", ignoreCase=False, context=0, outp
     root, target = _search_root(ctx, path, files_ok=True)
     match = _line_matcher(pattern, ignoreCase)  # a bad regex fails the same way on both paths
     # context lines, limits and formatting are done here for both searches, so their output is the same
-    rg, results = shutil.which("rg"), None
+    rg, results = which("rg"), None
     if rg:
         results = _rg_grep(rg, root, target, pattern, glob, ignoreCase, mode, ctx.cancel)
     if results is not None:
@@ -7542,8 +7590,7 @@ class McpManager:
 
 def attach_permissions(session):
     """Make the session's before_tool the Permissions of its config (mode, rules, the sandbox)."""
-    sandboxed = bool(getattr(session.config, "sandbox", "")) and "sandbox_status" in globals() and \
-        globals()["sandbox_status"](session.config)[0]
+    sandboxed = bool(session.config.sandbox) and sandbox_status(session.config)[0]
     permissions = Permissions.for_config(session.config, sandboxed)
     permissions.mcp = session.mcp
     session.permissions, session.before_tool = permissions, permissions
@@ -9000,6 +9047,29 @@ class RunEvents:
             self.open = False
 
 
+_WARMED = []
+#: what the tools import on their first call; loaded on a thread while the first model request is out
+TOOL_IMPORTS = ("subprocess", "select", "difflib", "hashlib", "tempfile", "shlex", "stat", "errno", "fnmatch",
+                "datetime", "base64", "struct", "queue")
+
+
+def warm_tool_imports():
+    """Import TOOL_IMPORTS in the background once per process, so the first tool turn costs what later ones do."""
+    if _WARMED:
+        return
+    _WARMED.append(True)
+
+    def work():
+        for name in TOOL_IMPORTS:
+            try:
+                __import__(name)
+            except ImportError:
+                pass
+        which("bash")
+        which("rg")
+    threading.Thread(target=work, daemon=True, name="nanocode-warm").start()
+
+
 def allow_everything(session, call):
     """The default before_tool hook: (verdict, text) with verdict allow, deny or ask."""
     return ALLOW
@@ -9215,6 +9285,7 @@ class Session:
     def run(self, prompt, cancel=None):
         """Run the agent on one user prompt until it stops; returns (and emits) agent_end."""
         started = time.monotonic()
+        warm_tool_imports()
         self.cancel = cancel or Cancel()
         events = self._events = RunEvents(self.emit)
         self._started = set()
@@ -10614,11 +10685,9 @@ def cmd_permissions(loop, arg):
 
 def sandbox_line(config):
     """What /permissions says of the bash sandbox."""
-    if not getattr(config, "sandbox", ""):
+    if not config.sandbox:
         return "off (--sandbox workspace-write runs bash in one)"
-    if "sandbox_status" not in globals():
-        return "not available in this build"
-    active, kind, reason = globals()["sandbox_status"](config)
+    active, kind, reason = sandbox_status(config)
     return ("%s: %s" % (config.sandbox, kind)) if active else "%s requested but not active: %s" % (config.sandbox, reason)
 
 
@@ -11334,7 +11403,10 @@ class Repl:
         self.screen.print(self.style(line, "bold"))
         for found in describe_context(self.session.context, c.cwd):
             self.screen.print(self.style(found, "gray"))
-        for note in list(c.notes) + self.warnings:
+        notes = list(c.notes) + self.warnings
+        if c.sandbox and not sandbox_status(c)[0]:
+            notes.append("sandbox: %s" % sandbox_line(c))
+        for note in notes:
             self.screen.print(self.style(note, "yellow"))
         if self.resume is not None:
             self.screen.print(self.style("resumed %s: %d messages" % (self.session.id, len(self.session.messages)), "gray"))
@@ -11627,6 +11699,9 @@ def build_parser():
     p.add_argument("--max-turns", type=int, help="stop after N model requests (default 100)")
     p.add_argument("--doctor", action="store_true", help="check the endpoint: what it is, streaming, tool calls; exit 0/1")
     p.add_argument("--version", action="version", version="nanocode " + VERSION)
+    p.add_argument("--install", metavar="DIR", nargs="?", const="",
+                   help="install the `nanocode` command in DIR (default ~/.local/bin); it starts from cached bytecode")
+    p.add_argument("--uninstall", action="store_true", help="remove the installed `nanocode` command and its copy")
     return p
 
 
@@ -11649,11 +11724,16 @@ def resume_target(args):
     return args.resume
 
 
-def main(argv=None):
+def main(argv=None, launcher=None):
     """Parse flags, build the config, run a front end; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"]:  # before argparse is built: the cheapest answer
+        sys.stdout.write("nanocode %s\n" % VERSION)
+        return 0
     if argv[:1] == ["mcp"]:
         return run_mcp_command(argv[1:])
+    if argv[:1] in (["--install"], ["--uninstall"]):
+        return install(argv[1] if len(argv) > 1 else None) if argv[0] == "--install" else uninstall(launcher)
     args = build_parser().parse_args(argv)
     try:
         config = load_config(args, os.environ, list(TOOLS))
@@ -11675,6 +11755,78 @@ def main(argv=None):
         return run_headless(config._replace(print_mode=True), prompt, target)
     pick = args.resume == "" and not args.continue_ and not args.session
     return run_repl(config, None if pick else target, pick)
+
+
+LAUNCHER = """#!%(python)s
+# nanocode launcher, written by `nanocode.py --install`; `nanocode --uninstall` removes it.
+# It imports the copy in %(lib)s, so Python caches its bytecode: no compile at every start.
+import sys
+sys.dont_write_bytecode = False  # even under PYTHONDONTWRITEBYTECODE: caching is the point
+sys.path.insert(0, %(lib)r)
+import nanocode
+sys.exit(nanocode.run_main(launcher=__file__))
+"""
+
+
+def nanocode_home(env=None):
+    """The settings directory: NANOCODE_DIR, else ~/.nanocode."""
+    env = os.environ if env is None else env
+    return env.get("NANOCODE_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".nanocode")
+
+
+def install(directory=None, out=None):
+    """--install [DIR]: copy this file to ~/.nanocode/lib and write DIR/nanocode (default ~/.local/bin), a
+    launcher that imports it (Python caches the bytecode of an import, never of a script); compile it once."""
+    import py_compile
+    out = out or sys.stdout
+    if os.name != "posix":
+        sys.stderr.write("nanocode: error: --install writes a POSIX launcher; on Windows run python nanocode.py\n")
+        return 2
+    lib = os.path.join(nanocode_home(), "lib")
+    directory = os.path.abspath(os.path.expanduser(directory or os.path.join("~", ".local", "bin")))
+    target = os.path.join(directory, "nanocode")
+    try:
+        make_private_dirs(lib)
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.abspath(__file__), "rb") as f:
+            source = f.read()
+        copy = os.path.join(lib, "nanocode.py")
+        atomic_write(copy, source, 0o644)
+        atomic_write(target, (LAUNCHER % {"python": sys.executable or "/usr/bin/env python3", "lib": lib}).encode("utf-8"),
+                     0o755)
+        py_compile.compile(copy, doraise=True)
+    except (OSError, py_compile.PyCompileError) as e:
+        sys.stderr.write("nanocode: error: cannot install: %s\n" % e)
+        return 1
+    out.write("installed %s (runs %s with %s)\n" % (target, copy, sys.executable))
+    if directory not in os.environ.get("PATH", "").split(os.pathsep):
+        out.write("note: %s is not on PATH; add it, e.g. export PATH=\"%s:$PATH\"\n" % (directory, directory))
+    return 0
+
+
+def uninstall(launcher=None, out=None):
+    """--uninstall: remove the launcher that ran this (or ~/.local/bin/nanocode) and the installed copy."""
+    out = out or sys.stdout
+    target = launcher or os.path.join(os.path.expanduser("~"), ".local", "bin", "nanocode")
+    lib = os.path.join(nanocode_home(), "lib")
+    removed = []
+    try:
+        with open(target, encoding="utf-8") as f:
+            ours = "written by `nanocode.py --install`" in f.read(4096)
+    except OSError:
+        ours = False
+    if ours:
+        os.remove(target)
+        removed.append(target)
+    for path in (os.path.join(lib, "nanocode.py"), os.path.join(lib, "__pycache__")):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        elif os.path.exists(path):
+            os.remove(path)
+            removed.append(path)
+    out.write(("removed " + ", ".join(removed) if removed else "nothing to remove (no launcher at %s)" % target) + "\n")
+    return 0
 
 
 def run_mcp_command(argv, out=None):
@@ -11818,10 +11970,11 @@ def run_conformance_scenario(server, scenario, context):
         yield call("test_mrtr_no_result_type", {})
 
 
-def run_main():
-    """main() for the command line: a closed stdout (`| head -1`) ends quietly, never with a traceback."""
+def run_main(launcher=None):
+    """main() for the command line: a closed stdout (`| head -1`) ends quietly, never with a traceback.
+    launcher: the path of the installed `nanocode` command that called it."""
     try:
-        code = main()
+        code = main(launcher=launcher)
         sys.stdout.flush()
     except BrokenPipeError:
         code = 1

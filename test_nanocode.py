@@ -15,7 +15,7 @@ Sections follow nanocode.py, banner for banner:
     8. Tool registry         the unknown-tool error
     9. Reading files         read: ranges, images, special files, memory
    10. Writing files         write, edit, checkpoints, read-before-write, links, temp files
-   11. Shell                 bash: timeouts, process groups, marked children, logs, environment
+   11. Shell                 bash: timeouts, process groups, marked children, logs, environment, the sandbox
    12. Child jobs            the nanocode tool end to end
    13. Globs and file lists  .gitignore, skipped entries
    14. Search tools          glob, grep (rg and stdlib, runaway patterns), ls, find
@@ -3381,7 +3381,7 @@ class ChildJobCase(EndToEndTestCase):
         """A ToolContext with a JobManager whose ended jobs go to self.ended."""
         self.ended = []
         config = nanocode.Config(base_url=self.fake.url, api_key="test-key", model="m", tools=tuple(tools),
-                                 cwd=self.cwd, home=self.home, settings=settings or {})
+                                 cwd=self.cwd, home=self.home, settings=settings or {}, permission_mode="yolo")
         self.jobs = nanocode.JobManager(self.ended.append)
         self.addCleanup(self.jobs.cancel_all)
         return nanocode.ToolContext(self.cwd, config, cancel=cancel, jobs=self.jobs)
