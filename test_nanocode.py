@@ -1615,6 +1615,29 @@ class TestChunkAssembler(unittest.TestCase):
 # 6. HTTP client
 # =============================================================================
 
+class TestBodyEncoder(unittest.TestCase):
+    def test_the_bytes_are_those_of_the_whole_body_as_the_history_changes(self):
+        client = nanocode.ChatClient(nanocode.Config(base_url="http://127.0.0.1:9/v1", model="m"), lambda e: None)
+        tools = [{"type": "function", "function": {"name": "bash", "parameters": {"type": "object"}}}]
+        rng = random.Random(3)
+        history = [{"role": "system", "content": "sys"}]
+        for step in range(300):
+            roll = rng.random()
+            if roll < 0.6:
+                history.append({"role": "user", "content": "m%d \ud800 é" % step})
+            elif roll < 0.8:
+                history.append({"role": "assistant", "content": None, "reasoning_content": "why",
+                                "tool_calls": [{"id": "c%d" % step, "type": "function",
+                                                "function": {"name": "bash", "arguments": "{}"}}]})
+            elif roll < 0.9:  # a compaction: a new list holding some of the same messages and a new one
+                history = [history[0], {"role": "user", "content": "summary %d" % step}] + history[-3:]
+            else:  # a model switch changes how tool-call messages are sent
+                keep = not client.config.compat.keep_reasoning
+                client.config = client.config._replace(compat=client.config.compat._replace(keep_reasoning=keep))
+            body = client.build_body(history, tools)
+            self.assertEqual(client.encoder.encode(body), nanocode.encode_json(body), step)
+
+
 #: (case, FakeReply options) that all deliver the text "héllo wörld 😀" and end properly
 _HELLO = "héllo wörld 😀"
 _HELLO_EVENTS = [text_chunk("hél"), text_chunk("lo wörld 😀"), finish_chunk("stop")]
@@ -10453,6 +10476,40 @@ class TestReplTerminal(TmuxTestCase):
 # 28. CLI
 # =============================================================================
 
+
+class TestInstall(EndToEndTestCase):
+    def test_install_runs_from_cached_bytecode_and_uninstall_removes_it(self):
+        bin_dir = os.path.join(self.tmp, "bin")
+        env = {"PYTHONDONTWRITEBYTECODE": "1"}
+        rc, out, err, _ = self.run_nanocode(["--install", bin_dir], env=env)
+        self.assertEqual(rc, 0, err)
+        launcher = os.path.join(bin_dir, "nanocode")
+        copy = os.path.join(self.home, "lib", "nanocode.py")
+        self.assertIn("installed %s" % launcher, out)
+        self.assertIn("is not on PATH", out)
+        self.assertTrue(os.access(launcher, os.X_OK))
+        with open(copy, "rb") as a, open(NANOCODE, "rb") as b:
+            self.assertEqual(a.read(), b.read())
+        cache = os.path.join(self.home, "lib", "__pycache__")
+        shutil.rmtree(cache, ignore_errors=True)  # the launcher itself writes it, even under PYTHONDONTWRITEBYTECODE
+        run = lambda *args: subprocess.run([launcher] + list(args), env=self.nanocode_env(**env), cwd=self.cwd,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(run("--version").stdout.decode().strip(), "nanocode %s" % nanocode.VERSION)
+        self.assertTrue([n for n in os.listdir(cache) if n.startswith("nanocode.") and n.endswith(".pyc")])
+        self.fake.enqueue(answer("from the launcher"))
+        done = run("-p", "--no-session", "hi")
+        self.assertEqual(done.stdout.decode().strip(), "from the launcher", done.stderr)
+        rc, out, err, _ = self.run_nanocode(["--install", bin_dir], env=env)
+        self.assertEqual(rc, 0, "installing again updates it")
+        gone = run("--uninstall")
+        self.assertIn("removed %s" % launcher, gone.stdout.decode())
+        self.assertFalse(os.path.exists(launcher))
+        self.assertFalse(os.path.exists(copy))
+
+    def test_version_answers_before_anything_else(self):
+        rc, out, err, _ = self.run_nanocode(["--version"], env={"NANOCODE_PERMISSION_MODE": "nonsense"})
+        self.assertEqual((rc, out.strip()), (0, "nanocode %s" % nanocode.VERSION), err)
+
 class TestCLI(EndToEndTestCase):
     """Flags, exit codes, signals, and where the provider comes from."""
 
@@ -10634,6 +10691,81 @@ def bench_cold_start(rows):
     _row(rows, "  same, bytecode cached (import nanocode)", cached, "ms", "(diagnostic)", bare, "(python3 -c pass)")
 
 
+def _install_launcher(home):
+    """`nanocode.py --install` into home (NANOCODE_DIR=home/.nanocode); returns the launcher's path."""
+    env = dict(os.environ, NANOCODE_DIR=os.path.join(home, ".nanocode"), HOME=home)
+    subprocess.run([sys.executable, NANOCODE, "--install", os.path.join(home, "bin")], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    return os.path.join(home, "bin", "nanocode")
+
+
+def bench_launcher(rows, fake, home):
+    """Issue 13: the installed launcher (cached bytecode) against the script: --version, launch to the first
+    request, peak RSS; the first tool turn against later ones; encoding a request at 10 and 1,000 messages."""
+    launcher = _install_launcher(home)
+    bare = _time_command([sys.executable, "-c", "pass"])
+    env = _bench_env(fake, home)
+    _row(rows, "launcher: --version", _time_command([launcher, "--version"], env=env), "ms", "<= 2.0x bare", bare,
+         "(python3 -c pass)")
+    script = _launch_to_request(fake, home, ["--no-session"])
+    installed = _launch_to_request(fake, home, ["--no-session"], program=[launcher])
+    _row(rows, "launcher: launch to request", installed, "ms", "<= 100 ms", script, "(the script)")
+    rss_script = _peak_rss([sys.executable, NANOCODE, "-p", "--no-session", "hi"], fake, env)
+    rss_launcher = _peak_rss([launcher, "-p", "--no-session", "hi"], fake, env)
+    _row(rows, "launcher: peak RSS of -p", rss_launcher, "MiB", "< the script", rss_script, "(the script)")
+    first, later = _tool_turn_gaps(fake, env, [launcher])
+    _row(rows, "first tool turn gap (bash true)", first, "ms", "<= 1.3x later", later, "(later turns, median)")
+    for count in (10, 1000):
+        _row(rows, "encode a request at %d messages" % count, _encode_time(count), "ms", "(per turn)",
+             _encode_time(count, cached=False), "(whole body)")
+
+
+def _peak_rss(argv, fake, env):
+    """MiB: the child's own peak (VmHWM; ru_maxrss would include this process's peak, inherited across exec)."""
+    fake.reset()
+    fake.enqueue(answer("ok"))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            with open("/proc/%d/status" % proc.pid) as f:
+                peak = max([peak] + [int(l.split()[1]) for l in f if l.startswith("VmHWM:")])
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.002)
+    return peak / 1024.0
+
+
+def _tool_turn_gaps(fake, env, program, turns=8):
+    """(first gap, median later gap) in ms between a tool-call answer and the request after it. Each answer
+    starts after 100 ms, as a provider's first token would (that time is taken off the gap)."""
+    fake.reset()
+    stall = 0.1
+    for i in range(turns):
+        fake.enqueue(tool_answer("bash", {"command": "true"}, call_id="c%d" % i), stall=stall)
+    fake.enqueue(answer("done"))
+    subprocess.run(program + ["-p", "--no-session", "go"], env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    times = [p.time for p in fake.posts]
+    gaps = [(b - a - stall) * 1000 for a, b in zip(times, times[1:])]
+    return gaps[0], _median(gaps[1:])
+
+
+def _encode_time(count, cached=True, turns=50):
+    """ms to encode one request body after one message was added, with `count` messages of history."""
+    client = nanocode.ChatClient(nanocode.Config(base_url="http://127.0.0.1:9/v1", model="m"), lambda e: None)
+    messages = [{"role": "system", "content": "s" * 2000}]
+    for i in range(count - 1):
+        messages.append({"role": "tool" if i % 2 else "user", "tool_call_id": "c%d" % i, "content": "x" * 300})
+    encode = client.encoder.encode if cached else nanocode.encode_json
+    encode(client.build_body(messages, None))
+    start = time.perf_counter()
+    for i in range(turns):
+        messages.append({"role": "user", "content": "more %d" % i})
+        encode(client.build_body(messages, None))
+    return (time.perf_counter() - start) * 1000 / turns
+
+
 def _bench_env(fake, home):
     return {"PATH": os.environ.get("PATH", ""), "HOME": home, "NANOCODE_DIR": os.path.join(home, ".nanocode"),
             "OPENAI_BASE_URL": fake.url, "OPENAI_API_KEY": "k", "NANOCODE_PERMISSION_MODE": "yolo"}
@@ -10645,14 +10777,14 @@ def bench_print_mode_latency(rows, fake, home):
     _row(rows, "-p: launch to request at server", latency, "ms", "<= 60 ms", bare, "(python3 -c pass exits)")
 
 
-def _launch_to_request(fake, home, args, runs=5):
-    """Median ms from starting nanocode.py -p with args to its chat request at the fake server."""
+def _launch_to_request(fake, home, args, runs=5, program=None):
+    """Median ms from starting nanocode.py -p (or program -p) with args to its chat request at the fake server."""
     times = []
     for _ in range(runs):
         fake.reset()
         fake.enqueue(answer("ok"))
         start = time.monotonic()
-        subprocess.run([sys.executable, NANOCODE, "-p"] + args + ["hi"], env=_bench_env(fake, home),
+        subprocess.run((program or [sys.executable, NANOCODE]) + ["-p"] + args + ["hi"], env=_bench_env(fake, home),
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         times.append((fake.posts[0].time - start) * 1000)
     return _median(times)
@@ -11030,6 +11162,7 @@ def run_benchmarks():
         try:
             bench_cold_start(rows)
             bench_print_mode_latency(rows, fake, tmp)
+            bench_launcher(rows, fake, tmp)
             bench_resume(rows, fake, tmp)
             bench_prefix_property(rows, fake, tmp)
             bench_stream_rate(rows, fake)
