@@ -3424,9 +3424,10 @@ _WHICH = {}
 
 def which(program):
     """shutil.which, asked once per program and process (bash, rg, mise, bwrap: looked up on every call)."""
-    if program not in _WHICH:
-        _WHICH[program] = shutil.which(program)
-    return _WHICH[program]
+    key = (program, shutil.which)  # a replaced shutil.which (a test's) is asked afresh
+    if key not in _WHICH:
+        _WHICH[key] = shutil.which(program)
+    return _WHICH[key]
 
 
 def shell_argv(command):
