@@ -33,7 +33,8 @@ Table of contents (each section opens with a numbered banner):
    25. Front ends: headless  -p text and --mode json
    26. Front ends: rendering styles, streamed Markdown, Screen, ReplRenderer
    27. Front ends: the REPL  input, Ctrl+C, dispatch, readline
-   28. CLI                   --doctor, flags, main()
+   28. Front ends: ACP       --acp: the Agent Client Protocol over stdio, sessions, updates, permission requests
+   29. CLI                   --doctor, flags, main()
 """
 
 # =============================================================================
@@ -9376,7 +9377,10 @@ class Session:
             self.store.write({"type": "checkpoint", "prompt": prompts[-1]["prompt"], "files": prompts[-1]["files"]})
 
     def expand(self, text):
-        """A user message with what its @path and @server:URI mentions name attached."""
+        """A user message with what its @path and @server:URI mentions name attached (a list of content
+        parts: its text parts expanded)."""
+        if isinstance(text, list):
+            return [dict(p, text=self.expand(p["text"])) if p.get("type") == "text" else p for p in text]
         text = expand_mentions(text, self.config.cwd, self.files)
         return self.mcp.expand(text, self.cancel) if self.mcp is not None else text
 
@@ -11615,7 +11619,473 @@ def run_repl(config, resume=None, pick=False):
 
 
 # =============================================================================
-# 28. CLI
+# 28. Front ends: ACP
+# =============================================================================
+# `--acp`: the Agent Client Protocol (v1) that editors speak: JSON-RPC 2.0 over
+# stdio, one message per line. Each ACP session is a Session with its own
+# CommandLoop, McpManager and Permissions, like a REPL's; its events become
+# session/update notifications, and a permission ask becomes a
+# session/request_permission call whose answer goes back through the loop.
+# Requests are handled on threads of their own (a prompt lasts a whole run);
+# stdout carries protocol messages only, everything else goes to stderr.
+
+ACP_PROTOCOL_VERSION = 1
+ACP_TOOL_KINDS = {"read": "read", "ls": "read", "write": "edit", "edit": "edit", "bash": "execute", "grep": "search",
+                  "glob": "search", "find": "search", "webfetch": "fetch", "websearch": "fetch",
+                  "mcp_search": "search", "mcp_inspect": "read"}
+ACP_STOP_REASONS = {"done": "end_turn", "length": "max_tokens", "max_turns": "max_turn_requests", "aborted": "cancelled"}
+ACP_MODES = (("ask", "Ask", "Ask before edits, commands that change things, and new sites"),
+             ("auto-edit", "Auto-edit", "Edit files in the project without asking; ask for the rest"),
+             ("plan", "Plan", "Read-only: look around and present a plan"),
+             ("yolo", "Yolo", "Never ask"))
+ACP_OUTPUT_KEEP = 20000  #: characters of a running command's output shown in its tool call
+ACP_DIFF_MAX = 1 << 20  #: a file larger than this gets no diff in its tool call
+
+
+class AcpError(NanocodeError):
+    """A JSON-RPC error answer: code and message."""
+
+    def __init__(self, code, message):
+        NanocodeError.__init__(self, message)
+        self.code = code
+
+
+class _StderrLog:
+    """The RpcPeer log of the ACP connection: stderr, one line each."""
+
+    def write(self, text):
+        sys.stderr.write("nanocode acp: %s\n" % one_line(text, 500))
+        sys.stderr.flush()
+
+
+class AcpSession:
+    """One ACP session: a Session, its CommandLoop, and what its tool calls looked like for the editor."""
+
+    def __init__(self, agent, session, session_id):
+        self.agent, self.session, self.id = agent, session, session_id
+        self.loop = CommandLoop(session)
+        self._before = {}  # tool call id -> (path, old text) of an edit or write, for its diff
+        self._output = {}  # tool call id -> command output so far
+        self._lock = threading.Lock()  # one prompt waits for the loop at a time
+
+    def update(self, update):
+        self.agent.notify("session/update", {"sessionId": self.id, "update": update})
+
+    def __call__(self, event):
+        """The session's sink: agent events as session/update notifications."""
+        kind = event.get("type")
+        if event.get("sidecar"):
+            return
+        if kind == "text_delta":
+            self.update({"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": event["delta"]}})
+        elif kind == "reasoning_delta":
+            self.update({"sessionUpdate": "agent_thought_chunk", "content": {"type": "text", "text": event["delta"]}})
+        elif kind == "tool_start":
+            self._tool_start(event)
+        elif kind == "tool_update":
+            text = (self._output.get(event["id"], "") + event["delta"])[-ACP_OUTPUT_KEEP:]
+            self._output[event["id"]] = text
+            self.update({"sessionUpdate": "tool_call_update", "toolCallId": event["id"], "status": "in_progress",
+                         "content": [_acp_text_content(text)]})
+        elif kind == "tool_end":
+            self._tool_end(event)
+        elif kind == "ask":
+            threading.Thread(target=self._ask, args=(event,), daemon=True, name="acp-permission").start()
+        elif kind == "user_message":
+            self.update({"sessionUpdate": "user_message_chunk", "content": {"type": "text", "text": event["text"]}})
+        elif kind == "info":
+            self.update({"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": event["text"] + "\n"}})
+        elif kind == "error" and not event.get("fatal"):
+            self.update({"sessionUpdate": "agent_message_chunk", "content": {"type": "text",
+                                                                              "text": "error: %s\n" % event["message"]}})
+        elif kind == "compaction":
+            self.update({"sessionUpdate": "agent_thought_chunk", "content": {"type": "text", "text":
+                         "[context compacted (%s): %d → %d tokens]\n" % (event["reason"], event["tokensBefore"],
+                                                                         event["tokensAfter"])}})
+
+    def _tool_start(self, event):
+        name, args = event["name"], event.get("args") or {}
+        update = {"sessionUpdate": "tool_call", "toolCallId": event["id"], "title": format_tool_call(name, args, 120),
+                  "kind": ACP_TOOL_KINDS.get(name, "other"), "status": "pending", "rawInput": args}
+        path = args.get("path") if isinstance(args.get("path"), str) else None
+        if path:
+            full = resolve_path(self.session.config.cwd, path)
+            update["locations"] = [{"path": full}]
+            if name in EDIT_TOOLS:
+                self._before[event["id"]] = (full, _acp_file_text(full))
+        self.update(update)
+
+    def _tool_end(self, event):
+        call_id = event["id"]
+        self._output.pop(call_id, None)
+        before = self._before.pop(call_id, None)
+        content = [_acp_text_content(event["result"])]
+        if before is not None and not event["isError"]:
+            after = _acp_file_text(before[0])
+            if after is not None:
+                content = [{"type": "diff", "path": before[0], "oldText": before[1], "newText": after}]
+        self.update({"sessionUpdate": "tool_call_update", "toolCallId": call_id,
+                     "status": "failed" if event["isError"] else "completed", "content": content,
+                     "rawOutput": {"result": event["result"][:ACP_OUTPUT_KEEP]}})
+
+    def _ask(self, event):
+        """A question of the permission hook, as session/request_permission; the answer goes to the loop."""
+        options = [{"optionId": "allow_once", "name": "Allow", "kind": "allow_once"},
+                   {"optionId": "reject_once", "name": "Reject", "kind": "reject_once"}]
+        if "always" in (event.get("options") or ()):
+            options[1:1] = [{"optionId": "allow_always", "name": "Always allow", "kind": "allow_always"}]
+            options.append({"optionId": "reject_always", "name": "Always reject", "kind": "reject_always"})
+        call = {"toolCallId": event.get("toolCallId") or event["id"], "title": event["question"]}
+        try:
+            result = self.agent.peer.request("session/request_permission", {
+                "sessionId": self.id, "toolCall": call, "options": options}, 86400.0, self.session.cancel)
+            outcome = result.get("outcome") if isinstance(result.get("outcome"), dict) else {}
+        except McpError as e:
+            sys.stderr.write("nanocode acp: the permission request failed: %s\n" % e)
+            outcome = {}
+        chosen = outcome.get("optionId") if outcome.get("outcome") == "selected" else None
+        if chosen == "reject_always" and self.session.permissions is not None:
+            call_args = self._last_args(event.get("toolCallId"))
+            for text in self.session.permissions.rules_for(call_args[0], call_args[1]) if call_args else ():
+                self.session.permissions.session_rules.append(parse_rule(text, "deny", "this session"))
+        answer = {"allow_once": "yes", "allow_always": "always"}.get(chosen, "no")
+        self.session.answer(answer, event["id"])
+
+    def _last_args(self, call_id):
+        for message in reversed(self.session.messages):
+            for call in message.get("tool_calls") or ():
+                if call.get("id") == call_id:
+                    return call["function"]["name"], parse_tool_arguments(call["function"].get("arguments"))[0] or {}
+        return None
+
+    def prompt(self, blocks):
+        """Run one prompt (a slash command runs as one); returns the stop reason once the loop is idle."""
+        parts = acp_prompt_parts(blocks, self.session.config.cwd)
+        text = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+        with self._lock:
+            if len(parts) == 1 and text.startswith("/"):
+                self.loop.command(text.strip())
+            else:
+                self.loop.prompt(text if all(p.get("type") == "text" for p in parts) else parts)
+        while not self.loop.wait_idle(0.05):
+            pass
+        end = self.session.last_end or {}
+        if end.get("stopReason") == "error":
+            raise AcpError(-32603, end.get("error") or "the run failed")
+        return ACP_STOP_REASONS.get(end.get("stopReason"), "end_turn")
+
+    def commands(self):
+        """The slash-command table (and skills, MCP prompts) as available_commands."""
+        seen, out = set(), []
+        for cmd in SLASH_COMMANDS.values():
+            if cmd.name not in seen:
+                seen.add(cmd.name)
+                out.append({"name": cmd.name, "description": cmd.help})
+        for skill in self.session.context.skills:
+            out.append({"name": "skill:" + skill.name, "description": one_line(skill.description, 200),
+                        "input": {"hint": "arguments"}})
+        for name, (server, prompt) in sorted((self.session.mcp.prompt_commands() if self.session.mcp else {}).items()):
+            out.append({"name": name, "description": one_line(_text_field(prompt, "description") or prompt["name"], 200),
+                        "input": {"hint": "arguments"}})
+        return out
+
+    def close(self):
+        self.loop.quit()
+        self.session.jobs.cancel_all()
+        if self.session.mcp is not None:
+            self.session.mcp.close()
+        self.session.client.close()
+        if self.session.store:
+            self.session.store.close()
+
+
+def _acp_text_content(text):
+    return {"type": "content", "content": {"type": "text", "text": text}}
+
+
+def _acp_file_text(path):
+    """A file's text for a diff (None when missing, binary or too large)."""
+    try:
+        if os.path.getsize(path) > ACP_DIFF_MAX:
+            return None
+        with open(path, "rb") as f:
+            data = f.read()
+        return None if b"\0" in data[:8192] else data.decode("utf-8", "replace")
+    except OSError:
+        return "" if not os.path.exists(path) else None
+
+
+def acp_prompt_parts(blocks, cwd):
+    """ACP content blocks as message parts: text as it is, resource links and embedded resources as text
+    (embedded text attached like a file), images as image parts. Unknown blocks are named, not dropped."""
+    parts = []
+    for block in blocks if isinstance(blocks, list) else []:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            parts.append({"type": "text", "text": str(block.get("text", ""))})
+        elif kind == "image" and isinstance(block.get("data"), str):
+            url = "data:%s;base64,%s" % (block.get("mimeType") or "image/png", block["data"])
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        elif kind == "resource_link":
+            uri = str(block.get("uri", ""))
+            path = uri[len("file://"):] if uri.startswith("file://") else None
+            parts.append({"type": "text", "text": "\n@%s" % path if path else "\n[resource %s: %s]" % (
+                block.get("name", ""), uri)})
+        elif kind == "resource" and isinstance(block.get("resource"), dict):
+            res = block["resource"]
+            if isinstance(res.get("text"), str):
+                parts.append({"type": "text", "text": '\n<file path="%s">\n%s\n</file>' % (
+                    _attribute(res.get("uri", "")), res["text"])})
+            else:
+                parts.append({"type": "text", "text": "\n[binary resource %s]" % res.get("uri", "")})
+        elif kind is not None:
+            parts.append({"type": "text", "text": "\n[%s content not supported]" % kind})
+    text = [p for p in parts if p["type"] == "text"]
+    if text:  # one text part, as a typed message would be
+        merged = {"type": "text", "text": "".join(p["text"] for p in text).strip()}
+        parts = [merged] + [p for p in parts if p["type"] != "text"]
+    return parts or [{"type": "text", "text": ""}]
+
+
+def acp_mcp_specs(servers):
+    """McpSpec entries for session/new's mcpServers (the editor's choice: trusted)."""
+    specs = []
+    for entry in servers if isinstance(servers, list) else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            continue
+        pairs = lambda key: dict((p.get("name"), str(p.get("value", ""))) for p in entry.get(key) or []
+                                 if isinstance(p, dict) and isinstance(p.get("name"), str))
+        try:
+            if entry.get("type") in ("http", "sse") or "url" in entry:
+                spec = parse_mcp_entry(entry["name"], {"type": entry.get("type", "http"), "url": entry.get("url", ""),
+                                                       "headers": pairs("headers")}, "session/new", False, {})
+            else:
+                spec = parse_mcp_entry(entry["name"], {"command": entry.get("command", ""), "args": entry.get("args") or [],
+                                                       "env": pairs("env")}, "session/new", False, {})
+        except ConfigError as e:
+            sys.stderr.write("nanocode acp: mcpServers.%s%s; not started\n" % (entry["name"], e))
+            continue
+        specs.append(spec)
+    return specs
+
+
+class AcpAgent:
+    """The --acp front end: reads requests from stdin, answers on stdout; several sessions at once."""
+
+    def __init__(self, config, stdin=None, stdout=None):
+        self.config = config
+        self.stdin = stdin or sys.stdin.buffer
+        self.stdout = stdout or sys.stdout.buffer
+        self.sessions = {}
+        self.client_capabilities = {}
+        self._threads = []  # request handlers still running
+        self._write_lock = threading.Lock()
+        self.peer = RpcPeer(self._send, None, lambda method, params: None, _StderrLog())
+
+    def _send(self, message):
+        data = encode_json(message) + b"\n"
+        with self._write_lock:
+            self.stdout.write(data)
+            self.stdout.flush()
+
+    def notify(self, method, params):
+        try:
+            self._send({"jsonrpc": "2.0", "method": method, "params": params})
+        except (OSError, ValueError):
+            pass  # the editor went away
+
+    def serve(self):
+        """Read until stdin closes; returns the exit code."""
+        try:
+            for raw in iter(self.stdin.readline, b""):
+                self._line(raw)
+            deadline = time.monotonic() + 5  # answers under way still go out (a prompt is cancelled first)
+            for acp in list(self.sessions.values()):
+                acp.loop.abort()
+            for thread in list(self._threads):
+                thread.join(max(0.0, deadline - time.monotonic()))
+        finally:
+            for acp in list(self.sessions.values()):
+                acp.close()
+            PROCESS_GROUPS.kill_all()
+        return 0
+
+    def _line(self, raw):
+        if not raw.strip():
+            return
+        try:
+            message = json.loads(raw.decode("utf-8", "replace"))
+        except (ValueError, RecursionError):
+            return self._error(None, -32700, "parse error: not a JSON message")
+        if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
+            return self._error(message.get("id") if isinstance(message, dict) else None, -32600,
+                               "invalid request: a JSON-RPC 2.0 object was expected")
+        method = message.get("method")
+        if method is None and "id" in message:  # the client's answer to our request
+            return self.peer.receive(message)
+        if not isinstance(method, str):
+            return self._error(message.get("id"), -32600, "invalid request: no method")
+        params = message.get("params") if isinstance(message.get("params"), dict) else {}
+        if "id" not in message:
+            return self._notification(method, params)
+        thread = threading.Thread(target=self._request, args=(message["id"], method, params), daemon=True,
+                                  name="acp-" + method)
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _error(self, rid, code, text):
+        self._send({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": text}})
+
+    def _request(self, rid, method, params):
+        handler = ACP_METHODS.get(method)
+        try:
+            if handler is None:
+                raise AcpError(-32601, "method not found: %s" % method)
+            result = handler(self, params)
+            self._send({"jsonrpc": "2.0", "id": rid, "result": result})
+        except AcpError as e:
+            self._error(rid, e.code, str(e))
+        except (NanocodeError, KeyError, TypeError, ValueError) as e:
+            self._error(rid, -32602 if isinstance(e, (KeyError, TypeError, ValueError)) else -32603,
+                        "%s: %s" % (method, one_line(e, 300)))
+        except Exception as e:  # a bug answers this request with an error; the process goes on
+            self._error(rid, -32603, "internal error in %s: %s: %s" % (method, e.__class__.__name__, e))
+
+    def _notification(self, method, params):
+        if method == "session/cancel":
+            session = self.sessions.get(params.get("sessionId"))
+            if session is not None:
+                session.loop.abort()
+                session.session.inbox.clear()
+
+    def session(self, params):
+        session = self.sessions.get(params.get("sessionId"))
+        if session is None:
+            raise AcpError(-32602, "no session %r" % params.get("sessionId"))
+        return session
+
+    # -- methods ------------------------------------------------------------------------------------
+
+    def initialize(self, params):
+        caps = params.get("clientCapabilities")
+        self.client_capabilities = caps if isinstance(caps, dict) else {}
+        return {"protocolVersion": ACP_PROTOCOL_VERSION,
+                "agentCapabilities": {"loadSession": True,
+                                      "promptCapabilities": {"image": True, "audio": False, "embeddedContext": True},
+                                      "mcpCapabilities": {"http": True, "sse": False}},
+                "agentInfo": {"name": "nanocode", "title": "nanocode", "version": VERSION},
+                "authMethods": [{"id": "env", "name": "API key in the environment",
+                                 "description": "nanocode reads its key from %s (or settings.json); set one and restart"
+                                 % ", ".join(KEY_ENV_VARS)}]}
+
+    def authenticate(self, params):
+        if self.config.missing_key:
+            raise AcpError(-32000, "authentication required: " + no_key_message(os.environ))
+        return {}
+
+    def new_session(self, params, resume=None):
+        cwd = params.get("cwd")
+        if not isinstance(cwd, str) or not os.path.isabs(cwd) or not os.path.isdir(cwd):
+            raise AcpError(-32602, "cwd must be the absolute path of a directory, not %r" % cwd)
+        config = self.config._replace(cwd=cwd)
+        holder = {}
+        session, _ = open_session(config, lambda event: holder["acp"](event) if "acp" in holder else None, resume)
+        session.interactive = True
+        session.learn_server()
+        acp = holder["acp"] = AcpSession(self, session, session.id)
+        session.sink = acp
+        manager = attach_mcp(session)
+        if manager is not None:
+            for spec in acp_mcp_specs(params.get("mcpServers")):
+                manager.servers[spec.name] = McpServer(spec, session.config, manager._server_changed)
+        attach_permissions(session)
+        self.sessions[session.id] = acp
+        return acp
+
+    def session_new(self, params):
+        acp = self.new_session(params)
+        self._started(acp)
+        return {"sessionId": acp.id, "modes": self.modes(acp)}
+
+    def _started(self, acp):
+        if acp.session.mcp is not None:
+            acp.session.mcp.start()
+        threading.Timer(0.05, lambda: acp.update({"sessionUpdate": "available_commands_update",
+                                                  "availableCommands": acp.commands()})).start()
+
+    def modes(self, acp):
+        current = acp.session.permissions.mode if acp.session.permissions is not None else "yolo"
+        return {"currentModeId": current,
+                "availableModes": [{"id": i, "name": n, "description": d} for i, n, d in ACP_MODES]}
+
+    def session_load(self, params):
+        ref = params.get("sessionId")
+        if not isinstance(ref, str) or not ref:
+            raise AcpError(-32602, "sessionId is required")
+        config = self.config._replace(cwd=params.get("cwd") or self.config.cwd)
+        if not os.path.exists(_session_path(config, ref)):
+            raise AcpError(-32602, "no saved session %r for %s" % (ref, config.cwd))
+        acp = self.new_session(dict(params, cwd=config.cwd), resume=ref)
+        if acp.id != ref:  # the saved id is the one the editor knows
+            self.sessions.pop(acp.id, None)
+            acp.id = ref
+            self.sessions[ref] = acp
+        replay_history(acp)
+        self._started(acp)
+        return {"modes": self.modes(acp)}
+
+    def session_prompt(self, params):
+        return {"stopReason": self.session(params).prompt(params.get("prompt"))}
+
+    def session_set_mode(self, params):
+        acp = self.session(params)
+        mode = params.get("modeId")
+        if mode not in PERMISSION_MODES:
+            raise AcpError(-32602, "unknown mode %r: %s" % (mode, ", ".join(PERMISSION_MODES)))
+        acp.session.permissions.mode = mode
+        acp.session.config = acp.session.config._replace(permission_mode=mode)
+        acp.update({"sessionUpdate": "current_mode_update", "currentModeId": mode})
+        return {}
+
+
+ACP_METHODS = {"initialize": AcpAgent.initialize, "authenticate": AcpAgent.authenticate,
+               "session/new": AcpAgent.session_new, "session/load": AcpAgent.session_load,
+               "session/prompt": AcpAgent.session_prompt, "session/set_mode": AcpAgent.session_set_mode}
+
+
+def replay_history(acp):
+    """A loaded session's conversation as session/update notifications, in order."""
+    for message in acp.session.messages:
+        role, content = message.get("role"), message.get("content")
+        text = content if isinstance(content, str) else _content_text(content or [])
+        if role == "user" and text:
+            acp.update({"sessionUpdate": "user_message_chunk", "content": {"type": "text", "text": text}})
+        elif role == "assistant":
+            if message.get("reasoning_content"):
+                acp.update({"sessionUpdate": "agent_thought_chunk",
+                            "content": {"type": "text", "text": message["reasoning_content"]}})
+            if text:
+                acp.update({"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": text}})
+            for call in message.get("tool_calls") or ():
+                name = call["function"]["name"]
+                args = parse_tool_arguments(call["function"].get("arguments"))[0] or {}
+                acp.update({"sessionUpdate": "tool_call", "toolCallId": call["id"], "title": format_tool_call(name, args, 120),
+                            "kind": ACP_TOOL_KINDS.get(name, "other"), "status": "completed", "rawInput": args})
+        elif role == "tool":
+            acp.update({"sessionUpdate": "tool_call_update", "toolCallId": message.get("tool_call_id"),
+                        "status": "failed" if text.startswith("error:") else "completed",
+                        "content": [_acp_text_content(text)]})
+
+
+def run_acp(config):
+    """--acp: serve the Agent Client Protocol on stdin/stdout until stdin closes."""
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # anything printed by mistake goes to stderr, never into the protocol
+    return AcpAgent(config._replace(print_mode=False), sys.stdin.buffer, out).serve()
+
+
+# =============================================================================
+# 29. CLI
 # =============================================================================
 
 
@@ -11701,6 +12171,7 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help="print only the final answer")
     p.add_argument("--max-turns", type=int, help="stop after N model requests (default 100)")
     p.add_argument("--doctor", action="store_true", help="check the endpoint: what it is, streaming, tool calls; exit 0/1")
+    p.add_argument("--acp", action="store_true", help="serve the Agent Client Protocol on stdin/stdout (for editors)")
     p.add_argument("--version", action="version", version="nanocode " + VERSION)
     p.add_argument("--install", metavar="DIR", nargs="?", const="",
                    help="install the `nanocode` command in DIR (default ~/.local/bin); it starts from cached bytecode")
@@ -11745,6 +12216,8 @@ def main(argv=None, launcher=None):
         return 2
     if args.doctor:
         return run_doctor(config)
+    if args.acp:
+        return run_acp(config)
     stdin = sys.stdin if (config.print_mode or args.prompt or not sys.stdin.isatty()) else None
     prompt = read_prompt(args, stdin)
     target = resume_target(args)

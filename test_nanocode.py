@@ -32,7 +32,8 @@ Sections follow nanocode.py, banner for banner:
    25. Front ends: headless  -p text and --mode json, the fault matrix
    26. Front ends: rendering the REPL renderer without a terminal
    27. Front ends: the REPL  tmux: a real terminal
-   28. CLI                   flags, exit codes, signals, --doctor
+   28. Front ends: ACP       every method in process, errors, cancel timing, the official SDK client
+   29. CLI                   flags, exit codes, signals, --doctor
 Benchmarks and the screenshot follow the tests.
 """
 
@@ -10473,7 +10474,12 @@ class TestReplTerminal(TmuxTestCase):
 
 
 # =============================================================================
-# 28. CLI
+# 28. Front ends: ACP
+# =============================================================================
+
+
+# =============================================================================
+# 29. CLI
 # =============================================================================
 
 
