@@ -11921,8 +11921,8 @@ class AcpAgent:
             return self._error(message.get("id") if isinstance(message, dict) else None, -32600,
                                "invalid request: a JSON-RPC 2.0 object was expected")
         method = message.get("method")
-        if method is None and "id" in message:  # the client's answer to our request
-            return self.peer.receive(message)
+        if method is None and "id" in message and ("result" in message or "error" in message):
+            return self.peer.receive(message)  # the client's answer to our request
         if not isinstance(method, str):
             return self._error(message.get("id"), -32600, "invalid request: no method")
         params = message.get("params") if isinstance(message.get("params"), dict) else {}
@@ -12023,7 +12023,11 @@ class AcpAgent:
         if not isinstance(ref, str) or not ref:
             raise AcpError(-32602, "sessionId is required")
         config = self.config._replace(cwd=params.get("cwd") or self.config.cwd)
-        if not os.path.exists(_session_path(config, ref)):
+        try:
+            found = os.path.exists(_session_path(config, ref))
+        except NanocodeError:
+            found = False
+        if not found:
             raise AcpError(-32602, "no saved session %r for %s" % (ref, config.cwd))
         acp = self.new_session(dict(params, cwd=config.cwd), resume=ref)
         if acp.id != ref:  # the saved id is the one the editor knows

@@ -10478,6 +10478,220 @@ class TestReplTerminal(TmuxTestCase):
 # =============================================================================
 
 
+class AcpClient:
+    """The editor's side of an in-process AcpAgent: sends requests, collects answers and notifications,
+    answers session/request_permission with `permission` (an optionId, or None to cancel)."""
+
+    def __init__(self, test, config):
+        self.test = test
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        self.to_agent = os.fdopen(in_w, "wb", buffering=0)
+        self.from_agent = os.fdopen(out_r, "rb")
+        self.agent = nanocode.AcpAgent(config, os.fdopen(in_r, "rb"), os.fdopen(out_w, "wb"))
+        self.messages, self.next_id, self.permission = [], 0, "allow_once"
+        self.permission_requests = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self.agent.serve, daemon=True).start()
+        threading.Thread(target=self._read, daemon=True).start()
+        test.addCleanup(self.close)
+
+    def close(self):
+        try:
+            self.to_agent.close()
+        except OSError:
+            pass
+
+    def _read(self):
+        for line in iter(self.from_agent.readline, b""):
+            message = json.loads(line)
+            if message.get("method") == "session/request_permission":
+                self.permission_requests.append(message)
+                outcome = {"outcome": "selected", "optionId": self.permission} if self.permission else {"outcome": "cancelled"}
+                self.send({"jsonrpc": "2.0", "id": message["id"], "result": {"outcome": outcome}})
+            with self.lock:
+                self.messages.append(message)
+
+    def send(self, message):
+        self.to_agent.write((json.dumps(message) + "\n").encode("utf-8"))
+
+    def request(self, method, params=None, wait=True, timeout=30):
+        self.next_id += 1
+        rid = self.next_id
+        self.send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}})
+        return self.answer(rid, timeout) if wait else rid
+
+    def answer(self, rid, timeout=30):
+        found = wait_for(lambda: [m for m in list(self.messages) if m.get("id") == rid and "method" not in m], timeout)
+        self.test.assertTrue(found, "no answer to request %s; got %s" % (rid, self.messages[-5:]))
+        return found[0]
+
+    def updates(self, session_id=None, kind=None):
+        return [m["params"]["update"] for m in list(self.messages) if m.get("method") == "session/update"
+                and (session_id is None or m["params"]["sessionId"] == session_id)
+                and (kind is None or m["params"]["update"]["sessionUpdate"] == kind)]
+
+    def new_session(self, cwd, **params):
+        self.request("initialize", {"protocolVersion": 1, "clientCapabilities": {}})
+        result = self.request("session/new", dict({"cwd": cwd, "mcpServers": []}, **params))
+        self.test.assertIn("result", result, result)
+        return result["result"]["sessionId"]
+
+    def prompt(self, session_id, text, wait=True):
+        return self.request("session/prompt", {"sessionId": session_id, "prompt": [{"type": "text", "text": text}]},
+                            wait=wait)
+
+
+class AcpTestCase(NanocodeTestCase):
+    def config(self, **overrides):
+        options = dict(base_url=self.fake.url, api_key="k", model="m", cwd=self.cwd, home=self.home,
+                       tools=tuple(nanocode.TOOLS), color=False, permission_mode="ask")
+        options.update(overrides)
+        return nanocode.Config(**options)
+
+    def client(self, **overrides):
+        return AcpClient(self, self.config(**overrides))
+
+
+class TestAcp(AcpTestCase):
+    def test_initialize_and_bad_lines_keep_the_agent_running(self):
+        client = self.client()
+        init = client.request("initialize", {"protocolVersion": 1, "clientCapabilities": {}})["result"]
+        self.assertEqual(init["protocolVersion"], 1)
+        self.assertTrue(init["agentCapabilities"]["loadSession"])
+        self.assertTrue(init["agentCapabilities"]["promptCapabilities"]["embeddedContext"])
+        self.assertEqual(init["agentInfo"]["name"], "nanocode")
+        self.assertEqual(init["authMethods"][0]["id"], "env")
+        client.to_agent.write(b"not json\n")
+        client.send([1, 2])
+        client.send({"jsonrpc": "2.0", "id": 99})
+        codes = wait_for(lambda: [m["error"]["code"] for m in client.messages if "error" in m] if
+                         len([m for m in client.messages if "error" in m]) >= 3 else None)
+        self.assertEqual(sorted(codes), [-32700, -32600, -32600])
+        self.assertEqual(client.request("no/such")["error"]["code"], -32601)
+        self.assertEqual(client.request("session/new", {"cwd": "relative/dir"})["error"]["code"], -32602)
+        self.assertEqual(client.request("session/prompt", {"sessionId": "nope", "prompt": []})["error"]["code"], -32602)
+        self.assertEqual(client.request("authenticate", {"methodId": "env"})["result"], {})
+
+    def test_a_prompt_streams_and_ends_the_turn(self):
+        client = self.client()
+        sid = client.new_session(self.cwd)
+        self.fake.enqueue(answer("Hello there"))
+        self.assertEqual(client.prompt(sid, "hi")["result"], {"stopReason": "end_turn"})
+        text = "".join(u["content"]["text"] for u in client.updates(sid, "agent_message_chunk"))
+        self.assertEqual(text, "Hello there")
+        names = [c["name"] for c in wait_for(lambda: (client.updates(sid, "available_commands_update") or [{}])[0]
+                                             .get("availableCommands"))]
+        for name in ("compact", "undo", "model", "mode", "permissions"):
+            self.assertIn(name, names)
+        self.assertEqual(self.fake.posts[0].json["messages"][-1], {"role": "user", "content": "hi"})
+
+    def test_an_edit_asks_permission_and_shows_a_diff(self):
+        with open(os.path.join(self.cwd, "app.py"), "w") as f:
+            f.write("print('hi')\n")
+        client = self.client()
+        sid = client.new_session(self.cwd)
+        self.fake.enqueue(tool_answer("read", {"path": "app.py"}, call_id="r1"))
+        self.fake.enqueue(tool_answer("edit", {"path": "app.py", "edits": [{"oldText": "hi", "newText": "hello"}]},
+                                      call_id="e1"))
+        self.fake.enqueue(answer("edited"))
+        self.assertEqual(client.prompt(sid, "change it")["result"]["stopReason"], "end_turn")
+        self.assertEqual(len(client.permission_requests), 1, "the read needed no permission")
+        asked = client.permission_requests[0]["params"]
+        self.assertEqual(asked["toolCall"]["toolCallId"], "e1")
+        self.assertEqual([o["kind"] for o in asked["options"]], ["allow_once", "allow_always", "reject_once", "reject_always"])
+        with open(os.path.join(self.cwd, "app.py")) as f:
+            self.assertEqual(f.read(), "print('hello')\n")
+        calls = client.updates(sid, "tool_call")
+        self.assertEqual([(c["toolCallId"], c["kind"]) for c in calls], [("r1", "read"), ("e1", "edit")])
+        done = [u for u in client.updates(sid, "tool_call_update") if u["toolCallId"] == "e1"][-1]
+        self.assertEqual(done["status"], "completed")
+        self.assertEqual(done["content"][0], {"type": "diff", "path": os.path.join(self.cwd, "app.py"),
+                                              "oldText": "print('hi')\n", "newText": "print('hello')\n"})
+
+    def test_permission_answers_of_each_kind(self):
+        client = self.client()
+        sid = client.new_session(self.cwd)
+        for option, runs in (("reject_once", False), ("allow_always", True), (None, False)):
+            client.permission = option
+            self.fake.enqueue(tool_answer("bash", {"command": "touch f_%s" % option}, call_id="c_%s" % option))
+            self.fake.enqueue(answer("ok"))
+            client.prompt(sid, "go")
+            self.assertEqual(os.path.exists(os.path.join(self.cwd, "f_%s" % option)), runs, option)
+        asked = len(client.permission_requests)
+        self.fake.enqueue(tool_answer("bash", {"command": "touch f_allow_always"}, call_id="again"))
+        self.fake.enqueue(answer("ok"))
+        client.prompt(sid, "again")
+        self.assertEqual(len(client.permission_requests), asked, "allow_always saved the rule")
+        client.permission = "reject_always"
+        self.fake.enqueue(tool_answer("bash", {"command": "touch never"}, call_id="n1"))
+        self.fake.enqueue(tool_answer("bash", {"command": "touch never"}, call_id="n2"))
+        self.fake.enqueue(answer("ok"))
+        client.prompt(sid, "never")
+        self.assertEqual(len(client.permission_requests), asked + 1, "reject_always refused the second without asking")
+        self.assertFalse(os.path.exists(os.path.join(self.cwd, "never")))
+
+    def test_cancel_ends_the_prompt_with_cancelled(self):  # its timing is a bench row (ACP: cancel to cancelled)
+        client = self.client()
+        sid = client.new_session(self.cwd)
+        self.fake.enqueue(slow_text(["word%d " % i for i in range(200)], 0.05))
+        rid = client.prompt(sid, "talk", wait=False)
+        self.assertTrue(wait_for(lambda: client.updates(sid, "agent_message_chunk")))
+        client.send({"jsonrpc": "2.0", "method": "session/cancel", "params": {"sessionId": sid}})
+        self.assertEqual(client.answer(rid)["result"]["stopReason"], "cancelled")
+        self.assertLess(len(client.updates(sid, "agent_message_chunk")), 200, "the stream was stopped, not finished")
+        self.fake.enqueue(answer("still works"))
+        self.assertEqual(client.prompt(sid, "again")["result"]["stopReason"], "end_turn")
+
+    def test_two_sessions_at_once(self):
+        client = self.client()
+        one, two = client.new_session(self.cwd), client.new_session(self.cwd)
+        self.assertNotEqual(one, two)
+        self.fake.enqueue(slow_text(["a "] * 5, 0.05))
+        self.fake.enqueue(slow_text(["b "] * 5, 0.05))
+        first, second = client.prompt(one, "x", wait=False), client.prompt(two, "y", wait=False)
+        self.assertEqual(client.answer(first)["result"]["stopReason"], "end_turn")
+        self.assertEqual(client.answer(second)["result"]["stopReason"], "end_turn")
+        self.assertTrue(client.updates(one, "agent_message_chunk") and client.updates(two, "agent_message_chunk"))
+
+    def test_set_mode_and_a_slash_command(self):
+        client = self.client()
+        sid = client.new_session(self.cwd)
+        self.assertEqual(client.request("session/set_mode", {"sessionId": sid, "modeId": "plan"})["result"], {})
+        self.assertEqual(client.updates(sid, "current_mode_update")[-1]["currentModeId"], "plan")
+        self.assertEqual(client.request("session/set_mode", {"sessionId": sid, "modeId": "wild"})["error"]["code"], -32602)
+        self.assertEqual(client.prompt(sid, "/mode")["result"]["stopReason"], "end_turn")
+        self.assertIn("permission mode: plan", "".join(u["content"]["text"] for u in client.updates(sid, "agent_message_chunk")))
+
+    def test_load_replays_the_conversation_and_continues_it(self):
+        client = self.client()
+        sid = client.new_session(self.cwd)
+        self.fake.enqueue(answer("first answer"))
+        client.prompt(sid, "first question")
+        client.close()
+        later = self.client()
+        later.request("initialize", {"protocolVersion": 1, "clientCapabilities": {}})
+        loaded = later.request("session/load", {"sessionId": sid, "cwd": self.cwd, "mcpServers": []})
+        self.assertIn("result", loaded, loaded)
+        said = [(u["sessionUpdate"], u["content"]["text"]) for u in later.updates(sid)
+                if u["sessionUpdate"] in ("user_message_chunk", "agent_message_chunk")]
+        self.assertEqual(said, [("user_message_chunk", "first question"), ("agent_message_chunk", "first answer")])
+        self.fake.enqueue(answer("second answer"))
+        self.assertEqual(later.prompt(sid, "second question")["result"]["stopReason"], "end_turn")
+        sent = [m["content"] for m in self.fake.posts[-1].json["messages"] if m["role"] != "system"]
+        self.assertEqual(sent, ["first question", "first answer", "second question"])
+        self.assertEqual(later.request("session/load", {"sessionId": "nope", "cwd": self.cwd})["error"]["code"], -32602)
+
+    def test_the_editors_mcp_servers_are_the_sessions(self):
+        client = self.client()
+        entry = fake_mcp_entry(self)
+        sid = client.new_session(self.cwd, mcpServers=[{"name": "fake", "command": entry["command"], "args": entry["args"],
+                                                        "env": [{"name": k, "value": v} for k, v in entry["env"].items()]}])
+        self.fake.enqueue(answer("ok"))
+        client.prompt(sid, "which tools?")
+        self.assertIn("mcp__fake__echo", [t["function"]["name"] for t in self.fake.posts[0].json["tools"]])
+
+
 # =============================================================================
 # 29. CLI
 # =============================================================================
@@ -10770,6 +10984,31 @@ def _encode_time(count, cached=True, turns=50):
         messages.append({"role": "user", "content": "more %d" % i})
         encode(client.build_body(messages, None))
     return (time.perf_counter() - start) * 1000 / turns
+
+
+def bench_acp_cancel(rows, fake, home):
+    """ms from session/cancel to the prompt's answer `cancelled`, in process, median of 5."""
+    class Case(unittest.TestCase):
+        def runTest(self):
+            pass
+    case, times = Case(), []
+    config = nanocode.Config(base_url=fake.url, api_key="k", model="m", cwd=home, home=os.path.join(home, ".acp"),
+                             tools=tuple(nanocode.TOOLS), permission_mode="yolo", save_session=False)
+    client = AcpClient(case, config)
+    sid = client.new_session(home)
+    for _ in range(5):
+        fake.reset()
+        fake.enqueue(slow_text(["word%d " % i for i in range(400)], 0.02))
+        rid = client.prompt(sid, "talk", wait=False)
+        wait_for(lambda: len(client.updates(sid, "agent_message_chunk")) > 0)
+        start = time.monotonic()
+        client.send({"jsonrpc": "2.0", "method": "session/cancel", "params": {"sessionId": sid}})
+        client.answer(rid)
+        times.append((time.monotonic() - start) * 1000)
+        del client.messages[:]
+    client.close()
+    case.doCleanups()
+    _row(rows, "ACP: session/cancel to cancelled", _median(times), "ms", "<= 200 ms")
 
 
 def _bench_env(fake, home):
@@ -11169,6 +11408,7 @@ def run_benchmarks():
             bench_cold_start(rows)
             bench_print_mode_latency(rows, fake, tmp)
             bench_launcher(rows, fake, tmp)
+            bench_acp_cancel(rows, fake, tmp)
             bench_resume(rows, fake, tmp)
             bench_prefix_property(rows, fake, tmp)
             bench_stream_rate(rows, fake)
