@@ -3425,7 +3425,7 @@ _WHICH = {}
 
 def which(program):
     """shutil.which, asked once per program and process (bash, rg, mise, bwrap: looked up on every call)."""
-    key = (program, shutil.which)  # a replaced shutil.which (a test's) is asked afresh
+    key = (program, shutil.which, os.environ.get("PATH"))  # another PATH, or a replaced shutil.which, asks afresh
     if key not in _WHICH:
         _WHICH[key] = shutil.which(program)
     return _WHICH[key]
