@@ -4567,9 +4567,15 @@ def _is_ignored(groups, rel, name):
     return False
 
 
-def _walk_files(root, cancel, hidden=True, name_ok=None, skipped=None):
+#: scandir can list an open directory (Linux, macOS): a stat of an entry then looks up its name alone
+_SCANDIR_FD = os.scandir in os.supports_fd and hasattr(os, "O_DIRECTORY")
+
+
+def _walk_files(root, cancel, hidden=True, name_ok=None, skipped=None, stat_ok=None):
     """Relative paths of the files under root, pruning .git, .gitignore'd and (unless hidden) dot entries.
 
+    stat_ok, a test on relative paths, makes it yield (path, mtime) of the regular files that pass, one stat
+    each, made on the open directory where the OS allows (a lookup of one name, not of the whole path).
     A symlink loop is left out and named in skipped, as are .gitignore lines git ignores.
     """
     stack = [("", [], [])]  # (directory, rules for its subdirectories, rules for its files)
@@ -4577,33 +4583,55 @@ def _walk_files(root, cancel, hidden=True, name_ok=None, skipped=None):
         if cancel.is_set():
             raise ToolError("cancelled")
         rel, dir_rules, file_rules = stack.pop()
+        fd = -1
         try:
-            with os.scandir(os.path.join(root, rel)) as it:
+            if stat_ok is not None and _SCANDIR_FD:
+                fd = os.open(os.path.join(root, rel), os.O_RDONLY | os.O_DIRECTORY)
+            with os.scandir(os.path.join(root, rel) if fd < 0 else fd) as it:
                 entries = list(it)
         except OSError:
+            if fd >= 0:
+                os.close(fd)
             continue  # unreadable directory: skip it, as find and rg do
-        if any(e.name == ".gitignore" for e in entries):  # the listing answers; no extra stat
-            # a deeper .gitignore overrides the ones above it; files skip the rules for directories (x/)
-            rules = _load_gitignore(os.path.join(root, rel, ".gitignore"), rel, skipped)
-            dir_rules, file_rules = rules + dir_rules, [g for g in rules if not g[1]] + file_rules
-        for e in entries:
-            name = e.name
-            if name == ".git" or (not hidden and name.startswith(".")):
-                continue
-            if e.is_dir(follow_symlinks=False):  # symlinked dirs are not followed: no cycles
-                if not (dir_rules and _is_ignored(dir_rules, rel + name, name)):
-                    stack.append((rel + name + "/", dir_rules, file_rules))
-                continue
-            if name_ok is not None and not name_ok(name):
-                continue
-            try:
-                is_file = e.is_file()  # follows a symlink: a loop raises ELOOP
-            except OSError as err:
-                if _is_loop(err) and skipped is not None:
-                    skipped.loops.append(rel + name)
-                continue
-            if is_file and not (file_rules and _is_ignored(file_rules, rel + name, name)):
-                yield rel + name
+        try:
+            names = [e.name for e in entries]
+            if ".gitignore" in names:  # the listing answers; no extra stat
+                # a deeper .gitignore overrides the ones above it; files skip the rules for directories (x/)
+                rules = _load_gitignore(os.path.join(root, rel, ".gitignore"), rel, skipped)
+                dir_rules, file_rules = rules + dir_rules, [g for g in rules if not g[1]] + file_rules
+            for e, name in zip(entries, names):
+                if name == ".git" or (not hidden and name.startswith(".")):
+                    continue
+                if e.is_dir(follow_symlinks=False):  # symlinked dirs are not followed: no cycles
+                    if not (dir_rules and _is_ignored(dir_rules, rel + name, name)):
+                        stack.append((rel + name + "/", dir_rules, file_rules))
+                    continue
+                if name_ok is not None and not name_ok(name):
+                    continue
+                path = rel + name
+                if stat_ok is not None:  # stat only what is kept: ignore rules first
+                    if (file_rules and _is_ignored(file_rules, path, name)) or not stat_ok(path):
+                        continue
+                    try:
+                        st = e.stat()  # follows a symlink: a loop raises ELOOP
+                    except OSError as err:
+                        if _is_loop(err) and skipped is not None:
+                            skipped.loops.append(path)
+                        continue
+                    if st.st_mode & 0o170000 == 0o100000:  # a regular file (stat.S_ISREG)
+                        yield path, st.st_mtime
+                    continue
+                try:
+                    is_file = e.is_file()  # follows a symlink: a loop raises ELOOP
+                except OSError as err:
+                    if _is_loop(err) and skipped is not None:
+                        skipped.loops.append(path)
+                    continue
+                if is_file and not (file_rules and _is_ignored(file_rules, path, name)):
+                    yield path
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
 def _run_capture(cmd, cwd, cancel):
@@ -4660,6 +4688,26 @@ def _candidate_files(root, cancel, hidden=True, name_ok=None, skipped=None):
     if not hidden:
         files = [f for f in files if not f.startswith(".") and "/." not in f]
     return files if name_ok is None else [f for f in files if name_ok(f[f.rfind("/") + 1:])]
+
+
+def _files_by_mtime(root, cancel, name_ok, path_ok, skipped):
+    """[(path, mtime)] of the regular files a search covers whose path passes path_ok: one stat each,
+    which Linux needs for a time (a directory listing holds none), and none for the files left out."""
+    files = _git_files(root, cancel)
+    if files is None:
+        return list(_walk_files(root, cancel, True, name_ok, skipped, path_ok))
+    found, prefix = [], os.path.join(root, "")
+    for rel in files:
+        if (name_ok is None or name_ok(rel[rel.rfind("/") + 1:])) and path_ok(rel):
+            try:
+                st = os.stat(prefix + rel)
+            except OSError as e:  # deleted but still in git's index, or a symlink loop
+                if _is_loop(e):
+                    skipped.loops.append(rel)
+                continue
+            if st.st_mode & 0o170000 == 0o100000:  # a regular file (stat.S_ISREG); git lists submodules too
+                found.append((rel, st.st_mtime))
+    return found
 
 
 # =============================================================================
@@ -5117,6 +5165,7 @@ def tool_grep(ctx, pattern, path=".", glob="", ignoreCase=False, context=0, outp
       pattern="string e.g. src/**/*.ts", path="string?")
 def tool_glob(ctx, pattern, path="."):
     """Files under path whose relative path matches pattern, newest first, at most 1,000."""
+    from operator import itemgetter  # loaded at start-up already (by collections)
     if os.path.isabs(pattern) or pattern.startswith("../"):  # then relative to its first fixed directories
         path, pattern = _split_glob(ctx.path(os.path.join(path, pattern)))
     root, _ = _search_root(ctx, path)
@@ -5127,19 +5176,18 @@ def tool_glob(ctx, pattern, path="."):
     name = pattern.rpartition("/")[2]
     whole = "**" not in name and name.count("{") == name.count("}")
     name_ok = _glob_matcher(name) if whole else None
-    prefix, found, skipped = os.path.join(root, ""), [], _Skipped()
-    for rel in [f for f in _candidate_files(root, ctx.cancel, name_ok=name_ok, skipped=skipped) if match(f)]:
-        try:
-            st = os.stat(prefix + rel)
-        except OSError as e:  # deleted but still in git's index, or a symlink loop
-            if _is_loop(e):
-                skipped.loops.append(rel)
-            continue
-        if st.st_mode & 0o170000 == 0o100000:  # a regular file (stat.S_ISREG); git lists submodules too
-            found.append((-st.st_mtime, rel))
-    found.sort()  # newest first; equal times by path, so the order is stable
-    text = _more([rel for _, rel in found[:1000]], len(found) - 1000, "narrow the pattern")
+    # '**/NAME' tests nothing the name test has not
+    path_ok = _any_path if whole and pattern == "**/" + name else match
+    skipped = _Skipped()
+    found = _files_by_mtime(root, ctx.cancel, name_ok, path_ok, skipped)
+    found.sort()  # by path, so that equal times keep path order in the stable sort that follows
+    found.sort(key=itemgetter(1), reverse=True)  # newest first (reverse keeps the stable order of equal keys)
+    text = _more([rel for rel, _ in found[:1000]], len(found) - 1000, "narrow the pattern")
     return skipped.add_to(text or "no files found")
+
+
+def _any_path(path):
+    return True
 
 
 def _entry_is_dir(entry):

@@ -3809,6 +3809,41 @@ class TestGlob(SearchTestCase):
             os.utime(os.path.join(self.root, name), (now - age, now - age))
         self.assertEqual(self.run_search("glob", pattern="*.py").splitlines(), ["new.py", "mid.py", "old.py"])
 
+    def test_equal_times_by_path_and_links_to_files(self):
+        write_tree(self.root, {"b.py": "", "a.py": "", "sub/c.py": "", "old.py": "", "x.txt": ""})
+        self.make_symlink("a.py", "link.py")  # a link to a file is listed; dangling links and directories are not
+        self.make_symlink("missing.py", "dangling.py")
+        os.mkdir(os.path.join(self.root, "dir.py"))
+        now = time.time()
+        for name, age in (("b.py", 50), ("a.py", 50), ("sub/c.py", 50), ("old.py", 90)):  # link.py: a.py's time
+            os.utime(os.path.join(self.root, name), (now - age, now - age))
+        for in_git in (False, True):
+            if in_git:
+                self.git_init()
+            with self.subTest(in_git=in_git):
+                for pattern in ("**/*.py", "*.py", "**/*.{py,md}"):
+                    want = ["a.py", "b.py", "link.py", "sub/c.py", "old.py"] if "**" in pattern else \
+                        ["a.py", "b.py", "link.py", "old.py"]
+                    self.assertEqual(self.run_search("glob", pattern=pattern).splitlines(), want, pattern)
+
+    def test_walk_stats_only_kept_files_and_closes_directories(self):
+        write_tree(self.root, {"a.py": "", "b.txt": "", "sub/c.py": "", "sub/d.py": "", "ign/e.py": "",
+                               ".gitignore": "ign/\nd.py\n"})
+        asked = []
+
+        def stat_ok(path):
+            asked.append(path)
+            return path != "a.py"
+        fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+        found = list(nanocode._walk_files(self.root, nanocode.Cancel(), True, lambda n: n.endswith(".py"), None, stat_ok))
+        self.assertEqual(found, [("sub/c.py", os.stat(os.path.join(self.root, "sub/c.py")).st_mtime)])
+        self.assertEqual(sorted(asked), ["a.py", "sub/c.py"])  # not b.txt (name), d.py or ign/ (ignored)
+        walk = nanocode._walk_files(self.root, nanocode.Cancel(), True, None, None, lambda p: True)
+        next(walk)
+        walk.close()  # a walk left half-way closes the directory it had open
+        if fds is not None:
+            self.assertEqual(len(os.listdir("/proc/self/fd")), fds)
+
     def test_truncates_after_1000_with_more_note(self):
         write_tree(self.root, {"f%04d.txt" % i: "" for i in range(1003)})
         lines = self.run_search("glob", pattern="*.txt").splitlines()
