@@ -4067,7 +4067,8 @@ class TestGrepRipgrepInterop(SearchTestCase):
     tree = dict(IGNORE_TREE, **{
         ".hidden/h.txt": "foo hidden\n", "crlf.txt": "foo\r\nbar\r\nFoo\r\n", "uni.txt": "naïve foo\nStraße\n",
         "long.txt": "foo" + "x" * 1000 + "\n", "bin.dat": b"\x00foo\n", "deep/er/f.py": "x\nfoo\ny\nz\nfoo\n",
-        "big.txt": b"foo\n" * (3 * 1024 * 1024)})
+        "big.txt": b"foo\n" * (3 * 1024 * 1024), "wide.txt": "é" * 1500 + " foo " + "x" * 3000 + "\n" + "y" * 3000 + "foo\r\n",
+        "many.txt": "foo\n" * 150})
     calls = [{"pattern": "foo"}, {"pattern": "foo", "context": 1}, {"pattern": "FOO", "ignoreCase": True},
              {"pattern": "foo", "glob": "*.py"}, {"pattern": "foo", "glob": "!*.{py,txt}"},
              {"pattern": "foo", "glob": "src/**"}, {"pattern": "foo", "outputMode": "count"},
@@ -4093,6 +4094,17 @@ class TestGrepRipgrepInterop(SearchTestCase):
 
     def test_same_output_outside_git(self):
         self.assertSameOutput()
+
+    def test_rg_keeps_the_first_hits_of_a_file_only(self):
+        # a file's hits past limit are never shown: they are counted, not kept (no --max-filesize either,
+        # for which rg would stat every file: files over 10 MB are dropped after, big.txt here)
+        results = nanocode._rg_grep(shutil.which("rg"), self.root, None, "foo", "", False, "content", 3,
+                                    nanocode.Cancel())
+        many = [r for r in results if r[0] == "many.txt"]
+        self.assertEqual(many, [("many.txt", [(1, b"foo"), (2, b"foo"), (3, b"foo")], 150)])
+        self.assertNotIn("big.txt", [r[0] for r in results])
+        wide = [r for r in results if r[0] == "wide.txt"][0]
+        self.assertTrue(all(len(text.decode("utf-8")) < 2100 for _, text in wide[1]), "rg cuts long lines at 2,048 characters")
 
     def test_same_output_in_git_repo(self):
         self.git_init()
