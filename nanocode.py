@@ -4568,9 +4568,15 @@ def _is_ignored(groups, rel, name):
     return False
 
 
-def _walk_files(root, cancel, hidden=True, name_ok=None, skipped=None):
+#: scandir can list an open directory (Linux, macOS): a stat of an entry then looks up its name alone
+_SCANDIR_FD = os.scandir in os.supports_fd and hasattr(os, "O_DIRECTORY")
+
+
+def _walk_files(root, cancel, hidden=True, name_ok=None, skipped=None, stat_ok=None):
     """Relative paths of the files under root, pruning .git, .gitignore'd and (unless hidden) dot entries.
 
+    stat_ok, a test on relative paths, makes it yield (path, mtime) of the regular files that pass, one stat
+    each, made on the open directory where the OS allows (a lookup of one name, not of the whole path).
     A symlink loop is left out and named in skipped, as are .gitignore lines git ignores.
     """
     stack = [("", [], [])]  # (directory, rules for its subdirectories, rules for its files)
@@ -4578,33 +4584,55 @@ def _walk_files(root, cancel, hidden=True, name_ok=None, skipped=None):
         if cancel.is_set():
             raise ToolError("cancelled")
         rel, dir_rules, file_rules = stack.pop()
+        fd = -1
         try:
-            with os.scandir(os.path.join(root, rel)) as it:
+            if stat_ok is not None and _SCANDIR_FD:
+                fd = os.open(os.path.join(root, rel), os.O_RDONLY | os.O_DIRECTORY)
+            with os.scandir(os.path.join(root, rel) if fd < 0 else fd) as it:
                 entries = list(it)
         except OSError:
+            if fd >= 0:
+                os.close(fd)
             continue  # unreadable directory: skip it, as find and rg do
-        if any(e.name == ".gitignore" for e in entries):  # the listing answers; no extra stat
-            # a deeper .gitignore overrides the ones above it; files skip the rules for directories (x/)
-            rules = _load_gitignore(os.path.join(root, rel, ".gitignore"), rel, skipped)
-            dir_rules, file_rules = rules + dir_rules, [g for g in rules if not g[1]] + file_rules
-        for e in entries:
-            name = e.name
-            if name == ".git" or (not hidden and name.startswith(".")):
-                continue
-            if e.is_dir(follow_symlinks=False):  # symlinked dirs are not followed: no cycles
-                if not (dir_rules and _is_ignored(dir_rules, rel + name, name)):
-                    stack.append((rel + name + "/", dir_rules, file_rules))
-                continue
-            if name_ok is not None and not name_ok(name):
-                continue
-            try:
-                is_file = e.is_file()  # follows a symlink: a loop raises ELOOP
-            except OSError as err:
-                if _is_loop(err) and skipped is not None:
-                    skipped.loops.append(rel + name)
-                continue
-            if is_file and not (file_rules and _is_ignored(file_rules, rel + name, name)):
-                yield rel + name
+        try:
+            names = [e.name for e in entries]
+            if ".gitignore" in names:  # the listing answers; no extra stat
+                # a deeper .gitignore overrides the ones above it; files skip the rules for directories (x/)
+                rules = _load_gitignore(os.path.join(root, rel, ".gitignore"), rel, skipped)
+                dir_rules, file_rules = rules + dir_rules, [g for g in rules if not g[1]] + file_rules
+            for e, name in zip(entries, names):
+                if name == ".git" or (not hidden and name.startswith(".")):
+                    continue
+                if e.is_dir(follow_symlinks=False):  # symlinked dirs are not followed: no cycles
+                    if not (dir_rules and _is_ignored(dir_rules, rel + name, name)):
+                        stack.append((rel + name + "/", dir_rules, file_rules))
+                    continue
+                if name_ok is not None and not name_ok(name):
+                    continue
+                path = rel + name
+                if stat_ok is not None:  # stat only what is kept: ignore rules first
+                    if (file_rules and _is_ignored(file_rules, path, name)) or not stat_ok(path):
+                        continue
+                    try:
+                        st = e.stat()  # follows a symlink: a loop raises ELOOP
+                    except OSError as err:
+                        if _is_loop(err) and skipped is not None:
+                            skipped.loops.append(path)
+                        continue
+                    if st.st_mode & 0o170000 == 0o100000:  # a regular file (stat.S_ISREG)
+                        yield path, st.st_mtime
+                    continue
+                try:
+                    is_file = e.is_file()  # follows a symlink: a loop raises ELOOP
+                except OSError as err:
+                    if _is_loop(err) and skipped is not None:
+                        skipped.loops.append(path)
+                    continue
+                if is_file and not (file_rules and _is_ignored(file_rules, path, name)):
+                    yield path
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
 def _run_capture(cmd, cwd, cancel):
@@ -4661,6 +4689,26 @@ def _candidate_files(root, cancel, hidden=True, name_ok=None, skipped=None):
     if not hidden:
         files = [f for f in files if not f.startswith(".") and "/." not in f]
     return files if name_ok is None else [f for f in files if name_ok(f[f.rfind("/") + 1:])]
+
+
+def _files_by_mtime(root, cancel, name_ok, path_ok, skipped):
+    """[(path, mtime)] of the regular files a search covers whose path passes path_ok: one stat each,
+    which Linux needs for a time (a directory listing holds none), and none for the files left out."""
+    files = _git_files(root, cancel)
+    if files is None:
+        return list(_walk_files(root, cancel, True, name_ok, skipped, path_ok))
+    found, prefix = [], os.path.join(root, "")
+    for rel in files:
+        if (name_ok is None or name_ok(rel[rel.rfind("/") + 1:])) and path_ok(rel):
+            try:
+                st = os.stat(prefix + rel)
+            except OSError as e:  # deleted but still in git's index, or a symlink loop
+                if _is_loop(e):
+                    skipped.loops.append(rel)
+                continue
+            if st.st_mode & 0o170000 == 0o100000:  # a regular file (stat.S_ISREG); git lists submodules too
+                found.append((rel, st.st_mtime))
+    return found
 
 
 # =============================================================================
@@ -4877,7 +4925,7 @@ def _split_glob(pattern):
 
 
 def _python_grep(root, target, match, glob, mode, cancel, skipped=None):
-    """(path, [(line number, line)]) for each file with a match, in path order, searched here."""
+    """(path, [(line number, line)], count) for each file with a match, in path order, searched here."""
     files = [target] if target else sorted(_candidate_files(root, cancel, skipped=skipped))
     if glob and not target:
         keep = _path_matcher(glob)
@@ -4889,7 +4937,7 @@ def _python_grep(root, target, match, glob, mode, cancel, skipped=None):
         n = reader.read(prefix + rel)
         hits = match(reader.buf, n, first_only) if n > 0 else None
         if hits:
-            yield rel, hits
+            yield rel, hits, len(hits)
         elif n == -2 and skipped is not None:
             skipped.loops.append(rel)
 
@@ -4949,30 +4997,81 @@ _REPEAT = re.compile(r"[*+?]|\{(\d*)(,?)(\d*)\}")
 _GROUP_HEAD = re.compile(r"\((?:(?!\?)|\?P<\w+>|\?>|\?(?P<flags>[aiLmsux]*(?:-[imsx]*)?)[:)]|\?(?P<comment>#))")
 
 
-def _rg_grep(rg, root, target, pattern, glob, ignore_case, mode, cancel):
-    """(path, [(line number, line)]) pairs from ripgrep in path order; None when rg fails."""
+#: rg prints at most this many characters of a line (then a marker past them): more than grep shows
+#: (SEARCH_LINE_MAX), and no minified file's one line is read whole into memory
+_RG_MAX_COLUMNS = 2048
+
+
+def _rg_grep(rg, root, target, pattern, glob, ignore_case, mode, limit, cancel):
+    """(path, [(line number, line)], count) for each file rg finds a match in, in path order; None when rg fails.
+
+    Only a file's first limit hits are kept (no more are ever shown), so memory stays bounded whatever the
+    pattern; count counts them all.
+    """
+    import subprocess  # imported here, as in tool_bash: it costs startup time
     # --null: path\0line:text, unambiguous; --no-require-git: .gitignore counts outside git too, as in
-    # the walk; --hidden searches dotfiles as the walk does, but then .git must be excluded by hand
+    # the walk; --hidden searches dotfiles as the walk does, but then .git must be excluded by hand.
+    # No --max-filesize: rg would stat every file for it (+15% on 20,000 files); the few files
+    # that match are sized here instead
     cmd = [rg, "--no-config", "--null", "--line-number", "--no-heading", "--with-filename", "--color", "never",
-           "--hidden", "--no-require-git", "--max-filesize", "10M", "--no-messages"]
+           "--hidden", "--no-require-git", "--no-messages", "--max-columns", str(_RG_MAX_COLUMNS),
+           "--max-columns-preview"]
     cmd += ["--ignore-case"] if ignore_case else []
-    cmd += ["--max-count", "1"] if mode == "files" else []
+    cmd += ["--count"] if mode == "count" else ["--max-count", "1"] if mode == "files" else []
     # rg's --glob overrides .gitignore; a file type is a filter within it, but sees only names
     keep = _path_matcher(glob) if glob and not target and "/" in glob else None
     if glob and not target and keep is None:
         cmd += ["--type-add", "nanocode:" + glob.lstrip("!"), "--type-not" if glob[0] == "!" else "--type", "nanocode"]
     cmd += ["--glob", "!.git", "--regexp", pattern] + (["--", target] if target else [])
-    code, out = _run_capture(cmd, root, cancel)
+    proc = subprocess.Popen(cmd, cwd=root, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    unregister = cancel.on_cancel(proc.kill)
+    by_path, out = {}, False  # path -> [count, hits]; out: rg printed anything
+    try:
+        with proc.stdout:
+            for line in proc.stdout:  # a path and at most _RG_MAX_COLUMNS characters
+                out = True
+                path, nul, rest = line.partition(b"\0")
+                num, _, text = rest.partition(b":")
+                if not nul:
+                    continue
+                if mode == "count":  # path\0count
+                    if num.strip().isdigit():
+                        by_path[path] = [int(num), []]
+                    continue
+                if not num.isdigit():
+                    continue
+                entry = by_path.get(path)
+                if entry is None:
+                    entry = by_path[path] = [0, []]
+                entry[0] += 1
+                if entry[0] <= limit:  # rg's threads finish files in any order: which are shown is known at the end
+                    entry[1].append((int(num), text[:-1] if text.endswith(b"\n") else text))
+        code = proc.wait()
+    finally:
+        unregister()
+        if proc.poll() is None:  # e.g. KeyboardInterrupt while reading
+            proc.kill()
+            proc.wait()
+    if cancel.is_set():
+        raise ToolError("cancelled")
     if code not in (0, 1) and not out:
         return None  # e.g. a regex rg rejects (look-around) but Python accepts
-    by_path = {}  # rg's threads finish files in any order: sort by path, as the stdlib search does
-    for line in out.split(b"\n"):
-        path, nul, rest = line.partition(b"\0")
-        num, _, text = rest.partition(b":")
-        if nul and num.isdigit():
-            by_path.setdefault(path, []).append((int(num), text))
-    results = [(os.fsdecode(p), hits) for p, hits in by_path.items()]
-    return sorted([r for r in results if keep is None or keep(r[0])], key=lambda r: r[0])
+    prefix, results = os.path.join(root, ""), []
+    for p, (count, hits) in by_path.items():
+        path = os.fsdecode(p)
+        if keep is None or keep(path):
+            results.append((path, hits, count))
+    results.sort()  # by path, as the stdlib search gives them
+    return [r for r in results if not _too_big(prefix + r[0])]
+
+
+def _too_big(path):
+    """True for a file grep skips for its size (rg's --max-filesize, without a stat of every file)."""
+    try:
+        return os.stat(path).st_size > SEARCH_MAX_FILE
+    except OSError:
+        return False
 
 
 def _cut(line):
@@ -5006,18 +5105,20 @@ def _context_lines(root, path, hits, context):
 
 
 def _format_grep(root, results, mode, limit, context):
-    """grep output for (path, hits) pairs: at most limit matches (files in files/count mode), then '+N more'."""
+    """grep output for (path, hits, count of hits): at most limit matches (files in files/count mode), then '+N more'.
+
+    hits may hold a file's first hits only (at least limit), count them all."""
     out, shown, extra = [], 0, 0
-    for path, hits in results:
+    for path, hits, count in results:
         if mode != "content":
             if shown < limit:
-                out.append(path if mode == "files" else "%s:%d" % (path, len(hits)))
+                out.append(path if mode == "files" else "%s:%d" % (path, count))
                 shown += 1
             else:
                 extra += 1
             continue
         take = hits[:max(0, limit - shown)]
-        shown, extra = shown + len(take), extra + len(hits) - len(take)
+        shown, extra = shown + len(take), extra + count - len(take)
         if take and context:  # groups of lines are separated by '--', as grep -C does
             out.extend((["--"] if out else []) + _context_lines(root, path, take, context))
         elif take:
@@ -5104,7 +5205,7 @@ def tool_grep(ctx, pattern, path=".", glob="", ignoreCase=False, context=0, outp
     # context lines, limits and formatting are done here for both searches, so their output is the same
     rg, results = which("rg"), None
     if rg:
-        results = _rg_grep(rg, root, target, pattern, glob, ignoreCase, mode, ctx.cancel)
+        results = _rg_grep(rg, root, target, pattern, glob, ignoreCase, mode, limit, ctx.cancel)
     if results is not None:
         return _format_grep(root, results, mode, limit, context) or "no matches"
     job = {"root": root, "target": target, "pattern": pattern, "ignore_case": ignoreCase, "glob": glob,
@@ -5118,6 +5219,7 @@ def tool_grep(ctx, pattern, path=".", glob="", ignoreCase=False, context=0, outp
       pattern="string e.g. src/**/*.ts", path="string?")
 def tool_glob(ctx, pattern, path="."):
     """Files under path whose relative path matches pattern, newest first, at most 1,000."""
+    from operator import itemgetter  # loaded at start-up already (by collections)
     if os.path.isabs(pattern) or pattern.startswith("../"):  # then relative to its first fixed directories
         path, pattern = _split_glob(ctx.path(os.path.join(path, pattern)))
     root, _ = _search_root(ctx, path)
@@ -5128,19 +5230,18 @@ def tool_glob(ctx, pattern, path="."):
     name = pattern.rpartition("/")[2]
     whole = "**" not in name and name.count("{") == name.count("}")
     name_ok = _glob_matcher(name) if whole else None
-    prefix, found, skipped = os.path.join(root, ""), [], _Skipped()
-    for rel in [f for f in _candidate_files(root, ctx.cancel, name_ok=name_ok, skipped=skipped) if match(f)]:
-        try:
-            st = os.stat(prefix + rel)
-        except OSError as e:  # deleted but still in git's index, or a symlink loop
-            if _is_loop(e):
-                skipped.loops.append(rel)
-            continue
-        if st.st_mode & 0o170000 == 0o100000:  # a regular file (stat.S_ISREG); git lists submodules too
-            found.append((-st.st_mtime, rel))
-    found.sort()  # newest first; equal times by path, so the order is stable
-    text = _more([rel for _, rel in found[:1000]], len(found) - 1000, "narrow the pattern")
+    # '**/NAME' tests nothing the name test has not
+    path_ok = _any_path if whole and pattern == "**/" + name else match
+    skipped = _Skipped()
+    found = _files_by_mtime(root, ctx.cancel, name_ok, path_ok, skipped)
+    found.sort()  # by path, so that equal times keep path order in the stable sort that follows
+    found.sort(key=itemgetter(1), reverse=True)  # newest first (reverse keeps the stable order of equal keys)
+    text = _more([rel for rel, _ in found[:1000]], len(found) - 1000, "narrow the pattern")
     return skipped.add_to(text or "no files found")
+
+
+def _any_path(path):
+    return True
 
 
 def _entry_is_dir(entry):

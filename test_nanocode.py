@@ -3810,6 +3810,41 @@ class TestGlob(SearchTestCase):
             os.utime(os.path.join(self.root, name), (now - age, now - age))
         self.assertEqual(self.run_search("glob", pattern="*.py").splitlines(), ["new.py", "mid.py", "old.py"])
 
+    def test_equal_times_by_path_and_links_to_files(self):
+        write_tree(self.root, {"b.py": "", "a.py": "", "sub/c.py": "", "old.py": "", "x.txt": ""})
+        self.make_symlink("a.py", "link.py")  # a link to a file is listed; dangling links and directories are not
+        self.make_symlink("missing.py", "dangling.py")
+        os.mkdir(os.path.join(self.root, "dir.py"))
+        now = time.time()
+        for name, age in (("b.py", 50), ("a.py", 50), ("sub/c.py", 50), ("old.py", 90)):  # link.py: a.py's time
+            os.utime(os.path.join(self.root, name), (now - age, now - age))
+        for in_git in (False, True):
+            if in_git:
+                self.git_init()
+            with self.subTest(in_git=in_git):
+                for pattern in ("**/*.py", "*.py", "**/*.{py,md}"):
+                    want = ["a.py", "b.py", "link.py", "sub/c.py", "old.py"] if "**" in pattern else \
+                        ["a.py", "b.py", "link.py", "old.py"]
+                    self.assertEqual(self.run_search("glob", pattern=pattern).splitlines(), want, pattern)
+
+    def test_walk_stats_only_kept_files_and_closes_directories(self):
+        write_tree(self.root, {"a.py": "", "b.txt": "", "sub/c.py": "", "sub/d.py": "", "ign/e.py": "",
+                               ".gitignore": "ign/\nd.py\n"})
+        asked = []
+
+        def stat_ok(path):
+            asked.append(path)
+            return path != "a.py"
+        fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+        found = list(nanocode._walk_files(self.root, nanocode.Cancel(), True, lambda n: n.endswith(".py"), None, stat_ok))
+        self.assertEqual(found, [("sub/c.py", os.stat(os.path.join(self.root, "sub/c.py")).st_mtime)])
+        self.assertEqual(sorted(asked), ["a.py", "sub/c.py"])  # not b.txt (name), d.py or ign/ (ignored)
+        walk = nanocode._walk_files(self.root, nanocode.Cancel(), True, None, None, lambda p: True)
+        next(walk)
+        walk.close()  # a walk left half-way closes the directory it had open
+        if fds is not None:
+            self.assertEqual(len(os.listdir("/proc/self/fd")), fds)
+
     def test_truncates_after_1000_with_more_note(self):
         write_tree(self.root, {"f%04d.txt" % i: "" for i in range(1003)})
         lines = self.run_search("glob", pattern="*.txt").splitlines()
@@ -4033,7 +4068,8 @@ class TestGrepRipgrepInterop(SearchTestCase):
     tree = dict(IGNORE_TREE, **{
         ".hidden/h.txt": "foo hidden\n", "crlf.txt": "foo\r\nbar\r\nFoo\r\n", "uni.txt": "naïve foo\nStraße\n",
         "long.txt": "foo" + "x" * 1000 + "\n", "bin.dat": b"\x00foo\n", "deep/er/f.py": "x\nfoo\ny\nz\nfoo\n",
-        "big.txt": b"foo\n" * (3 * 1024 * 1024)})
+        "big.txt": b"foo\n" * (3 * 1024 * 1024), "wide.txt": "é" * 1500 + " foo " + "x" * 3000 + "\n" + "y" * 3000 + "foo\r\n",
+        "many.txt": "foo\n" * 150})
     calls = [{"pattern": "foo"}, {"pattern": "foo", "context": 1}, {"pattern": "FOO", "ignoreCase": True},
              {"pattern": "foo", "glob": "*.py"}, {"pattern": "foo", "glob": "!*.{py,txt}"},
              {"pattern": "foo", "glob": "src/**"}, {"pattern": "foo", "outputMode": "count"},
@@ -4059,6 +4095,17 @@ class TestGrepRipgrepInterop(SearchTestCase):
 
     def test_same_output_outside_git(self):
         self.assertSameOutput()
+
+    def test_rg_keeps_the_first_hits_of_a_file_only(self):
+        # a file's hits past limit are never shown: they are counted, not kept (no --max-filesize either,
+        # for which rg would stat every file: files over 10 MB are dropped after, big.txt here)
+        results = nanocode._rg_grep(shutil.which("rg"), self.root, None, "foo", "", False, "content", 3,
+                                    nanocode.Cancel())
+        many = [r for r in results if r[0] == "many.txt"]
+        self.assertEqual(many, [("many.txt", [(1, b"foo"), (2, b"foo"), (3, b"foo")], 150)])
+        self.assertNotIn("big.txt", [r[0] for r in results])
+        wide = [r for r in results if r[0] == "wide.txt"][0]
+        self.assertTrue(all(len(text.decode("utf-8")) < 2100 for _, text in wide[1]), "rg cuts long lines at 2,048 characters")
 
     def test_same_output_in_git_repo(self):
         self.git_init()
