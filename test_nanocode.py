@@ -10739,6 +10739,390 @@ class TestAcp(AcpTestCase):
         self.assertIn("mcp__fake__echo", [t["function"]["name"] for t in self.fake.posts[0].json["tools"]])
 
 
+# -- the official ACP client SDK -------------------------------------------------------------------------
+
+#: what `bash .ci/mcp` prepared for TestAcpSdkInterop (pinned, in $NANOCODE_MCP_CACHE): NANOCODE_ACP_SDK, the
+#: prefix whose node_modules has @agentclientprotocol/sdk with zod and ajv, and NANOCODE_ACP_NODE, the node
+#: (>= 20) that runs it. Set (.ci/run under NANOCODE_INTEROP=1): required; not set: skipped. Read at import.
+ACP_SDK = dict((name, os.environ.get("NANOCODE_ACP_" + name.upper()) or "") for name in ("sdk", "node"))
+
+#: the editor's side, written by TestAcpSdkInterop into its temp dir as client.mjs
+ACP_SDK_CLIENT = r"""
+// The editor's side of TestAcpSdkInterop, on the official ACP TypeScript SDK (its client app API; SDK 2.x has
+// no ClientSideConnection). Written into the test's temp dir beside node_modules, a link to
+// $NANOCODE_ACP_SDK/node_modules. argv[2]: a JSON file {agent: argv, cwd, mcpServers, prompts: [2 texts],
+// timeoutMs}. Spawns the agent, initialize, session/new with the MCP servers, prompt 1 (the permission asked
+// is answered allow_once), prompt 2 cancelled at its first agent_message_chunk, then a second agent process:
+// initialize, session/load. Every message from the agents is checked with the SDK's own zod validators (the
+// module its dispatcher parses with; a key the lenient parse would drop counts too) and with ajv against the
+// JSON schema the SDK ships; a canary proves both checks and the SDK's own rejection are live. Prints one
+// JSON line (the summary); exit 0, or 2 when the workflow failed (summary.error).
+import * as acp from "@agentclientprotocol/sdk";
+import { spawn } from "node:child_process";
+import { createRequire } from "node:module";
+import { Readable, Writable } from "node:stream";
+import fs from "node:fs";
+
+const cfg = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
+const sdkRoot = new URL("./node_modules/@agentclientprotocol/sdk/", import.meta.url);
+const sdkVersion = JSON.parse(fs.readFileSync(new URL("package.json", sdkRoot), "utf8")).version;
+// not in the package's exports map: imported by path, the same module the SDK's dispatcher validates with
+const z = await import(new URL("dist/v1/schema/zod.gen.js", sdkRoot).href);
+const Ajv2020 = createRequire(import.meta.url)("ajv/dist/2020").default;
+const ajv = new Ajv2020({ strict: false, validateFormats: false, allErrors: true });
+ajv.addSchema(JSON.parse(fs.readFileSync(new URL("schema/v1/schema.json", sdkRoot), "utf8")), "acp");
+
+const summary = {
+  sdk: sdkVersion, node: process.version, error: null, problems: [], canary: {}, sdkNotificationErrors: 0,
+  responses: {}, errors: [], stopReasons: [], updates: { raw: 0, delivered: 0, kinds: {} }, permissions: [],
+  prompt1: [], prompt2: [], replay: [], afterLoad: [], cancelMs: null, exits: [], ms: {},
+};
+const started = Date.now();
+const children = [];
+
+function finish(error) {
+  summary.error = error ? String(error?.stack ?? error) : null;
+  summary.ms.total = Date.now() - started;
+  for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill("SIGKILL");
+  console.log(JSON.stringify(summary));
+  process.exit(error ? 2 : 0);
+}
+setTimeout(() => finish(`timed out after ${cfg.timeoutMs} ms (phase ${phase})`), cfg.timeoutMs);
+
+// -- waiting for states, every wait bounded ----------------------------------------------------------
+const waiters = new Set();
+function until(what, test, ms) {
+  return new Promise((resolve, reject) => {
+    if (test()) return resolve();
+    const w = { test, done: () => { clearTimeout(timer); waiters.delete(w); resolve(); } };
+    const timer = setTimeout(() => { waiters.delete(w); reject(new Error(`timed out waiting for ${what} (${ms} ms)`)); }, ms);
+    waiters.add(w);
+  });
+}
+const poke = () => { for (const w of [...waiters]) if (w.test()) w.done(); };
+function within(what, promise, ms) {
+  let timer;
+  const late = new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(`${what}: no answer in ${ms} ms`)), ms); });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
+
+// -- validation ---------------------------------------------------------------------------------------
+// keys of raw the zod parse dropped: unknown keys, optional fields whose value was invalid (defaultOnError),
+// array items skipped (vecSkipError) -- the SDK's parse is lenient, a client would lose them silently
+function dropped(raw, parsed, p = "") {
+  const out = [];
+  if (Array.isArray(raw) && Array.isArray(parsed)) {
+    if (raw.length !== parsed.length) out.push(`${p}[${raw.length - parsed.length} item(s) dropped]`);
+    else raw.forEach((r, i) => out.push(...dropped(r, parsed[i], `${p}${i}.`)));
+  } else if (raw && typeof raw === "object" && parsed && typeof parsed === "object") {
+    for (const k of Object.keys(raw)) {
+      if (k === "_meta") continue;
+      if (!(k in parsed) || (parsed[k] === undefined && raw[k] !== undefined && raw[k] !== null)) out.push(p + k);
+      else out.push(...dropped(raw[k], parsed[k], `${p}${k}.`));
+    }
+  }
+  return out;
+}
+function check(where, def, value, into = summary.problems) {
+  const zs = z["z" + def];
+  if (typeof zs?.safeParse !== "function") { into.push({ where, kind: "no-zod-validator", def }); return; }
+  const r = zs.safeParse(value);
+  if (!r.success) into.push({ where, kind: "zod", issues: r.error.issues.map((i) => `${i.path.join(".")}: ${i.message}`) });
+  else {
+    const lost = dropped(value, r.data);
+    if (lost.length) into.push({ where, kind: "dropped-by-sdk-parse", keys: lost });
+  }
+  const v = ajv.getSchema(`acp#/$defs/${def}`);
+  if (!v) into.push({ where, kind: "no-json-schema", def });
+  else if (!v(value)) into.push({ where, kind: "json-schema", error: ajv.errorsText(v.errors, { dataVar: def }) });
+}
+const FROM_AGENT = { "session/update": "SessionNotification", "session/request_permission": "RequestPermissionRequest" };
+const RESULT_OF = { initialize: "InitializeResponse", "session/new": "NewSessionResponse",
+  "session/prompt": "PromptResponse", "session/load": "LoadSessionResponse" };
+const ANSWER_TO = { "session/request_permission": "RequestPermissionResponse" };
+
+// the canary: what the checks must catch (a missing required field, a bad enum the zod parse drops, a typo'd key)
+const CANARY = {
+  missingContent: { sessionId: "s", update: { sessionUpdate: "agent_message_chunk" } },
+  badKind: { sessionId: "s", update: { sessionUpdate: "tool_call", toolCallId: "t", title: "x", kind: "bogus" } },
+  typoKey: { sessionId: "s", update: { sessionUpdate: "agent_message_chunk", content: { type: "text", text: "x" }, messageID: "m" } },
+};
+for (const [name, value] of Object.entries(CANARY)) {
+  const caught = [];
+  check("canary " + name, "SessionNotification", value, caught);
+  summary.canary[name] = caught.map((c) => c.kind);
+}
+// the SDK's own dispatcher drops a notification its zod parse rejects and says so on console.error only
+const origError = console.error;
+console.error = (...a) => {
+  if (a[0] === "Error handling notification") { summary.sdkNotificationErrors += 1; poke(); }
+  origError(...a);
+};
+
+// -- one agent process, its stream tapped both ways ---------------------------------------------------
+let phase = "setup";
+const log = []; // {agent, phase, dir, msg}
+async function withAgent(label, op) {
+  const spawnedAt = Date.now();
+  const child = spawn(cfg.agent[0], cfg.agent.slice(1), { cwd: cfg.cwd, stdio: ["pipe", "pipe", "inherit"] });
+  children.push(child);
+  const exited = new Promise((resolve) => child.on("exit", (code, signal) => resolve({ code, signal })));
+  child.on("error", (e) => finish(`spawning ${cfg.agent[0]}: ${e.message}`));
+  const base = acp.ndJsonStream(Writable.toWeb(child.stdin), Readable.toWeb(child.stdout));
+  const sent = new Map(); // our request id -> method
+  const asked = new Map(); // the agent's request id -> method
+  let inject = null;
+  const incoming = base.readable.pipeThrough(new TransformStream({
+    start(ctl) { inject = (msg) => ctl.enqueue(msg); },
+    transform(msg, ctl) {
+      const entry = { agent: label, phase, dir: "<-", msg };
+      log.push(entry);
+      if (msg.jsonrpc !== "2.0") summary.problems.push({ where: "jsonrpc", kind: "not 2.0", msg });
+      if ("method" in msg) {
+        const def = FROM_AGENT[msg.method];
+        if (!def) summary.problems.push({ where: msg.method, kind: "unexpected method from the agent" });
+        else check(msg.method, def, msg.params);
+        if ("id" in msg) asked.set(msg.id, msg.method);
+        if (msg.method === "session/update") {
+          summary.updates.raw += 1;
+          const k = msg.params?.update?.sessionUpdate;
+          summary.updates.kinds[k] = (summary.updates.kinds[k] ?? 0) + 1;
+        }
+      } else {
+        const method = sent.get(msg.id);
+        sent.delete(msg.id);
+        entry.answers = method;
+        if ("error" in msg) summary.errors.push({ method, error: msg.error });
+        else if (RESULT_OF[method]) check(method + " result", RESULT_OF[method], msg.result);
+        else summary.problems.push({ where: "response", kind: "answer to no request of ours", msg });
+      }
+      ctl.enqueue(msg);
+      poke();
+    },
+  }));
+  const outTap = new TransformStream({
+    transform(msg, ctl) {
+      log.push({ agent: label, phase, dir: "->", msg });
+      if ("method" in msg && "id" in msg) sent.set(msg.id, msg.method);
+      if (!("method" in msg) && "id" in msg) {
+        const method = asked.get(msg.id);
+        asked.delete(msg.id);
+        if ("result" in msg && ANSWER_TO[method]) check("our answer to " + method, ANSWER_TO[method], msg.result);
+      }
+      ctl.enqueue(msg);
+    },
+  });
+  outTap.readable.pipeTo(base.writable).catch(() => {});
+  let delivered = 0;
+  const app = acp.client({ name: "nanocode-interop-test", version: "1.0.0" })
+    .onNotification(acp.methods.client.session.update, ({ params }) => {
+      delivered += 1;
+      summary.updates.delivered += 1;
+      poke();
+    })
+    .onRequest(acp.methods.client.session.requestPermission, ({ params }) => {
+      const pick = params.options.find((o) => o.kind === "allow_once");
+      summary.permissions.push({ toolCallId: params.toolCall.toolCallId, title: params.toolCall.title,
+        kinds: params.options.map((o) => o.kind), chose: pick?.optionId ?? null });
+      return pick ? { outcome: { outcome: "selected", optionId: pick.optionId } } : { outcome: { outcome: "cancelled" } };
+    });
+  summary.ms[label + " spawn"] = spawnedAt - started;
+  const result = await app.connectWith({ readable: incoming, writable: outTap.writable }, (agent) => op(agent, inject));
+  const raw = () => log.filter((e) => e.agent === label && e.msg.method === "session/update").length;
+  // every notification that came reached the handler (none was dropped by the SDK's parse)
+  await until(`${label}: the SDK delivering every session/update`, () => delivered >= raw(), 5000).catch(() => {});
+  try { child.stdin.end(); } catch {}
+  const closedAt = Date.now();
+  const exit = await within(`${label} exiting after stdin closed`, exited, 15000).catch((e) => {
+    child.kill("SIGKILL");
+    return { code: null, signal: "SIGKILL", error: e.message };
+  });
+  summary.ms[label + " exit"] = Date.now() - closedAt;
+  summary.exits.push(exit);
+  return result;
+}
+
+const updatesOf = (label, ph) => log.filter((e) => e.agent === label && e.phase === ph && e.msg.method === "session/update")
+  .map((e) => e.msg.params.update);
+const brief = (u) => [u.sessionUpdate, u.content?.text ?? u.toolCallId ?? null];
+const timed = async (name, fn) => { const t = Date.now(); try { return await fn(); } finally { summary.ms[name] = Date.now() - t; } };
+const init = (agent) => within("initialize", agent.request(acp.methods.agent.initialize, {
+  protocolVersion: acp.PROTOCOL_VERSION, clientCapabilities: { fs: { readTextFile: false, writeTextFile: false }, terminal: false },
+  clientInfo: { name: "nanocode-interop-test", version: "1.0.0" } }), 15000);
+
+try {
+  let sessionId;
+  await withAgent("first", async (agent, inject) => {
+    summary.responses.initialize = await timed("initialize", () => init(agent));
+    // the canary through the SDK itself: a malformed session/update injected into what it reads must be
+    // rejected by its parse (console.error), not delivered
+    const before = summary.updates.delivered;
+    console.error("[client] canary: a malformed session/update for the SDK to reject (its log follows)");
+    inject({ jsonrpc: "2.0", method: "session/update", params: CANARY.missingContent });
+    await until("the SDK rejecting the canary", () => summary.sdkNotificationErrors >= 1, 5000);
+    summary.canary.sdkRejected = summary.sdkNotificationErrors === 1 && summary.updates.delivered === before;
+    summary.sdkNotificationErrors = 0;
+    const sess = await timed("session/new", () => within("session/new",
+      agent.request(acp.methods.agent.session.new, { cwd: cfg.cwd, mcpServers: cfg.mcpServers }), 30000));
+    summary.responses.new = sess;
+    sessionId = sess.sessionId;
+    phase = "prompt1";
+    const r1 = await timed("prompt1", () => within("prompt 1", agent.request(acp.methods.agent.session.prompt,
+      { sessionId, prompt: [{ type: "text", text: cfg.prompts[0] }] }), 60000));
+    summary.stopReasons.push(r1.stopReason);
+    phase = "prompt2";
+    const pending = agent.request(acp.methods.agent.session.prompt, { sessionId, prompt: [{ type: "text", text: cfg.prompts[1] }] });
+    await until("the second prompt's first agent_message_chunk",
+      () => updatesOf("first", "prompt2").some((u) => u.sessionUpdate === "agent_message_chunk"), 30000);
+    const cancelAt = Date.now();
+    await agent.notify(acp.methods.agent.session.cancel, { sessionId });
+    const r2 = await within("prompt 2 after session/cancel", pending, 10000);
+    summary.cancelMs = Date.now() - cancelAt;
+    summary.stopReasons.push(r2.stopReason);
+    phase = "idle";
+  });
+  summary.prompt1 = updatesOf("first", "prompt1").map(brief);
+  summary.prompt2 = updatesOf("first", "prompt2").map(brief);
+  await withAgent("second", async (agent) => {
+    await init(agent);
+    phase = "load";
+    summary.responses.load = await timed("session/load", () => within("session/load", agent.request(acp.methods.agent.session.load,
+      { sessionId, cwd: cfg.cwd, mcpServers: cfg.mcpServers }), 30000));
+    phase = "loaded";
+    // the replay is what came before load's answer
+    const answered = log.findIndex((e) => e.agent === "second" && e.answers === "session/load");
+    summary.replay = log.slice(0, answered).filter((e) => e.agent === "second" && e.phase === "load" &&
+      e.msg.method === "session/update").map((e) => brief(e.msg.params.update));
+    summary.afterLoad = log.slice(answered).filter((e) => e.agent === "second" && e.msg.method === "session/update")
+      .map((e) => e.msg.params.update.sessionUpdate);
+  });
+  finish(null);
+} catch (e) {
+  finish(e);
+}
+"""
+
+
+class TestAcpSdkInterop(EndToEndTestCase):
+    """`nanocode.py --acp` driven by the official ACP TypeScript SDK (@agentclientprotocol/sdk, pinned by
+    .ci/mcp): ACP_SDK_CLIENT spawns it, opens a session with a real MCP server (server-everything when .ci/mcp
+    installed it, else the fake one of section 16), has the fake model read and edit a file (the permission
+    asked is answered allow_once), cancels a second prompt mid-stream, then loads the session in a new agent
+    process; every message from nanocode is checked against the SDK's zod validators and JSON schema."""
+
+    TIMEOUT = 150  #: seconds for the whole script (it bounds each step itself, well under this)
+
+    def sdk(self):
+        """(node, the SDK's node_modules): skipped when $NANOCODE_ACP_SDK is not set, a failure when it or the
+        node it goes with is missing."""
+        prefix, node = ACP_SDK["sdk"], ACP_SDK["node"]
+        if not prefix:
+            self.skipTest('$NANOCODE_ACP_SDK is not set: `eval "$(bash .ci/mcp)"` installs the ACP SDK and sets it')
+        modules = os.path.join(prefix, "node_modules")
+        for package in ("@agentclientprotocol/sdk", "zod", "ajv"):
+            self.assertTrue(os.path.isfile(os.path.join(modules, package, "package.json")),
+                            "$NANOCODE_ACP_SDK names %s, which has no %s (run .ci/mcp again)" % (prefix, package))
+        self.assertTrue(node, "$NANOCODE_ACP_SDK is set but $NANOCODE_ACP_NODE is not (.ci/mcp prints both)")
+        self.assertTrue(os.path.isfile(node), "$NANOCODE_ACP_NODE names %s, which is not there" % node)
+        return node, modules
+
+    def mcp_server(self):
+        """session/new's mcpServers entry: server-everything over stdio when .ci/mcp installed it, else the fake."""
+        if MCP_REAL["everything"]:
+            script = MCP_REAL["everything"]
+            self.assertTrue(os.path.isfile(script), "$NANOCODE_MCP_EVERYTHING names %s, which is not there" % script)
+            node = shutil.which("node")
+            self.assertTrue(node, "$NANOCODE_MCP_EVERYTHING is set but node is not on PATH")
+            return {"name": "everything", "command": node, "args": [script, "stdio"], "env": []}, "mcp__everything__echo"
+        entry = fake_mcp_entry(self)
+        return ({"name": "fake", "command": entry["command"], "args": entry["args"],
+                 "env": [{"name": k, "value": v} for k, v in sorted(entry["env"].items())]}, "mcp__fake__echo")
+
+    def run_client(self, node, modules, config):
+        """client.mjs beside a node_modules link, run on config; returns (summary, stderr)."""
+        script = os.path.join(self.tmp, "client.mjs")
+        with open(script, "w", encoding="utf-8") as f:
+            f.write(ACP_SDK_CLIENT)
+        os.symlink(modules, os.path.join(self.tmp, "node_modules"))
+        config_path = os.path.join(self.tmp, "client.json")
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(config, f)
+        # the script's environment is the agent's: the fake model, the test's HOME and NANOCODE_DIR, the
+        # default permission mode (ask), so the edit asks the editor
+        env = self.nanocode_env(NANOCODE_PERMISSION_MODE=None)
+        proc = subprocess.Popen([node, script, config_path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=self.cwd, env=env, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=self.TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        finally:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever it left (agents, MCP servers)
+        err = err.decode("utf-8", "replace")
+        lines = out.decode("utf-8", "replace").strip().splitlines()
+        self.assertTrue(lines, "client.mjs printed nothing (exit %s); stderr: %s" % (proc.returncode, err[-4000:]))
+        try:
+            summary = json.loads(lines[-1])
+        except ValueError:
+            self.fail("client.mjs's last line is not JSON: %r; stderr: %s" % (lines[-1], err[-4000:]))
+        self.assertIsNone(summary["error"], "stderr: %s" % err[-4000:])
+        self.assertEqual(proc.returncode, 0, err[-4000:])
+        return summary, err
+
+    def test_the_official_client_sdk_drives_nanocode(self):
+        node, modules = self.sdk()
+        server, echo_tool = self.mcp_server()
+        notes = self.write_file("notes.txt", "hello\n")
+        self.fake.enqueue(tool_answer("read", {"path": "notes.txt"}, call_id="r1"))
+        self.fake.enqueue(tool_answer("edit", {"path": "notes.txt", "edits": [{"oldText": "hello",
+                                                                                "newText": "hello from the editor"}]},
+                                      call_id="e1"))
+        self.fake.enqueue(slow_text(["The", "file", "is", "edited."], 0.01))
+        self.fake.enqueue(slow_text(["word%d" % i for i in range(300)], 0.05))  # cancelled at its first word
+        summary, err = self.run_client(node, modules, {
+            "agent": [sys.executable, NANOCODE, "--acp"], "cwd": self.cwd, "mcpServers": [server],
+            "prompts": ["change hello in notes.txt", "tell me a long story"], "timeoutMs": (self.TIMEOUT - 20) * 1000})
+        context = json.dumps(summary)[:6000] + "\nstderr: " + err[-3000:]
+        # the checks were live: each malformed canary caught, the SDK itself rejected one and delivered nothing
+        self.assertEqual(sorted(summary["canary"]["missingContent"]), ["json-schema", "zod"], context)
+        self.assertEqual(sorted(summary["canary"]["badKind"]), ["dropped-by-sdk-parse", "json-schema"], context)
+        self.assertIn("dropped-by-sdk-parse", summary["canary"]["typoKey"], context)
+        self.assertTrue(summary["canary"]["sdkRejected"], context)
+        # and nanocode passed them: every notification, request and result valid, none dropped by the SDK
+        self.assertEqual(summary["problems"], [], context)
+        self.assertEqual(summary["errors"], [], context)
+        self.assertEqual(summary["sdkNotificationErrors"], 0, context)
+        self.assertEqual(summary["updates"]["delivered"], summary["updates"]["raw"], context)
+        self.assertTrue(summary["sdk"].startswith("2."), "client.mjs uses the 2.x client app API: %s" % summary["sdk"])
+        self.assertEqual(summary["responses"]["initialize"]["protocolVersion"], 1)
+        # the editor's MCP server reached the model
+        self.assertIn(echo_tool, [t["function"]["name"] for t in self.fake.posts[0].json.get("tools") or []], context)
+        # prompt 1: read, then the edit the editor allowed once, on disk, then a streamed answer
+        self.assertEqual(summary["stopReasons"], ["end_turn", "cancelled"], context)
+        self.assertEqual([(p["toolCallId"], p["chose"]) for p in summary["permissions"]], [("e1", "allow_once")], context)
+        with open(notes, encoding="utf-8") as f:
+            self.assertEqual(f.read(), "hello from the editor\n")
+        calls = [u[1] for u in summary["prompt1"] if u[0] == "tool_call"]
+        self.assertEqual(calls, ["r1", "e1"], context)
+        chunks = [u[1] for u in summary["prompt1"] if u[0] == "agent_message_chunk"]
+        self.assertGreaterEqual(len(chunks), 4, context)
+        self.assertEqual("".join(chunks).strip(), "The file is edited.", context)
+        # prompt 2: cancelled mid-stream, quickly
+        said = [u[1] for u in summary["prompt2"] if u[0] == "agent_message_chunk"]
+        self.assertTrue(0 < len(said) < 300, context)
+        self.assertLess(summary["cancelMs"], 5000, context)
+        # the load, in a new process, replayed the conversation before answering
+        replay = summary["replay"]
+        self.assertIn(["user_message_chunk", "change hello in notes.txt"], replay, context)
+        self.assertIn(["user_message_chunk", "tell me a long story"], replay, context)
+        self.assertIn("The file is edited.", [(u[1] or "").strip() for u in replay if u[0] == "agent_message_chunk"], context)
+        self.assertEqual([u[1] for u in replay if u[0] == "tool_call"], ["r1", "e1"], context)
+        self.assertEqual([e["code"] for e in summary["exits"]], [0, 0], context)
+        self.assertEqual(len(self.fake.posts), 4, "no model call from the load")
+
+
 # =============================================================================
 # 29. CLI
 # =============================================================================
