@@ -4087,8 +4087,11 @@ class TestGrepRipgrepInterop(SearchTestCase):
         git_only = self.bin_dir(("git",))
         for args in self.calls:
             with self.subTest(args=args):
-                with_rg = self.run_search("grep", **args)
-                with mock.patch.dict(os.environ, {"PATH": git_only}):
+                with mock.patch.object(nanocode, "_rg_grep", wraps=nanocode._rg_grep) as rg:
+                    with_rg = self.run_search("grep", **args)
+                self.assertTrue(rg.called, "rg was not asked")
+                with mock.patch.dict(os.environ, {"PATH": git_only}), \
+                        mock.patch.object(nanocode, "_rg_grep", side_effect=AssertionError("rg ran")):
                     stdlib = self.run_search("grep", **args)
                 self.assertEqual(with_rg, stdlib)
                 self.assertNotIn("error", with_rg)
@@ -11433,7 +11436,17 @@ def bench_search(rows):
         _timed_row(rows, "grep stdlib ignoreCase", _tool_runner(tree, "grep", {"pattern": LITERAL, "ignoreCase": True}, bin_dir),
              _command_runner(tree, [grep, "-rni"] + ignored + [LITERAL, "."]), None, "grep -rni")
         find_py = _command_runner(tree, [find, ".", "-path", "./build", "-prune", "-o", "-name", "*.py", "-print"])
-        _timed_row(rows, "glob **/*.py", _tool_runner(tree, "glob", {"pattern": "**/*.py"}), find_py, 2.0, "find -name")
+        glob_py = _tool_runner(tree, "glob", {"pattern": "**/*.py"})
+        # newest first needs each match's mtime, and Linux gives times only through stat (a directory listing
+        # holds names and types): find -name makes no stat at all, find -printf %T@ one per match, as glob
+        matched = [os.path.join(tree, f) for f in nanocode._walk_files(tree, nanocode.Cancel()) if f.endswith(".py")]
+        _timed_row(rows, "glob **/*.py (%d matches: a stat each)" % len(matched), glob_py, find_py, 2.0,
+                   "find -name: no stat")
+        _timed_row(rows, "  same against find with mtimes", glob_py, _command_runner(
+            tree, [find, ".", "-path", "./build", "-prune", "-o", "-name", "*.py", "-printf", "%T@ %p\n"]), 1.5,
+            "find -printf %T@")
+        _timed_row(rows, "  the %d stats alone (os.stat)" % len(matched), lambda: [os.stat(f) for f in matched],
+                   find_py, None, "find -name")
         _timed_row(rows, "find *.py", _tool_runner(tree, "find", {"pattern": "*.py"}), find_py, None, "find -name")
     return rows
 
