@@ -4087,8 +4087,11 @@ class TestGrepRipgrepInterop(SearchTestCase):
         git_only = self.bin_dir(("git",))
         for args in self.calls:
             with self.subTest(args=args):
-                with_rg = self.run_search("grep", **args)
-                with mock.patch.dict(os.environ, {"PATH": git_only}):
+                with mock.patch.object(nanocode, "_rg_grep", wraps=nanocode._rg_grep) as rg:
+                    with_rg = self.run_search("grep", **args)
+                self.assertTrue(rg.called, "rg was not asked")
+                with mock.patch.dict(os.environ, {"PATH": git_only}), \
+                        mock.patch.object(nanocode, "_rg_grep", side_effect=AssertionError("rg ran")):
                     stdlib = self.run_search("grep", **args)
                 self.assertEqual(with_rg, stdlib)
                 self.assertNotIn("error", with_rg)
@@ -11575,6 +11578,160 @@ def bench_connections(rows, fake, home):
     _row(rows, "connections for a 5-turn loop", fake.connections - before, "", "1", 5, "(one per request)")
 
 
+# -- the soak: 1,000 tool turns through the real program ---------------------------
+
+SOAK_TURNS = 1000  #: chat requests of the soak; the last one gets the final answer
+SOAK_WINDOW = 32000  #: contextWindow of the soak: it compacts every dozen turns or so
+SOAK_BASH_BYTES = 8192  #: what each bash turn prints
+
+
+class _SoakHandler(_FakeHandler):
+    """The fake server's handler, noting when each answer has been written (the soak's per-turn gaps)."""
+
+    def do_POST(self):
+        answered = self.server.fake.responder.answered
+        answered.request = None
+        _FakeHandler.do_POST(self)
+        if answered.request is not None:  # a chat request (not a probe of the server's own API)
+            answered.request.replied = time.monotonic()
+
+
+class SoakResponder:
+    """Answers a soak: read, edit, bash (8 KB of output) in turn, the summariser's requests, and a final answer at
+    request `turns`; samples the client's peak RSS at every request and its fds and threads at two turns."""
+
+    def __init__(self, turns, sample_at):
+        self.turns, self.sample_at = turns, sample_at
+        self.pid, self.chat, self.edits, self.peak_kb = None, 0, 0, 0
+        self.requests, self.kinds = [], []  # the chat requests in order, and "chat" or "summariser" for each
+        self.counts, self.errors = {}, []
+        self.answered = threading.local()  # the request the handler on this thread is answering
+
+    def _sample(self):
+        try:
+            with open("/proc/%d/status" % self.pid) as f:
+                self.peak_kb = max([self.peak_kb] + [int(l.split()[1]) for l in f if l.startswith("VmHWM:")])
+            if self.chat in self.sample_at:
+                self.counts[self.chat] = (len(os.listdir("/proc/%d/fd" % self.pid)),
+                                          len(os.listdir("/proc/%d/task" % self.pid)))
+        except (OSError, ValueError, TypeError):
+            pass
+
+    def __call__(self, request):
+        usage = len(request.body) // 4
+        self.answered.request = request
+        self.requests.append(request)
+        if is_summariser(request):
+            self.kinds.append("summariser")
+            return text_reply(summary_text("SOAK"), prompt_tokens=usage)
+        self.kinds.append("chat")
+        self.chat += 1
+        n = self.chat
+        self._sample()
+        last = (request.json or {}).get("messages", [{}])[-1]
+        if last.get("role") == "tool" and message_text(last).startswith("error"):
+            self.errors.append((n, message_text(last)[:200]))
+        if n >= self.turns:
+            return text_reply("soak done", prompt_tokens=usage)
+        if n % 3 == 1:
+            call = ("read", {"path": "work.txt"})
+        elif n % 3 == 2:
+            call = ("edit", {"path": "work.txt", "edits": [{"oldText": "value = %d\n" % self.edits,
+                                                             "newText": "value = %d\n" % (self.edits + 1)}]})
+            self.edits += 1
+        else:
+            call = ("bash", {"command": "head -c %d data.txt" % SOAK_BASH_BYTES})
+        return calls_reply([("call_%d" % n, call[0], call[1])], prompt_tokens=usage)
+
+
+def _soak_run(program, turns=SOAK_TURNS, windows=((5, 34), (SOAK_TURNS - 29, SOAK_TURNS))):
+    """One soak through program (argv of nanocode); returns a dict of its figures: the mean gap and request
+    size over each window of turns (ten read-edit-bash rounds each), peak RSS, fds and threads at turns 10
+    and `turns`, the number of compactions."""
+    with tempfile.TemporaryDirectory() as tmp:
+        home, work = os.path.join(tmp, ".nanocode"), os.path.join(tmp, "work")
+        os.makedirs(home)
+        os.makedirs(work)
+        with open(os.path.join(home, "settings.json"), "w") as f:
+            json.dump({"contextWindow": SOAK_WINDOW}, f)
+        with open(os.path.join(work, "work.txt"), "w") as f:
+            f.write("".join("line %02d of the file the soak edits\n" % i for i in range(30)) + "value = 0\n")
+        with open(os.path.join(work, "data.txt"), "w") as f:
+            f.write("".join("%05d bash output of the soak, one line of many\n" % i for i in range(400)))
+        fake = FakeLLM()
+        fake.server.RequestHandlerClass = _SoakHandler
+        fake.responder = responder = SoakResponder(turns, (10, turns))
+        fake.start()
+        try:
+            env = {"PATH": os.environ.get("PATH", ""), "HOME": tmp, "NANOCODE_DIR": home, "OPENAI_BASE_URL": fake.url,
+                   "OPENAI_API_KEY": "k", "NANOCODE_PERMISSION_MODE": "yolo"}
+            with open(os.path.join(tmp, "out"), "w+b") as out:
+                proc = subprocess.Popen(program + ["-p", "--no-session", "--max-turns", str(turns + 10), "go"],
+                                        env=env, cwd=work, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+                responder.pid = proc.pid
+                try:
+                    code = proc.wait(1200)
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+                out.seek(0)
+                output = out.read().decode("utf-8", "replace")
+        finally:
+            fake.stop()
+        assert code == 0 and "soak done" in output, "soak failed (exit %s): %s" % (code, output[-2000:])
+        assert not responder.errors, "tool errors in the soak: %s" % responder.errors[:3]
+        requests, kinds = responder.requests, responder.kinds
+        chat = [i for i, k in enumerate(kinds) if k == "chat"]  # index of each turn's request among all requests
+
+        def window(first, last):
+            """Mean ms from the answer to turn n-1 to the request of turn n, n in first..last, turns after a
+            compaction left out; and the mean request size in KB."""
+            gaps, sizes = [], []
+            for n in range(first, last + 1):
+                i, j = chat[n - 2], chat[n - 1]
+                sizes.append(len(requests[j].body) / 1024.0)
+                if j == i + 1:
+                    gaps.append((requests[j].time - requests[i].replied) * 1000)
+            return sum(gaps) / len(gaps), sum(sizes) / len(sizes), len(gaps)
+        return {"early": window(*windows[0]), "late": window(*windows[1]), "windows": windows,
+                "peak": responder.peak_kb / 1024.0, "counts": responder.counts,
+                "compactions": kinds.count("summariser"), "turns": len(chat)}
+
+
+def bench_soak(rows, repeats=3):
+    """Issue 13: 1,000 scripted tool turns (read, edit, bash with 8 KB out) through `nanocode.py -p` and the
+    launcher, compacting on a 32k window: the gap per turn early and late (tool run included; the median of
+    `repeats` soaks, each a mean over 30 turns), peak RSS (the highest), fds and threads at turns 10 and 1,000.
+
+    A gap runs from the end of the fake server's answer to the next request: the harness's own cost, the tool's
+    run included (bash forks a shell: about 4 ms of a bash turn here). Gaps that a compaction fills are left out."""
+    runs = [("script", [sys.executable, NANOCODE])]
+    with tempfile.TemporaryDirectory() as home:
+        try:
+            runs.append(("launcher", [_install_launcher(home)]))
+        except (subprocess.CalledProcessError, OSError):
+            runs.append(("launcher", None))  # no --install in this nanocode.py
+        for label, program in runs:
+            if program is None:
+                rows.append(("soak (launcher)", "not run", "", "nanocode.py has no --install", "-"))
+                continue
+            soaks = [_soak_run(program) for _ in range(repeats)]
+            (a, b), (c, d) = soaks[0]["windows"]
+            early, late = _median([r["early"][0] for r in soaks]), _median([r["late"][0] for r in soaks])
+            _row(rows, "soak (%s): turn gap, turns %d-%d (%.0f KB requests)" % (label, a, b, soaks[0]["early"][1]),
+                 early, "ms", "(harness + tool)")
+            _row(rows, "soak (%s): turn gap, turns %d-%d (%.0f KB requests)" % (label, c, d, soaks[0]["late"][1]),
+                 late, "ms", "<= 1.5x turns %d-%d" % (a, b), early, "(turns %d-%d)" % (a, b))
+            _row(rows, "soak (%s): peak RSS, %d turns, %d compactions" % (label, soaks[0]["turns"],
+                                                                       soaks[0]["compactions"]),
+                 max(r["peak"] for r in soaks), "MiB", "<= 40 MiB" if label == "launcher" else "(launcher <= 40 MiB)")
+            before = [max(r["counts"][10][k] for r in soaks) for k in (0, 1)]
+            after = [max(r["counts"][d][k] for r in soaks) for k in (0, 1)]
+            rows.append(("soak (%s): fds, threads at turn %d" % (label, d), "%d, %d" % tuple(after), "no growth",
+                         "%d, %d (turn 10)" % tuple(before), "%+d, %+d" % (after[0] - before[0], after[1] - before[1])))
+
+
 def bench_mcp(rows):
     """What MCP tools add to every request, directly and behind the router; connect and call times (the fake
     stdio server; server-everything too when .ci/mcp installed it)."""
@@ -11817,7 +11974,17 @@ def bench_search(rows):
         _timed_row(rows, "grep stdlib ignoreCase", _tool_runner(tree, "grep", {"pattern": LITERAL, "ignoreCase": True}, bin_dir),
              _command_runner(tree, [grep, "-rni"] + ignored + [LITERAL, "."]), None, "grep -rni")
         find_py = _command_runner(tree, [find, ".", "-path", "./build", "-prune", "-o", "-name", "*.py", "-print"])
-        _timed_row(rows, "glob **/*.py", _tool_runner(tree, "glob", {"pattern": "**/*.py"}), find_py, 2.0, "find -name")
+        glob_py = _tool_runner(tree, "glob", {"pattern": "**/*.py"})
+        # newest first needs each match's mtime, and Linux gives times only through stat (a directory listing
+        # holds names and types): find -name makes no stat at all, find -printf %T@ one per match, as glob
+        matched = [os.path.join(tree, f) for f in nanocode._walk_files(tree, nanocode.Cancel()) if f.endswith(".py")]
+        _timed_row(rows, "glob **/*.py (%d matches: a stat each)" % len(matched), glob_py, find_py, 2.0,
+                   "find -name: no stat")
+        _timed_row(rows, "  same against find with mtimes", glob_py, _command_runner(
+            tree, [find, ".", "-path", "./build", "-prune", "-o", "-name", "*.py", "-printf", "%T@ %p\n"]), 1.5,
+            "find -printf %T@")
+        _timed_row(rows, "  the %d stats alone (os.stat)" % len(matched), lambda: [os.stat(f) for f in matched],
+                   find_py, None, "find -name")
         _timed_row(rows, "find *.py", _tool_runner(tree, "find", {"pattern": "*.py"}), find_py, None, "find -name")
     return rows
 
@@ -11845,6 +12012,7 @@ def run_benchmarks():
             bench_stream_rate(rows, fake)
             bench_loop_overhead(rows)
             bench_connections(rows, fake, tmp)
+            bench_soak(rows)
         finally:
             fake.stop()
         bench_prompt_size(rows)
