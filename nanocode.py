@@ -4572,6 +4572,16 @@ def _is_ignored(groups, rel, name):
 _SCANDIR_FD = os.scandir in os.supports_fd and hasattr(os, "O_DIRECTORY")
 
 
+def _follow(ask, path, skipped):
+    """ask() about an entry through its symlink; None on an error, and a symlink loop (ELOOP) named in skipped."""
+    try:
+        return ask()
+    except OSError as err:
+        if _is_loop(err) and skipped is not None:
+            skipped.loops.append(path)
+        return None
+
+
 def _walk_files(root, cancel, hidden=True, name_ok=None, skipped=None, stat_ok=None):
     """Relative paths of the files under root, pruning .git, .gitignore'd and (unless hidden) dot entries.
 
@@ -4613,22 +4623,11 @@ def _walk_files(root, cancel, hidden=True, name_ok=None, skipped=None, stat_ok=N
                 if stat_ok is not None:  # stat only what is kept: ignore rules first
                     if (file_rules and _is_ignored(file_rules, path, name)) or not stat_ok(path):
                         continue
-                    try:
-                        st = e.stat()  # follows a symlink: a loop raises ELOOP
-                    except OSError as err:
-                        if _is_loop(err) and skipped is not None:
-                            skipped.loops.append(path)
-                        continue
-                    if st.st_mode & 0o170000 == 0o100000:  # a regular file (stat.S_ISREG)
+                    st = _follow(e.stat, path, skipped)
+                    if st is not None and st.st_mode & 0o170000 == 0o100000:  # a regular file (stat.S_ISREG)
                         yield path, st.st_mtime
                     continue
-                try:
-                    is_file = e.is_file()  # follows a symlink: a loop raises ELOOP
-                except OSError as err:
-                    if _is_loop(err) and skipped is not None:
-                        skipped.loops.append(path)
-                    continue
-                if is_file and not (file_rules and _is_ignored(file_rules, path, name)):
+                if _follow(e.is_file, path, skipped) and not (file_rules and _is_ignored(file_rules, path, name)):
                     yield path
         finally:
             if fd >= 0:
@@ -7224,11 +7223,13 @@ def trust_path(config):
 
 def project_root(cwd):
     """The directory a project's trust belongs to: the git root, else cwd."""
-    return project_dirs(cwd)[0] if os.path.exists(os.path.join(project_dirs(cwd)[0], ".git")) else os.path.abspath(cwd)
+    top = project_dirs(cwd)[0]
+    return top if os.path.exists(os.path.join(top, ".git")) else os.path.abspath(cwd)
 
 
 def read_trust(config):
-    """trust.json: {"projects": {root: {"mcp": {name: fingerprint}, "declined": {...}}}}."""
+    """trust.json: {"projects": {root: {"mcp": {name: fingerprint}, "declined": {...}, "trusted": true,
+    "declinedSettings": true}}}."""
     try:
         with open(trust_path(config), encoding="utf-8") as f:
             data = json.load(f)
@@ -7237,53 +7238,59 @@ def read_trust(config):
         return {"projects": {}}
 
 
-def is_trusted(config, spec):
-    """True when a project server may start: --trust-project, settings "trustedProjects", or the REPL's yes."""
-    if not spec.project or getattr(config, "trust_project", False):
+def project_trust(config):
+    """This project's entry of trust.json ({} when none)."""
+    return read_trust(config)["projects"].get(project_root(config.cwd)) or {}
+
+
+def update_project_trust(config, change):
+    """Apply change(entry) to this project's entry of trust.json and save it (0600)."""
+    data = read_trust(config)
+    change(data["projects"].setdefault(project_root(config.cwd), {}))
+    try:
+        make_private_dirs(config.home)
+        atomic_write(trust_path(config), (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"), 0o600)
+    except OSError:
+        pass
+
+
+def trusted_outright(config):
+    """--trust-project, or settings.json's "trustedProjects" naming this project (or true)."""
+    if getattr(config, "trust_project", False):
         return True
-    root = project_root(config.cwd)
     listed = config.settings.get("trustedProjects") if isinstance(config.settings, dict) else None
-    if listed is True or (isinstance(listed, list) and any(os.path.abspath(os.path.expanduser(str(p))) == root
-                                                             for p in listed)):
+    root = project_root(config.cwd)
+    return listed is True or (isinstance(listed, list) and
+                              any(os.path.abspath(os.path.expanduser(str(p))) == root for p in listed))
+
+
+def is_trusted(config, spec):
+    """True when a server may start: not a project's, the project trusted outright, or this very entry trusted."""
+    if not spec.project or trusted_outright(config):
         return True
-    entry = read_trust(config)["projects"].get(root) or {}
-    return (entry.get("mcp") or {}).get(spec.name) == spec.fingerprint
+    return (project_trust(config).get("mcp") or {}).get(spec.name) == spec.fingerprint
 
 
 def record_trust(config, specs, trusted):
     """Remember the user's answer for these project servers (declined ones are asked again only with /mcp trust)."""
-    data = read_trust(config)
-    entry = data["projects"].setdefault(project_root(config.cwd), {})
-    key = "mcp" if trusted else "declined"
-    entry.setdefault(key, {}).update((s.name, s.fingerprint) for s in specs)
-    if trusted:
-        for s in specs:
+    def change(entry):
+        entry.setdefault("mcp" if trusted else "declined", {}).update((s.name, s.fingerprint) for s in specs)
+        for s in specs if trusted else ():
             (entry.get("declined") or {}).pop(s.name, None)
-    try:
-        make_private_dirs(config.home)
-        atomic_write(trust_path(config), (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"), 0o600)
-    except OSError:
-        pass
+    update_project_trust(config, change)
 
 
 def record_project_trust(config, trusted):
     """Remember whether the user trusts this project's settings (asked once)."""
-    data = read_trust(config)
-    data["projects"].setdefault(project_root(config.cwd), {})["trusted" if trusted else "declinedSettings"] = True
-    try:
-        make_private_dirs(config.home)
-        atomic_write(trust_path(config), (json.dumps(data, indent=1, sort_keys=True) + "\n").encode("utf-8"), 0o600)
-    except OSError:
-        pass
+    update_project_trust(config, lambda entry: entry.update({"trusted" if trusted else "declinedSettings": True}))
 
 
 def was_project_declined(config):
-    return bool((read_trust(config)["projects"].get(project_root(config.cwd)) or {}).get("declinedSettings"))
+    return bool(project_trust(config).get("declinedSettings"))
 
 
 def was_declined(config, spec):
-    entry = read_trust(config)["projects"].get(project_root(config.cwd)) or {}
-    return (entry.get("declined") or {}).get(spec.name) == spec.fingerprint
+    return (project_trust(config).get("declined") or {}).get(spec.name) == spec.fingerprint
 
 
 # -- what the model sees ------------------------------------------------------------------------
@@ -8069,16 +8076,8 @@ def project_settings(config):
 
 
 def project_trusted(config):
-    """True when this project may widen permissions and start its servers: --trust-project, settings.json's
-    "trustedProjects", or the REPL's yes (trust.json)."""
-    if getattr(config, "trust_project", False):
-        return True
-    listed = config.settings.get("trustedProjects") if isinstance(config.settings, dict) else None
-    root = project_root(config.cwd)
-    if listed is True or (isinstance(listed, list) and any(os.path.abspath(os.path.expanduser(str(p))) == root
-                                                             for p in listed)):
-        return True
-    return bool((read_trust(config)["projects"].get(root) or {}).get("trusted"))
+    """True when this project may widen permissions: trusted outright, or the REPL's yes (trust.json)."""
+    return trusted_outright(config) or bool(project_trust(config).get("trusted"))
 
 
 def _within(path, folder):
