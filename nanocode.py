@@ -2236,11 +2236,15 @@ def clamp(value, low, high=None):
 
 
 class ToolContext:
-    """What a running tool may touch: cwd, config, cancel token, update sink, checkpoints, child jobs."""
+    """What a running tool may touch: cwd, config, cancel token, update sink, checkpoints, child jobs, editor."""
 
     def __init__(self, cwd, config=None, cancel=None, update=None, checkpoints=None, files=None, jobs=None,
-                 permissions=None):
+                 permissions=None, editor=None, call_id=None):
         self.cwd = cwd
+        self.call_id = call_id  # the tool call this context runs, or None
+        # an editor that reads and writes files and runs commands for the tools (ACP's fs/* and terminal/*),
+        # or None: everything happens here. Duck-typed: reads, writes, runs; read_text, write_text, run.
+        self.editor = editor
         self.permissions = permissions  # the session's Permissions (webfetch checks redirects with it), or None
         self.config = config
         self.cancel = cancel or Cancel()
@@ -2500,6 +2504,8 @@ def describe_image(path, head, mime, size):
     return "%s: %s, %d bytes%s" % (path, mime, size, ", %dx%d" % dims if dims else "")
 
 
+#: text files up to this size are read through an editor that offers to (ToolContext.editor)
+EDITOR_READ_MAX = 8 << 20
 #: bigger images are described, not attached (providers refuse them, and base64 triples the memory)
 IMAGE_MAX_BYTES = 5 << 20
 
@@ -2537,12 +2543,24 @@ def tool_read(ctx, path, offset=1, limit=READ_DEFAULT_LINES):
         if kind:
             raise ToolError("%s is a binary file (%s, %d bytes); inspect it with bash (e.g. file, xxd | head)"
                             % (path, kind, size))
+        text = editor_text(ctx, path, size)
+        if text is not None:  # the editor's buffer, unsaved changes included
+            import io
+            f = io.BytesIO(text.encode("utf-8", "replace"))
         if offset < 0:
             offset = max(1, _count_lines(f) + offset + 1)
         offset = max(1, offset)
         if not _seek_line(f, offset - 1):
             raise ToolError("offset %d is past the end: %s has %d lines" % (offset, path, _count_lines(f)))
         return _numbered_lines(f, path, offset, limit)
+
+
+def editor_text(ctx, path, size):
+    """A text file's content as the editor has it (ctx.editor: unsaved changes included), or None: read
+    the disk. Files over EDITOR_READ_MAX are read from disk (streamed), as is any the editor cannot give."""
+    if ctx.editor is None or not ctx.editor.reads or size > EDITOR_READ_MAX:
+        return None
+    return ctx.editor.read_text(path)
 
 
 #: bytes of a line kept for display: READ_MAX_LINE characters of up to 4 bytes, and one more
@@ -2908,17 +2926,37 @@ def _write_in_place(path, data, mode):
 
 
 def save_file(ctx, path, data):
-    """The tools' one way to change a file: checkpoint it, write it (atomic_write), note what was
-    left for /undo and for the read-before-write check. Returns the real path written."""
+    """The tools' one way to change a file: checkpoint it, write it (through the editor when it offers,
+    else atomic_write), note what was left for /undo and for the read-before-write check. Returns the
+    real path written."""
     path = os.path.realpath(path)
     if ctx.checkpoints is not None:
         ctx.checkpoints.record(path)
-    st = atomic_write(path, data)
+    if _save_in_editor(ctx, path, data):
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None  # the editor keeps it in a buffer for now
+    else:
+        st = atomic_write(path, data)
     if ctx.checkpoints is not None:
         ctx.checkpoints.written(path, data)
-    if ctx.files is not None:
+    if ctx.files is not None and st is not None:
         ctx.files.saw(path, st, _sha256(data) if len(data) <= TRACK_HASH_MAX else None)
     return path
+
+
+def _save_in_editor(ctx, path, data):
+    """Write data through ctx.editor when it offers to (the change lands in its buffer and undo history);
+    False: write it here. Bytes that are not UTF-8 text always go to disk as they are."""
+    if ctx.editor is None or not ctx.editor.writes:
+        return False
+    try:
+        text = data.decode("utf-8")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except (UnicodeDecodeError, OSError):
+        return False
+    return ctx.editor.write_text(path, text, ctx.call_id)
 
 
 def _through_link(link, real):
@@ -2942,7 +2980,7 @@ def tool_write(ctx, path, content):
         raise ToolError("%s is %s, not a regular file; write creates or replaces regular files only" % (link, kind))
     if ctx.files is not None:
         ctx.files.check_write(path)
-    old = _read_small(path)
+    old = _current_text(ctx, path)
     data = content.encode("utf-8", "surrogateescape")
     save_file(ctx, path, data)
     via = _through_link(link, path)
@@ -2950,6 +2988,17 @@ def tool_write(ctx, path, content):
     lines = content.count("\n") + (1 if content and not content.endswith("\n") else 0)
     diff = file_diff(shown, old, content) if old is not None else "new file %s (%d lines)" % (shown, lines)
     return ToolResult("wrote %d bytes (%d lines) to %s%s" % (len(data), lines, shown, via), details={"diff": diff})
+
+
+def _current_text(ctx, path, limit=1 << 20):
+    """A text file's content now, as the editor has it when it offers (see editor_text), when it
+    exists and is small; else None."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    text = editor_text(ctx, path, size) if size <= limit else None
+    return text if text is not None else _read_small(path, limit)
 
 
 def _read_small(path, limit=1 << 20):
@@ -3089,6 +3138,9 @@ def tool_edit(ctx, path, edits):
     path = os.path.realpath(link)
     with _open_regular(path) as f:
         raw = f.read()
+    text = editor_text(ctx, path, len(raw))
+    if text is not None:  # the editor's buffer, unsaved changes included
+        raw = text.encode("utf-8", "replace")
     bom = raw.startswith(codecs.BOM_UTF8)
     text = raw[3 if bom else 0:].decode("utf-8", "surrogateescape")
     planned = plan_edits(text, edits, detect_eol(text))
@@ -3445,6 +3497,8 @@ def tool_bash(ctx, command, timeout=BASH_DEFAULT_TIMEOUT):
     """Run command in its own process group; returns when the shell exits, even if children linger."""
     import subprocess
     timeout = clamp(timeout, 1, BASH_MAX_TIMEOUT)
+    if ctx.editor is not None and ctx.editor.runs and not sandbox_mode(ctx.config):
+        return ctx.editor.run(ctx, shell_argv(command), timeout)  # in the editor's terminal (never sandboxed)
     marker = PROCESS_GROUPS.new_marker()
     env = child_environment(ctx.config, {"NANOCODE": "1", RUN_MARKER_VAR: marker})
     argv, preexec, release = sandbox_command(ctx.config, ctx.cwd, shell_argv(command))  # ToolError: no sandbox
@@ -6071,6 +6125,9 @@ class _Pending:
         self.progress = progress
 
 
+MCP_CANCELLED = "notifications/cancelled"
+
+
 class RpcPeer:
     """JSON-RPC 2.0 over a transport's send(message). Our requests get ids from 1 and wait with a
     timeout; the server's requests are answered by on_request(method, params) -> result (raise
@@ -6081,6 +6138,7 @@ class RpcPeer:
         self.on_request, self.on_notify, self.log = on_request, on_notify, log
         self.meta = None  # the _meta every request carries (the 2026-07-28 era), or None
         self.notifications = True  # False: notify() sends nothing (the stateless era over HTTP)
+        self.cancel_method = MCP_CANCELLED  # the notification that tells the peer we stopped waiting
         self._pending = {}
         self._lock = threading.Lock()
         self._next_id = 0
@@ -6133,9 +6191,11 @@ class RpcPeer:
     def _abandon(self, rid, reason):
         """Tell the server we stopped waiting for request rid (it keeps running), on a thread of its own:
         a server that hangs must not hold up the caller."""
+        params = {"requestId": rid, "reason": reason} if self.cancel_method == MCP_CANCELLED else {"requestId": rid}
+
         def send():
             try:
-                self.notify("notifications/cancelled", {"requestId": rid, "reason": reason})
+                self.notify(self.cancel_method, params)
             except Exception:
                 pass
         threading.Thread(target=send, daemon=True, name="mcp-cancel").start()
@@ -9213,6 +9273,7 @@ class Session:
         self.job_listener = None  # fn() after a background report was queued (the CommandLoop starts a run)
         self.mcp = None  # the McpManager whose servers' tools are in self.tools, or None
         self.permissions = None  # the Permissions that are before_tool, or None (everything allowed)
+        self.editor = None  # the editor the file tools and bash go through (ToolContext.editor), or None
         self.start(store)
 
     def emit(self, event):
@@ -9761,7 +9822,8 @@ class Session:
                     ctx = ToolContext(self.config.cwd, self.config, cancel, checkpoints=self.checkpoints,
                                       update=lambda text: events.tool_update(call["id"], text), files=self.files,
                                       jobs=self.jobs, permissions=self.permissions
-                                      if self.before_tool is self.permissions else None)
+                                      if self.before_tool is self.permissions else None,
+                                      editor=self.editor, call_id=call["id"])
                     result = run_tool(ctx, call["name"], call["args"], self.tools)
         except Exception as e:  # a hook or bookkeeping bug: the model gets an error, the run goes on
             result = ToolResult("error: internal error before %s ran: %s: %s" % (call["name"], e.__class__.__name__, e), True)
@@ -11740,6 +11802,9 @@ ACP_MODES = (("ask", "Ask", "Ask before edits, commands that change things, and 
              ("yolo", "Yolo", "Never ask"))
 ACP_OUTPUT_KEEP = 20000  #: characters of a running command's output shown in its tool call
 ACP_DIFF_MAX = 1 << 20  #: a file larger than this gets no diff in its tool call
+ACP_CLIENT_TIMEOUT = 30.0  #: seconds an fs/* or terminal/* request may take (a command's wait: its own timeout)
+ACP_TERMINAL_OUTPUT_LIMIT = 1 << 20  #: bytes of a command's output the editor keeps for us (the end of it)
+ACP_SESSION_NOT_FOUND = -32002  #: "resource not found", the SDK's code for an unknown session
 
 
 class AcpError(NanocodeError):
@@ -11750,12 +11815,113 @@ class AcpError(NanocodeError):
         self.code = code
 
 
+def acp_log(text):
+    """A line about the ACP connection on stderr (stdout is the protocol's)."""
+    sys.stderr.write("nanocode acp: %s\n" % one_line(text, 500))
+    sys.stderr.flush()
+
+
 class _StderrLog:
-    """The RpcPeer log of the ACP connection: stderr, one line each."""
+    """The RpcPeer log of the ACP connection."""
 
     def write(self, text):
-        sys.stderr.write("nanocode acp: %s\n" % one_line(text, 500))
-        sys.stderr.flush()
+        acp_log(text)
+
+
+class AcpEditor:
+    """The editor's side of one ACP session's tools (Session.editor), as far as the client offers it:
+    read/write/edit through fs/read_text_file and fs/write_text_file (unsaved buffers are seen, changes
+    land in the editor's undo history), bash in a terminal/* the editor shows live. A failed fs request
+    falls back to the disk here; a failed terminal is the call's error."""
+
+    def __init__(self, acp, capabilities):
+        fs = capabilities.get("fs") if isinstance(capabilities.get("fs"), dict) else {}
+        self.reads = fs.get("readTextFile") is True
+        self.writes = fs.get("writeTextFile") is True
+        self.runs = capabilities.get("terminal") is True
+        self.acp = acp
+        self.written = {}  # tool call id -> the text written through the editor (the diff's new side)
+        self.terminals = {}  # tool call id -> the terminal its command ran in
+
+    def _request(self, method, params, timeout=ACP_CLIENT_TIMEOUT, cancel=None):
+        return self.acp.agent.peer.request(method, dict(params, sessionId=self.acp.id), timeout, cancel)
+
+    def read_text(self, path):
+        """The file's text as the editor has it, or None (read the disk then)."""
+        try:
+            content = self._request("fs/read_text_file", {"path": path}).get("content")
+        except McpError as e:
+            acp_log("fs/read_text_file %s: %s; read from disk instead" % (path, e))
+            return None
+        return content if isinstance(content, str) else None
+
+    def write_text(self, path, text, call_id=None):
+        """Write through the editor; False when it failed (write the disk then)."""
+        try:
+            self._request("fs/write_text_file", {"path": path, "content": text})
+        except McpError as e:
+            acp_log("fs/write_text_file %s: %s; written to disk instead" % (path, e))
+            return False
+        if call_id:
+            self.written[call_id] = text
+        return True
+
+    def run(self, ctx, argv, timeout):
+        """bash: argv in a terminal of the editor, embedded in the tool call, for up to timeout seconds;
+        the result is the end of its output and how it ended, like a command run here."""
+        try:
+            terminal = self._request("terminal/create", {
+                "command": argv[0], "args": list(argv[1:]), "cwd": ctx.cwd, "env": [{"name": "NANOCODE", "value": "1"}],
+                "outputByteLimit": ACP_TERMINAL_OUTPUT_LIMIT})["terminalId"]
+        except (McpError, KeyError) as e:
+            raise ToolError("the editor could not start a terminal: %s" % e)
+        if ctx.call_id:
+            self.terminals[ctx.call_id] = terminal
+            self.acp.update({"sessionUpdate": "tool_call_update", "toolCallId": ctx.call_id, "status": "in_progress",
+                             "content": [{"type": "terminal", "terminalId": terminal}]})
+        state, ids = "exited", {"terminalId": terminal}
+        try:
+            try:
+                status = self._request("terminal/wait_for_exit", ids, timeout, ctx.cancel)
+            except McpError as e:
+                if e.code is not None and not ctx.cancel.is_set():
+                    raise ToolError("the editor's terminal failed: %s" % e)
+                state, status = "aborted" if ctx.cancel.is_set() else "timeout", {}
+                self._quietly("terminal/kill", ids)
+            try:
+                output = self._request("terminal/output", ids)
+            except McpError as e:
+                output = {"output": "[the editor gave no output: %s]\n" % e}
+        finally:
+            self._quietly("terminal/release", ids)
+        return terminal_result(output, output.get("exitStatus") or status, state, timeout)
+
+    def _quietly(self, method, ids):
+        try:
+            self._request(method, ids)
+        except McpError as e:
+            acp_log("%s: %s" % (method, e))
+
+
+def terminal_result(output, status, state, timeout):
+    """The bash tool's result for a command run in the editor's terminal: the end of its output (the
+    model's limits) and a note of how it ended, as _bash_result words it."""
+    text, cut = tail_lines(str(output.get("output") or ""), BASH_TAIL_LINES, BASH_TAIL_BYTES)
+    status = status if isinstance(status, dict) else {}
+    code, sig = status.get("exitCode"), status.get("signal")
+    notes = []
+    if state == "timeout":
+        notes.append("[timed out after %ds: the editor's terminal was killed; pass a larger timeout if needed]" % timeout)
+    elif state == "aborted":
+        notes.append("[aborted by the user]")
+    elif sig:
+        notes.append("[killed by signal %s]" % sig)
+    else:
+        notes.append("[exit code %s]" % (code if code is not None else "unknown"))
+    if cut or output.get("truncated"):
+        notes.append("[output cut to its last %d lines / %d KB]" % (BASH_TAIL_LINES, BASH_TAIL_BYTES // 1024))
+    body = (text.rstrip("\n") + "\n" if text.strip() else "") + "\n".join(notes)
+    return ToolResult(body, is_error=state != "exited" or bool(sig) or code != 0)
 
 
 class AcpSession:
@@ -11763,6 +11929,7 @@ class AcpSession:
 
     def __init__(self, agent, session, session_id):
         self.agent, self.session, self.id = agent, session, session_id
+        self.editor = session.editor = AcpEditor(self, agent.client_capabilities)
         self.loop = CommandLoop(session)
         self._before = {}  # tool call id -> (path, old text) of an edit or write, for its diff
         self._output = {}  # tool call id -> command output so far
@@ -11802,26 +11969,50 @@ class AcpSession:
             self.update({"sessionUpdate": "agent_thought_chunk", "content": {"type": "text", "text":
                          "[context compacted (%s): %d → %d tokens]\n" % (event["reason"], event["tokensBefore"],
                                                                          event["tokensAfter"])}})
+            self._usage()
+        elif kind == "message_end" and event.get("role") == "assistant":
+            self._usage()
+
+    def _usage(self):
+        """usage_update: the context in use, the window, the cost so far when prices are known."""
+        session = self.session
+        update = {"sessionUpdate": "usage_update", "used": max(0, int(session.context_tokens())),
+                  "size": max(0, int(session.context_window))}
+        cost = usage_cost(session.usage, session.config)
+        if cost is not None:
+            update["cost"] = {"amount": round(cost, 6), "currency": "USD"}
+        self.update(update)
 
     def _tool_start(self, event):
         name, args = event["name"], event.get("args") or {}
         update = {"sessionUpdate": "tool_call", "toolCallId": event["id"], "title": format_tool_call(name, args, 120),
                   "kind": ACP_TOOL_KINDS.get(name, "other"), "status": "pending", "rawInput": args}
         path = args.get("path") if isinstance(args.get("path"), str) else None
-        if path:
-            full = resolve_path(self.session.config.cwd, path)
+        full = resolve_path(self.session.config.cwd, path) if path else None
+        if full:
             update["locations"] = [{"path": full}]
-            if name in EDIT_TOOLS:
-                self._before[event["id"]] = (full, _acp_file_text(full))
         self.update(update)
+        if full and name in EDIT_TOOLS:
+            self._before[event["id"]] = (full, self._file_text(full))
+
+    def _file_text(self, path):
+        """A file's text for a diff: the editor's buffer when it offers it, else the disk's."""
+        text = _acp_file_text(path)
+        if text is not None and os.path.exists(path) and self.editor.reads:
+            text = self.editor.read_text(path) or text
+        return text
 
     def _tool_end(self, event):
         call_id = event["id"]
         self._output.pop(call_id, None)
         before = self._before.pop(call_id, None)
+        written = self.editor.written.pop(call_id, None)
+        terminal = self.editor.terminals.pop(call_id, None)
         content = [_acp_text_content(event["result"])]
+        if terminal is not None:  # the editor shows the command's output itself, also once released
+            content = [{"type": "terminal", "terminalId": terminal}]
         if before is not None and not event["isError"]:
-            after = _acp_file_text(before[0])
+            after = written if written is not None else _acp_file_text(before[0])
             if after is not None:
                 content = [{"type": "diff", "path": before[0], "oldText": before[1], "newText": after}]
         self.update({"sessionUpdate": "tool_call_update", "toolCallId": call_id,
@@ -11981,6 +12172,7 @@ class AcpAgent:
         self._threads = []  # request handlers still running
         self._write_lock = threading.Lock()
         self.peer = RpcPeer(self._send, None, lambda method, params: None, _StderrLog())
+        self.peer.cancel_method = "$/cancel_request"
 
     def _send(self, message):
         data = encode_json(message) + b"\n"
@@ -12061,7 +12253,7 @@ class AcpAgent:
     def session(self, params):
         session = self.sessions.get(params.get("sessionId"))
         if session is None:
-            raise AcpError(-32602, "no session %r" % params.get("sessionId"))
+            raise AcpError(ACP_SESSION_NOT_FOUND, "no session %r" % params.get("sessionId"))
         return session
 
     # -- methods ------------------------------------------------------------------------------------
@@ -12128,7 +12320,7 @@ class AcpAgent:
         except NanocodeError:
             found = False
         if not found:
-            raise AcpError(-32602, "no saved session %r for %s" % (ref, config.cwd))
+            raise AcpError(ACP_SESSION_NOT_FOUND, "no saved session %r for %s" % (ref, config.cwd))
         acp = self.new_session(dict(params, cwd=config.cwd), resume=ref)
         if acp.id != ref:  # the saved id is the one the editor knows
             self.sessions.pop(acp.id, None)

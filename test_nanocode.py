@@ -10530,7 +10530,9 @@ class TestReplTerminal(TmuxTestCase):
 
 class AcpClient:
     """The editor's side of an in-process AcpAgent: sends requests, collects answers and notifications,
-    answers session/request_permission with `permission` (an optionId, or None to cancel)."""
+    answers session/request_permission with `permission` (an optionId, or None to cancel). With
+    capabilities (initialize's clientCapabilities) it is an editor too: fs/* reads `buffers` (path -> unsaved
+    text) before the disk and writes the disk, terminal/* runs commands here; `editor_calls` lists them."""
 
     def __init__(self, test, config):
         self.test = test
@@ -10541,6 +10543,8 @@ class AcpClient:
         self.agent = nanocode.AcpAgent(config, os.fdopen(in_r, "rb"), os.fdopen(out_w, "wb"))
         self.messages, self.next_id, self.permission = [], 0, "allow_once"
         self.permission_requests = []
+        self.capabilities, self.buffers, self.editor_calls, self.terminals = {}, {}, [], {}
+        self.fail_methods = set()  # editor methods answered with an error
         self.lock = threading.Lock()
         threading.Thread(target=self.agent.serve, daemon=True).start()
         threading.Thread(target=self._read, daemon=True).start()
@@ -10559,8 +10563,79 @@ class AcpClient:
                 self.permission_requests.append(message)
                 outcome = {"outcome": "selected", "optionId": self.permission} if self.permission else {"outcome": "cancelled"}
                 self.send({"jsonrpc": "2.0", "id": message["id"], "result": {"outcome": outcome}})
+            elif str(message.get("method")).startswith(("fs/", "terminal/")) and "id" in message:
+                self.editor_calls.append((message["method"], message["params"]))
+                threading.Thread(target=self._editor, args=(message,), daemon=True).start()
             with self.lock:
                 self.messages.append(message)
+
+    def _editor(self, message):
+        method, params = message["method"], message["params"]
+        try:
+            if method in self.fail_methods:
+                raise OSError("refused by the test editor")
+            result = getattr(self, "_" + method.replace("/", "_"))(params)
+            reply = {"jsonrpc": "2.0", "id": message["id"], "result": result}
+        except (OSError, KeyError) as e:
+            reply = {"jsonrpc": "2.0", "id": message["id"], "error": {"code": -32603, "message": str(e)}}
+        self.send(reply)
+
+    def _fs_read_text_file(self, params):
+        if params["path"] in self.buffers:
+            return {"content": self.buffers[params["path"]]}
+        with open(params["path"], encoding="utf-8") as f:
+            return {"content": f.read()}
+
+    def _fs_write_text_file(self, params):
+        with open(params["path"], "w", encoding="utf-8") as f:
+            f.write(params["content"])
+        self.buffers[params["path"]] = params["content"]
+        return None  # the docs' example answer; the SDK sends {}
+
+    def _terminal_create(self, params):
+        proc = subprocess.Popen([params["command"]] + params.get("args", []), cwd=params.get("cwd"),
+                                env=dict(os.environ, **dict((e["name"], e["value"]) for e in params.get("env", []))),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self.test.addCleanup(lambda: proc.poll() is None and os.killpg(proc.pid, signal.SIGKILL))
+        terminal = {"proc": proc, "output": b""}
+        def pump():
+            for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+                terminal["output"] += chunk
+        terminal["pump"] = threading.Thread(target=pump, daemon=True)
+        terminal["pump"].start()
+        tid = "term-%d" % len(self.terminals)
+        self.terminals[tid] = terminal
+        return {"terminalId": tid}
+
+    def _exit_status(self, terminal):
+        code = terminal["proc"].returncode
+        return {"exitCode": code, "signal": None} if code is None or code >= 0 else {"exitCode": None, "signal": "SIGTERM"}
+
+    def _terminal_wait_for_exit(self, params):
+        terminal = self.terminals[params["terminalId"]]
+        terminal["proc"].wait()
+        terminal["pump"].join(5)
+        return self._exit_status(terminal)
+
+    def _terminal_output(self, params):
+        terminal = self.terminals[params["terminalId"]]
+        done = terminal["proc"].poll() is not None
+        return {"output": terminal["output"].decode("utf-8", "replace"), "truncated": False,
+                "exitStatus": self._exit_status(terminal) if done else None}
+
+    def _terminal_kill(self, params):
+        proc = self.terminals[params["terminalId"]]["proc"]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        return {}
+
+    def _terminal_release(self, params):
+        self._terminal_kill(params)
+        self.terminals[params["terminalId"]]["released"] = True
+        return {}
+
+    def calls(self, method):
+        return [params for m, params in list(self.editor_calls) if m == method]
 
     def send(self, message):
         self.to_agent.write((json.dumps(message) + "\n").encode("utf-8"))
@@ -10582,7 +10657,7 @@ class AcpClient:
                 and (kind is None or m["params"]["update"]["sessionUpdate"] == kind)]
 
     def new_session(self, cwd, **params):
-        self.request("initialize", {"protocolVersion": 1, "clientCapabilities": {}})
+        self.request("initialize", {"protocolVersion": 1, "clientCapabilities": self.capabilities})
         result = self.request("session/new", dict({"cwd": cwd, "mcpServers": []}, **params))
         self.test.assertIn("result", result, result)
         return result["result"]["sessionId"]
@@ -10620,7 +10695,7 @@ class TestAcp(AcpTestCase):
         self.assertEqual(sorted(codes), [-32700, -32600, -32600])
         self.assertEqual(client.request("no/such")["error"]["code"], -32601)
         self.assertEqual(client.request("session/new", {"cwd": "relative/dir"})["error"]["code"], -32602)
-        self.assertEqual(client.request("session/prompt", {"sessionId": "nope", "prompt": []})["error"]["code"], -32602)
+        self.assertEqual(client.request("session/prompt", {"sessionId": "nope", "prompt": []})["error"]["code"], -32002)
         self.assertEqual(client.request("authenticate", {"methodId": "env"})["result"], {})
 
     def test_a_prompt_streams_and_ends_the_turn(self):
@@ -10730,7 +10805,142 @@ class TestAcp(AcpTestCase):
         self.assertEqual(later.prompt(sid, "second question")["result"]["stopReason"], "end_turn")
         sent = [m["content"] for m in self.fake.posts[-1].json["messages"] if m["role"] != "system"]
         self.assertEqual(sent, ["first question", "first answer", "second question"])
-        self.assertEqual(later.request("session/load", {"sessionId": "nope", "cwd": self.cwd})["error"]["code"], -32602)
+        self.assertEqual(later.request("session/load", {"sessionId": "nope", "cwd": self.cwd})["error"]["code"], -32002)
+
+    def tool_results(self):
+        """call id -> the tool result the model was sent, over every request so far."""
+        return dict((m["tool_call_id"], m["content"]) for post in self.fake.posts for m in post.json["messages"]
+                    if m["role"] == "tool")
+
+    def editor_client(self, **capabilities):
+        client = self.client()
+        client.capabilities = capabilities or {"fs": {"readTextFile": True, "writeTextFile": True}, "terminal": True}
+        return client
+
+    def test_file_tools_read_and_write_through_the_editor(self):
+        app, new, blob = (os.path.join(self.cwd, n) for n in ("app.py", "new.txt", "blob.bin"))
+        with open(app, "w") as f:
+            f.write("print('on disk')\n")
+        with open(blob, "wb") as f:
+            f.write(b"\0\1\2binary")
+        client = self.editor_client(fs={"readTextFile": True, "writeTextFile": True})
+        client.buffers[app] = "print('unsaved')\n"  # what the user typed and has not saved
+        sid = client.new_session(self.cwd, )
+        client.request("session/set_mode", {"sessionId": sid, "modeId": "yolo"})
+        self.fake.enqueue(tool_answer("read", {"path": "app.py"}, call_id="r1"))
+        self.fake.enqueue(tool_answer("edit", {"path": "app.py", "edits": [{"oldText": "unsaved", "newText": "edited"}]},
+                                      call_id="e1"))
+        self.fake.enqueue(tool_answer("write", {"path": "new.txt", "content": "fresh\n"}, call_id="w1"))
+        self.fake.enqueue(tool_answer("read", {"path": "blob.bin"}, call_id="b1"))
+        self.fake.enqueue(answer("done"))
+        self.assertEqual(client.prompt(sid, "go")["result"]["stopReason"], "end_turn")
+        results = self.tool_results()
+        self.assertIn("1\tprint('unsaved')", results["r1"], "the model saw the editor's buffer")
+        self.assertEqual(client.calls("fs/write_text_file"), [
+            {"sessionId": sid, "path": app, "content": "print('edited')\n"},
+            {"sessionId": sid, "path": new, "content": "fresh\n"}])
+        self.assertIn("binary file", results["b1"])
+        self.assertNotIn(blob, [c["path"] for c in client.calls("fs/read_text_file")], "binary files are read here")
+        done = [u for u in client.updates(sid, "tool_call_update") if u["toolCallId"] == "e1"][-1]
+        self.assertEqual(done["content"][0], {"type": "diff", "path": app, "oldText": "print('unsaved')\n",
+                                              "newText": "print('edited')\n"})
+        created = [u for u in client.updates(sid, "tool_call_update") if u["toolCallId"] == "w1"][-1]
+        self.assertEqual(created["content"][0]["newText"], "fresh\n")
+        self.fake.enqueue(answer("undone"))
+        client.prompt(sid, "/undo")
+        with open(app) as f:
+            self.assertEqual(f.read(), "print('on disk')\n", "/undo puts back what the disk had")
+        self.assertFalse(os.path.exists(new))
+
+    def test_a_failing_editor_leaves_the_file_tools_on_disk(self):
+        app = os.path.join(self.cwd, "app.py")
+        with open(app, "w") as f:
+            f.write("x = 1\n")
+        client = self.editor_client(fs={"readTextFile": True, "writeTextFile": True})
+        client.fail_methods = {"fs/read_text_file", "fs/write_text_file"}
+        sid = client.new_session(self.cwd)
+        client.request("session/set_mode", {"sessionId": sid, "modeId": "yolo"})
+        self.fake.enqueue(tool_answer("read", {"path": "app.py"}, call_id="r1"))
+        self.fake.enqueue(tool_answer("edit", {"path": "app.py", "edits": [{"oldText": "1", "newText": "2"}]}, call_id="e1"))
+        self.fake.enqueue(answer("done"))
+        client.prompt(sid, "go")
+        self.assertIn("1\tx = 1", self.tool_results()["r1"])
+        self.assertFalse(self.tool_results()["e1"].startswith("error"), self.tool_results()["e1"])
+        with open(app) as f:
+            self.assertEqual(f.read(), "x = 2\n")
+        self.assertTrue(client.calls("fs/write_text_file"), "the editor was asked first")
+
+    def test_bash_runs_in_the_editors_terminal(self):
+        client = self.editor_client(terminal=True)
+        sid = client.new_session(self.cwd)
+        client.request("session/set_mode", {"sessionId": sid, "modeId": "yolo"})
+        self.fake.enqueue(tool_answer("bash", {"command": "echo from-$NANOCODE; pwd; exit 3"}, call_id="b1"))
+        self.fake.enqueue(answer("ran"))
+        self.assertEqual(client.prompt(sid, "go")["result"]["stopReason"], "end_turn")
+        created = client.calls("terminal/create")
+        self.assertEqual(len(created), 1)
+        self.assertEqual(created[0]["args"][0], "-c")
+        self.assertEqual(created[0]["cwd"], self.cwd)
+        result = self.tool_results()["b1"]
+        self.assertIn("from-1\n%s\n" % os.path.realpath(self.cwd), result.replace(self.cwd, os.path.realpath(self.cwd)))
+        self.assertTrue(result.endswith("[exit code 3]"), result)
+        shown = [u for u in client.updates(sid, "tool_call_update") if u["toolCallId"] == "b1"]
+        tid = created and [c for c in client.terminals][0]
+        self.assertEqual(shown[0]["content"], [{"type": "terminal", "terminalId": tid}])
+        self.assertEqual((shown[-1]["status"], shown[-1]["content"]), ("failed", [{"type": "terminal", "terminalId": tid}]))
+        self.assertTrue(wait_for(lambda: client.terminals[tid].get("released")), "every terminal is released")
+
+    def test_a_cancel_or_a_timeout_kills_the_editors_terminal(self):
+        client = self.editor_client(terminal=True)
+        sid = client.new_session(self.cwd)
+        client.request("session/set_mode", {"sessionId": sid, "modeId": "yolo"})
+        self.fake.enqueue(tool_answer("bash", {"command": "sleep 60"}, call_id="long"))
+        rid = client.prompt(sid, "wait", wait=False)
+        self.assertTrue(wait_for(lambda: client.calls("terminal/wait_for_exit")))
+        client.send({"jsonrpc": "2.0", "method": "session/cancel", "params": {"sessionId": sid}})
+        self.assertEqual(client.answer(rid)["result"]["stopReason"], "cancelled")
+        self.assertTrue(wait_for(lambda: client.calls("terminal/release")))
+        self.assertTrue(client.calls("terminal/kill"))
+        self.assertIsNotNone(wait_for(lambda: client.terminals["term-0"]["proc"].poll(), 10), "the command was killed")
+        self.fake.enqueue(tool_answer("bash", {"command": "sleep 60", "timeout": 1}, call_id="slow"))
+        self.fake.enqueue(answer("gave up"))
+        self.assertEqual(client.prompt(sid, "again")["result"]["stopReason"], "end_turn")
+        self.assertIn("[timed out after 1s", self.tool_results()["slow"])
+        self.assertIsNotNone(wait_for(lambda: client.terminals["term-1"]["proc"].poll(), 10))
+
+    def test_a_sandbox_keeps_bash_out_of_the_editors_terminal(self):
+        client = AcpClient(self, self.config(sandbox="workspace-write", permission_mode="yolo"))
+        client.capabilities = {"terminal": True}
+        sid = client.new_session(self.cwd)
+        self.fake.enqueue(tool_answer("bash", {"command": "echo confined"}, call_id="b1"))
+        self.fake.enqueue(answer("ok"))
+        client.prompt(sid, "go")
+        self.assertEqual(client.calls("terminal/create"), [])
+        self.assertTrue(self.tool_results()["b1"])
+
+    def test_usage_updates_follow_each_answer(self):
+        client = self.client()
+        sid = client.new_session(self.cwd)
+        self.fake.enqueue(answer("hi"))
+        client.prompt(sid, "hello")
+        usage = client.updates(sid, "usage_update")
+        self.assertTrue(usage)
+        self.assertGreater(usage[-1]["used"], 0)
+        self.assertEqual(usage[-1]["size"], client.agent.sessions[sid].session.context_window)
+
+    def test_a_prompt_during_a_turn_steers_it(self):
+        client = self.client()
+        sid = client.new_session(self.cwd)
+        self.fake.enqueue(slow_text(["word%d " % i for i in range(40)], 0.05))
+        self.fake.enqueue(answer("after steering"))
+        first = client.prompt(sid, "start", wait=False)
+        self.assertTrue(wait_for(lambda: client.updates(sid, "agent_message_chunk")))
+        second = client.prompt(sid, "also do this", wait=False)
+        self.assertEqual(client.answer(first)["result"]["stopReason"], "end_turn")
+        self.assertEqual(client.answer(second)["result"]["stopReason"], "end_turn")
+        self.assertEqual(len(self.fake.posts), 2, "one turn, steered, not a second prompt")
+        sent = [m.get("content") for m in self.fake.posts[1].json["messages"] if m["role"] == "user"]
+        self.assertEqual(sent, ["start", "also do this"])
 
     def test_the_editors_mcp_servers_are_the_sessions(self):
         client = self.client()
@@ -10754,8 +10964,10 @@ ACP_SDK_CLIENT = r"""
 // The editor's side of TestAcpSdkInterop, on the official ACP TypeScript SDK (its client app API; SDK 2.x has
 // no ClientSideConnection). Written into the test's temp dir beside node_modules, a link to
 // $NANOCODE_ACP_SDK/node_modules. argv[2]: a JSON file {agent: argv, cwd, mcpServers, prompts: [2 texts],
-// timeoutMs}. Spawns the agent, initialize, session/new with the MCP servers, prompt 1 (the permission asked
-// is answered allow_once), prompt 2 cancelled at its first agent_message_chunk, then a second agent process:
+// timeoutMs, buffers}. Spawns the agent, initialize (offering fs/* and terminal/*: reads see `buffers`, the
+// editor's unsaved text, before the disk; writes go to disk; terminals run here), session/new with the MCP
+// servers, prompt 1 (the permission asked is answered allow_once), prompt 2 cancelled at its first
+// agent_message_chunk, then a second agent process:
 // initialize, session/load. Every message from the agents is checked with the SDK's own zod validators (the
 // module its dispatcher parses with; a key the lenient parse would drop counts too) and with ajv against the
 // JSON schema the SDK ships; a canary proves both checks and the SDK's own rejection are live. Prints one
@@ -10778,6 +10990,7 @@ ajv.addSchema(JSON.parse(fs.readFileSync(new URL("schema/v1/schema.json", sdkRoo
 const summary = {
   sdk: sdkVersion, node: process.version, error: null, problems: [], canary: {}, sdkNotificationErrors: 0,
   responses: {}, errors: [], stopReasons: [], updates: { raw: 0, delivered: 0, kinds: {} }, permissions: [],
+  fs: [], terminals: [],
   prompt1: [], prompt2: [], replay: [], afterLoad: [], cancelMs: null, exits: [], ms: {},
 };
 const started = Date.now();
@@ -10839,10 +11052,24 @@ function check(where, def, value, into = summary.problems) {
   if (!v) into.push({ where, kind: "no-json-schema", def });
   else if (!v(value)) into.push({ where, kind: "json-schema", error: ajv.errorsText(v.errors, { dataVar: def }) });
 }
-const FROM_AGENT = { "session/update": "SessionNotification", "session/request_permission": "RequestPermissionRequest" };
+const FROM_AGENT = { "session/update": "SessionNotification", "session/request_permission": "RequestPermissionRequest",
+  "fs/read_text_file": "ReadTextFileRequest", "fs/write_text_file": "WriteTextFileRequest",
+  "terminal/create": "CreateTerminalRequest", "terminal/output": "TerminalOutputRequest",
+  "terminal/wait_for_exit": "WaitForTerminalExitRequest", "terminal/kill": "KillTerminalRequest",
+  "terminal/release": "ReleaseTerminalRequest" };
 const RESULT_OF = { initialize: "InitializeResponse", "session/new": "NewSessionResponse",
   "session/prompt": "PromptResponse", "session/load": "LoadSessionResponse" };
-const ANSWER_TO = { "session/request_permission": "RequestPermissionResponse" };
+const ANSWER_TO = { "session/request_permission": "RequestPermissionResponse" }; // our answers to the editor methods are our own
+
+// -- the editor: unsaved buffers (cfg.buffers, path -> text) seen before the disk, terminals run here -------
+const buffers = new Map(Object.entries(cfg.buffers ?? {}));
+const terminals = new Map();
+function terminalOf(params) {
+  const t = terminals.get(params.terminalId);
+  if (!t) throw acp.RequestError.invalidParams({ terminalId: params.terminalId });
+  return t;
+}
+const exitStatus = (t) => (t.exit ? { exitCode: t.exit.code, signal: t.exit.signal } : null);
 
 // the canary: what the checks must catch (a missing required field, a bad enum the zod parse drops, a typo'd key)
 const CANARY = {
@@ -10928,6 +11155,51 @@ async function withAgent(label, op) {
       summary.permissions.push({ toolCallId: params.toolCall.toolCallId, title: params.toolCall.title,
         kinds: params.options.map((o) => o.kind), chose: pick?.optionId ?? null });
       return pick ? { outcome: { outcome: "selected", optionId: pick.optionId } } : { outcome: { outcome: "cancelled" } };
+    })
+    .onRequest(acp.methods.client.fs.readTextFile, ({ params }) => {
+      summary.fs.push({ method: "read", path: params.path, buffer: buffers.has(params.path) });
+      return { content: buffers.has(params.path) ? buffers.get(params.path) : fs.readFileSync(params.path, "utf8") };
+    })
+    .onRequest(acp.methods.client.fs.writeTextFile, ({ params }) => {
+      summary.fs.push({ method: "write", path: params.path, content: params.content });
+      fs.writeFileSync(params.path, params.content);
+      buffers.set(params.path, params.content);
+      return {};
+    })
+    .onRequest(acp.methods.client.terminal.create, ({ params }) => {
+      const id = `term-${terminals.size + 1}`;
+      const env = { ...process.env, ...Object.fromEntries((params.env ?? []).map((e) => [e.name, e.value])) };
+      const proc = spawn(params.command, params.args ?? [], { cwd: params.cwd ?? cfg.cwd, env, stdio: ["ignore", "pipe", "pipe"] });
+      children.push(proc);
+      const t = { id, proc, output: "", exit: null, released: false, waiters: [] };
+      t.record = { command: params.command, args: params.args, cwd: params.cwd, released: false, exit: null };
+      summary.terminals.push(t.record);
+      const take = (d) => { t.output += d.toString("utf8"); };
+      proc.stdout.on("data", take);
+      proc.stderr.on("data", take);
+      proc.on("close", (code, signal) => { t.exit = { code, signal }; t.record.exit = t.exit; t.waiters.forEach((w) => w()); poke(); });
+      terminals.set(id, t);
+      return { terminalId: id };
+    })
+    .onRequest(acp.methods.client.terminal.output, ({ params }) => {
+      const t = terminalOf(params);
+      return { output: t.output, truncated: false, exitStatus: exitStatus(t) };
+    })
+    .onRequest(acp.methods.client.terminal.waitForExit, async ({ params }) => {
+      const t = terminalOf(params);
+      if (!t.exit) await new Promise((resolve) => t.waiters.push(resolve));
+      return exitStatus(t);
+    })
+    .onRequest(acp.methods.client.terminal.kill, ({ params }) => {
+      const t = terminalOf(params);
+      if (!t.exit) t.proc.kill("SIGTERM");
+      return {};
+    })
+    .onRequest(acp.methods.client.terminal.release, ({ params }) => {
+      const t = terminalOf(params);
+      if (!t.exit) t.proc.kill("SIGTERM");
+      t.released = t.record.released = true;
+      return {};
     });
   summary.ms[label + " spawn"] = spawnedAt - started;
   const result = await app.connectWith({ readable: incoming, writable: outTap.writable }, (agent) => op(agent, inject));
@@ -10950,7 +11222,7 @@ const updatesOf = (label, ph) => log.filter((e) => e.agent === label && e.phase 
 const brief = (u) => [u.sessionUpdate, u.content?.text ?? u.toolCallId ?? null];
 const timed = async (name, fn) => { const t = Date.now(); try { return await fn(); } finally { summary.ms[name] = Date.now() - t; } };
 const init = (agent) => within("initialize", agent.request(acp.methods.agent.initialize, {
-  protocolVersion: acp.PROTOCOL_VERSION, clientCapabilities: { fs: { readTextFile: false, writeTextFile: false }, terminal: false },
+  protocolVersion: acp.PROTOCOL_VERSION, clientCapabilities: { fs: { readTextFile: true, writeTextFile: true }, terminal: true },
   clientInfo: { name: "nanocode-interop-test", version: "1.0.0" } }), 15000);
 
 try {
@@ -11082,11 +11354,13 @@ class TestAcpSdkInterop(EndToEndTestCase):
         self.fake.enqueue(tool_answer("edit", {"path": "notes.txt", "edits": [{"oldText": "hello",
                                                                                 "newText": "hello from the editor"}]},
                                       call_id="e1"))
+        self.fake.enqueue(tool_answer("bash", {"command": "echo in-the-terminal; exit 4"}, call_id="t1"))
         self.fake.enqueue(slow_text(["The", "file", "is", "edited."], 0.01))
         self.fake.enqueue(slow_text(["word%d" % i for i in range(300)], 0.05))  # cancelled at its first word
         summary, err = self.run_client(node, modules, {
             "agent": [sys.executable, NANOCODE, "--acp"], "cwd": self.cwd, "mcpServers": [server],
-            "prompts": ["change hello in notes.txt", "tell me a long story"], "timeoutMs": (self.TIMEOUT - 20) * 1000})
+            "prompts": ["change hello in notes.txt", "tell me a long story"], "timeoutMs": (self.TIMEOUT - 20) * 1000,
+            "buffers": {notes: "hello\nunsaved line\n"}})
         context = json.dumps(summary)[:6000] + "\nstderr: " + err[-3000:]
         # the checks were live: each malformed canary caught, the SDK itself rejected one and delivered nothing
         self.assertEqual(sorted(summary["canary"]["missingContent"]), ["json-schema", "zod"], context)
@@ -11104,11 +11378,24 @@ class TestAcpSdkInterop(EndToEndTestCase):
         self.assertIn(echo_tool, [t["function"]["name"] for t in self.fake.posts[0].json.get("tools") or []], context)
         # prompt 1: read, then the edit the editor allowed once, on disk, then a streamed answer
         self.assertEqual(summary["stopReasons"], ["end_turn", "cancelled"], context)
-        self.assertEqual([(p["toolCallId"], p["chose"]) for p in summary["permissions"]], [("e1", "allow_once")], context)
+        self.assertEqual([(p["toolCallId"], p["chose"]) for p in summary["permissions"]],
+                         [("e1", "allow_once"), ("t1", "allow_once")], context)
+        # the file tools went through the editor: the read saw its unsaved buffer, the edit was written by it
+        self.assertIn({"method": "read", "path": notes, "buffer": True}, summary["fs"], context)
+        self.assertEqual([f for f in summary["fs"] if f["method"] == "write"],
+                         [{"method": "write", "path": notes, "content": "hello from the editor\nunsaved line\n"}], context)
+        self.assertIn("1\thello\n2\tunsaved line", self.fake.posts[1].json["messages"][-1]["content"])
         with open(notes, encoding="utf-8") as f:
-            self.assertEqual(f.read(), "hello from the editor\n")
+            self.assertEqual(f.read(), "hello from the editor\nunsaved line\n")
+        # bash ran in the editor's terminal, released once done; the model got its output and exit code
+        self.assertEqual(len(summary["terminals"]), 1, context)
+        terminal = summary["terminals"][0]
+        self.assertEqual((terminal["args"][0], terminal["cwd"], terminal["released"], terminal["exit"]["code"]),
+                         ("-c", self.cwd, True, 4), context)
+        ran = self.fake.posts[3].json["messages"][-1]["content"]
+        self.assertEqual(ran, "in-the-terminal\n[exit code 4]")
         calls = [u[1] for u in summary["prompt1"] if u[0] == "tool_call"]
-        self.assertEqual(calls, ["r1", "e1"], context)
+        self.assertEqual(calls, ["r1", "e1", "t1"], context)
         chunks = [u[1] for u in summary["prompt1"] if u[0] == "agent_message_chunk"]
         self.assertGreaterEqual(len(chunks), 4, context)
         self.assertEqual("".join(chunks).strip(), "The file is edited.", context)
@@ -11121,9 +11408,9 @@ class TestAcpSdkInterop(EndToEndTestCase):
         self.assertIn(["user_message_chunk", "change hello in notes.txt"], replay, context)
         self.assertIn(["user_message_chunk", "tell me a long story"], replay, context)
         self.assertIn("The file is edited.", [(u[1] or "").strip() for u in replay if u[0] == "agent_message_chunk"], context)
-        self.assertEqual([u[1] for u in replay if u[0] == "tool_call"], ["r1", "e1"], context)
+        self.assertEqual([u[1] for u in replay if u[0] == "tool_call"], ["r1", "e1", "t1"], context)
         self.assertEqual([e["code"] for e in summary["exits"]], [0, 0], context)
-        self.assertEqual(len(self.fake.posts), 4, "no model call from the load")
+        self.assertEqual(len(self.fake.posts), 5, "no model call from the load")
 
 
 # =============================================================================
