@@ -20,7 +20,7 @@ Table of contents (each section opens with a numbered banner):
    12. Child jobs            the nanocode tool: child agents, run / start, the JobManager
    13. Globs and file lists  glob matching without blow-ups, .gitignore, the file walk
    14. Search tools          grep (rg or stdlib, risky patterns in a child), glob, ls, find
-   15. Web                   webfetch (HTML to Markdown, deadlines), websearch
+   15. Web and the todo list webfetch (HTML to Markdown, deadlines), websearch; todo, the agent's plan
    16. MCP client            JSON-RPC peer, stdio and Streamable HTTP transports, one server's lifecycle
    17. MCP servers           mcp.json, project trust, McpManager: tools, router, results, resources, prompts
    18. Permissions           modes, rules, the read-only command classifier, the before_tool verdict
@@ -2151,7 +2151,7 @@ ARG_ALIASES = {"file_path": "path", "filePath": "path", "filepath": "path", "fil
                "-i": "ignoreCase", "max_results": "limit", "output_mode": "outputMode",
                "max_characters": "maxCharacters", "timeout_seconds": "timeoutSeconds",
                "num_results": "numResults", "dir": "path", "directory": "path", "dir_path": "path",
-               "include": "glob", "-C": "context", "head_limit": "limit"}
+               "include": "glob", "-C": "context", "head_limit": "limit", "todos": "items", "plan": "items"}
 
 
 def tool(name, description, readonly=False, **params):
@@ -5346,11 +5346,12 @@ def tool_find(ctx, pattern, path=".", limit=1000, hidden=False):
 
 
 # =============================================================================
-# 15. Web
+# 15. Web and the todo list
 # =============================================================================
 # webfetch and websearch. Whatever a page or search result says is data, never
 # an instruction, so both wrap their output in <external-content>. The stdlib
-# HTTP modules load on first use, to keep `nanocode --version` fast.
+# HTTP modules load on first use, to keep `nanocode --version` fast. Then the
+# todo tool: the agent's plan, shown by every front end.
 
 #: webfetch limits: body bytes read, characters returned, timeout seconds
 WEB_MAX_BYTES = 5 * 1024 * 1024
@@ -6007,6 +6008,58 @@ def tool_websearch(ctx, query, numResults=8):
     if not results:
         return "no results for %r; try fewer or different words" % query
     return _external(url, format_search_results(results))
+
+
+# -- the todo list ------------------------------------------------------------------------------
+# The agent's plan for a multi-step task: the model sends the whole list each time; front ends show
+# it (tool_end details {"plan": entries}; ACP sends it as a `plan` update).
+
+TODO_STATUSES = ("pending", "in_progress", "completed")
+TODO_PRIORITIES = ("high", "medium", "low")
+TODO_STATUS_ALIASES = {"done": "completed", "complete": "completed", "in-progress": "in_progress",
+                       "active": "in_progress", "doing": "in_progress", "todo": "pending"}
+TODO_MARKS = {"pending": "[ ]", "in_progress": "[>]", "completed": "[x]"}
+TODO_MAX_ITEMS = 50
+
+
+def todo_entries(items):
+    """The plan entries {content, status, priority} of the todo tool's items (strings are pending
+    items; `step`/`task`/`title` name the content as other agents' models do); raises ToolError."""
+    if not isinstance(items, list):
+        raise ToolError("items must be a list of {content, status}")
+    if len(items) > TODO_MAX_ITEMS:
+        raise ToolError("at most %d items; merge small steps" % TODO_MAX_ITEMS)
+    entries = []
+    for n, item in enumerate(items, 1):
+        item = {"content": item} if isinstance(item, str) else item
+        if not isinstance(item, dict):
+            raise ToolError("item %d must be an object {content, status}" % n)
+        content = next((item[k] for k in ("content", "step", "task", "title") if isinstance(item.get(k), str)), "")
+        status = str(item.get("status") or "pending").strip().lower()
+        status = TODO_STATUS_ALIASES.get(status, status)
+        priority = str(item.get("priority") or "medium").strip().lower()
+        if not content.strip():
+            raise ToolError("item %d has no content" % n)
+        if status not in TODO_STATUSES:
+            raise ToolError("item %d: status must be one of %s, not %r" % (n, ", ".join(TODO_STATUSES), status))
+        entries.append({"content": one_line(content.strip(), 500), "status": status,
+                        "priority": priority if priority in TODO_PRIORITIES else "medium"})
+    return entries
+
+
+@tool("todo", "Keep the plan of a multi-step task as a short list the user sees. Send the whole list each "
+      "time; mark an item in_progress when you start it and completed when it is done.", readonly=True,
+      items=({"type": "array", "items": {"type": "object", "properties": {
+          "content": {"type": "string"}, "status": {"type": "string", "enum": list(TODO_STATUSES)},
+          "priority": {"type": "string", "enum": list(TODO_PRIORITIES)}}, "required": ["content", "status"]}}, False))
+def tool_todo(ctx, items):
+    """The list as text for the model, and as entries in details["plan"] for the front ends."""
+    plan = todo_entries(items)
+    if not plan:
+        return ToolResult("todo list cleared", details={"plan": []})
+    done = sum(e["status"] == "completed" for e in plan)
+    lines = ["%s %s" % (TODO_MARKS[e["status"]], e["content"]) for e in plan]
+    return ToolResult("todo list, %d of %d done:\n%s" % (done, len(plan), "\n".join(lines)), details={"plan": plan})
 
 
 # =============================================================================
@@ -7818,7 +7871,7 @@ def prompt_arguments(arg, names):
 # says which flag or rule would allow the call.
 
 PERMISSION_MODES = ("ask", "auto-edit", "plan", "yolo")
-READ_TOOLS = frozenset(["read", "glob", "grep", "ls", "find", "websearch", "mcp_search", "mcp_inspect"])
+READ_TOOLS = frozenset(["read", "glob", "grep", "ls", "find", "websearch", "mcp_search", "mcp_inspect", "todo"])
 EDIT_TOOLS = frozenset(["write", "edit"])
 PermissionRule = record("PermissionRule", "One rule: tool glob, argument pattern (or None), the list it is in, where from.", (
     ("text", ""), ("tool", ""), ("pattern", None), ("kind", "allow"), ("source", ""),
@@ -11342,7 +11395,16 @@ class ReplRenderer:
         diff = (event.get("details") or {}).get("diff")
         if diff:
             out += self.diff_lines(diff)
+        plan = (event.get("details") or {}).get("plan")
+        if plan and not event["isError"]:
+            out += self.plan_lines(plan)
         self.lines(out)
+
+    def plan_lines(self, plan):
+        """The todo list: done items in gray, the current one bold."""
+        style = {"completed": ("gray",), "in_progress": ("bold",), "pending": ()}
+        return ["    " + self.s("%s %s" % (TODO_MARKS[e["status"]], e["content"]), *style[e["status"]])
+                for e in plan if e.get("status") in style]
 
     def diff_lines(self, diff, limit=40):
         """A coloured unified diff, at most limit lines."""
@@ -11794,7 +11856,7 @@ def run_repl(config, resume=None, pick=False):
 ACP_PROTOCOL_VERSION = 1
 ACP_TOOL_KINDS = {"read": "read", "ls": "read", "write": "edit", "edit": "edit", "bash": "execute", "grep": "search",
                   "glob": "search", "find": "search", "webfetch": "fetch", "websearch": "fetch",
-                  "mcp_search": "search", "mcp_inspect": "read"}
+                  "mcp_search": "search", "mcp_inspect": "read", "todo": "think"}
 ACP_STOP_REASONS = {"done": "end_turn", "length": "max_tokens", "max_turns": "max_turn_requests", "aborted": "cancelled"}
 ACP_MODES = (("ask", "Ask", "Ask before edits, commands that change things, and new sites"),
              ("auto-edit", "Auto-edit", "Edit files in the project without asking; ask for the rest"),
@@ -11934,6 +11996,7 @@ class AcpSession:
         self._before = {}  # tool call id -> (path, old text) of an edit or write, for its diff
         self._output = {}  # tool call id -> command output so far
         self._lock = threading.Lock()  # one prompt waits for the loop at a time
+        self._finish = None  # the finish_reason of the model's last answer
 
     def update(self, update):
         self.agent.notify("session/update", {"sessionId": self.id, "update": update})
@@ -11971,6 +12034,7 @@ class AcpSession:
                                                                          event["tokensAfter"])}})
             self._usage()
         elif kind == "message_end" and event.get("role") == "assistant":
+            self._finish = event.get("finishReason")
             self._usage()
 
     def _usage(self):
@@ -12008,6 +12072,9 @@ class AcpSession:
         before = self._before.pop(call_id, None)
         written = self.editor.written.pop(call_id, None)
         terminal = self.editor.terminals.pop(call_id, None)
+        plan = (event.get("details") or {}).get("plan")
+        if isinstance(plan, list) and not event["isError"]:  # the todo tool: the editor shows the plan
+            self.update({"sessionUpdate": "plan", "entries": plan})
         content = [_acp_text_content(event["result"])]
         if terminal is not None:  # the editor shows the command's output itself, also once released
             content = [{"type": "terminal", "terminalId": terminal}]
@@ -12053,6 +12120,7 @@ class AcpSession:
         """Run one prompt (a slash command runs as one); returns the stop reason once the loop is idle."""
         parts = acp_prompt_parts(blocks, self.session.config.cwd)
         text = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+        self._finish = None
         with self._lock:
             if len(parts) == 1 and text.startswith("/"):
                 self.loop.command(text.strip())
@@ -12063,6 +12131,8 @@ class AcpSession:
         end = self.session.last_end or {}
         if end.get("stopReason") == "error":
             raise AcpError(-32603, end.get("error") or "the run failed")
+        if end.get("stopReason") == "done" and self._finish == "content_filter":
+            return "refusal"  # the provider's filter stopped the answer
         return ACP_STOP_REASONS.get(end.get("stopReason"), "end_turn")
 
     def commands(self):

@@ -4164,7 +4164,7 @@ class TestFind(SearchTestCase):
 
 
 # =============================================================================
-# 15. Web
+# 15. Web and the todo list
 # =============================================================================
 
 PAGE = b"""<!DOCTYPE html><html><head><title>Doc</title>
@@ -4632,6 +4632,42 @@ class TestWebSearch(WebTestCase):
         for href, expected in cases:
             with self.subTest(case=href):
                 self.assertEqual(nanocode._unwrap_ddg_link(href), expected)
+
+
+class TestTodo(unittest.TestCase):
+    """The todo tool: the agent's plan, as text for the model and entries for the front ends."""
+
+    def run_todo(self, **args):
+        return nanocode.run_tool(nanocode.ToolContext(tempfile.gettempdir()), "todo", args)
+
+    def test_the_list_comes_back_as_text_and_entries(self):
+        result = self.run_todo(items=[{"content": "read the code", "status": "completed"},
+                                      {"content": "fix the bug", "status": "in_progress", "priority": "high"},
+                                      {"content": "run the tests", "status": "pending"}])
+        self.assertFalse(result.is_error, result.text)
+        self.assertEqual(result.text, "todo list, 1 of 3 done:\n[x] read the code\n[>] fix the bug\n[ ] run the tests")
+        self.assertEqual(result.details["plan"][1], {"content": "fix the bug", "status": "in_progress", "priority": "high"})
+        self.assertEqual(self.run_todo(items=[]).details, {"plan": []})
+
+    def test_other_agents_shapes_are_understood(self):
+        claude = self.run_todo(todos=[{"content": "a", "status": "in_progress", "activeForm": "doing a"}])
+        codex = self.run_todo(plan=[{"step": "b", "status": "done"}, "c"])
+        self.assertEqual(claude.details["plan"], [{"content": "a", "status": "in_progress", "priority": "medium"}])
+        self.assertEqual([(e["content"], e["status"]) for e in codex.details["plan"]], [("b", "completed"), ("c", "pending")])
+        self.assertEqual(self.run_todo(items='[{"content": "as a string", "status": "pending"}]').details["plan"][0]["content"],
+                         "as a string")
+
+    def test_bad_lists_are_errors_that_say_why(self):
+        cases = [({"items": [{"content": "x", "status": "cancelled"}]}, "status must be one of"),
+                 ({"items": [{"content": "  ", "status": "pending"}]}, "item 1 has no content"),
+                 ({"items": [7]}, "item 1 must be an object"),
+                 ({"items": [{"content": "x"}] * 51}, "at most 50 items"),
+                 ({}, "missing required argument 'items'")]
+        for args, why in cases:
+            with self.subTest(why=why):
+                result = self.run_todo(**args)
+                self.assertTrue(result.is_error)
+                self.assertIn(why, result.text)
 
 
 # =============================================================================
@@ -5879,12 +5915,13 @@ class TestPermissionDecisions(NanocodeTestCase):
             ("edit", {"path": os.path.join(self.tmp, "elsewhere", "b.txt"), "edits": []}),
             ("bash", {"command": "git status && ls | wc -l"}), ("bash", {"command": "rm -rf build"}),
             ("webfetch", {"url": "https://93.184.216.34/page"}), ("webfetch", {"url": "http://127.0.0.1:8080/admin"}),
-            ("mcp__s__look", {}), ("mcp__s__push", {}), ("nanocode", {"action": "run", "task": "t"})]
-        expected = {  # read grep write-in edit-out bash-ro bash-rm web web-local mcp-ro mcp job
-            "ask":       "allow allow ask   ask   allow ask   ask   ask   allow ask   allow",
-            "auto-edit": "allow allow allow ask   allow ask   ask   ask   allow ask   allow",
-            "plan":      "allow allow deny  deny  allow deny  ask   deny  allow deny  allow",
-            "yolo":      "allow allow allow allow allow allow allow allow allow allow allow"}
+            ("mcp__s__look", {}), ("mcp__s__push", {}), ("nanocode", {"action": "run", "task": "t"}),
+            ("todo", {"items": []})]
+        expected = {  # read grep write-in edit-out bash-ro bash-rm web web-local mcp-ro mcp job todo
+            "ask":       "allow allow ask   ask   allow ask   ask   ask   allow ask   allow allow",
+            "auto-edit": "allow allow allow ask   allow ask   ask   ask   allow ask   allow allow",
+            "plan":      "allow allow deny  deny  allow deny  ask   deny  allow deny  allow allow",
+            "yolo":      "allow allow allow allow allow allow allow allow allow allow allow allow"}
         session = self.session()
         for mode, row in expected.items():
             perms = self.permissions(mode)
@@ -10233,6 +10270,13 @@ class TestReplRenderer(unittest.TestCase):
         self.assertIn("^[]0;pwned^G", text)
         self.assertIn("^[[2J^[[Hgotcha", text)
 
+    def test_the_todo_list_is_shown_with_its_result(self):
+        plan = [{"content": "look", "status": "completed", "priority": "medium"},
+                {"content": "fix", "status": "in_progress", "priority": "high"}]
+        text = self.render({"type": "tool_end", "id": "c1", "name": "todo", "result": "todo list, 1 of 2 done:",
+                            "isError": False, "details": {"plan": plan}})
+        self.assertIn("    [x] look\n    [>] fix\n", text)
+
     def test_a_diff_is_shown_with_the_tool_result_and_cut_at_its_limit(self):
         diff = "\n".join(["--- a", "+++ a", "@@ -1 +1 @@"] + ["-old %d\n+new %d" % (i, i) for i in range(30)])
         text = self.render({"type": "tool_end", "id": "c1", "name": "edit", "result": "edited a", "isError": False,
@@ -10756,6 +10800,14 @@ class TestAcp(AcpTestCase):
         self.assertEqual(len(client.permission_requests), asked + 1, "reject_always refused the second without asking")
         self.assertFalse(os.path.exists(os.path.join(self.cwd, "never")))
 
+    def test_a_filtered_answer_is_a_refusal(self):
+        client = self.client()
+        sid = client.new_session(self.cwd)
+        self.fake.enqueue(sse(text_chunk("I can"), finish_chunk("content_filter")))
+        self.assertEqual(client.prompt(sid, "something bad")["result"], {"stopReason": "refusal"})
+        self.fake.enqueue(answer("fine"))
+        self.assertEqual(client.prompt(sid, "something good")["result"], {"stopReason": "end_turn"})
+
     def test_cancel_ends_the_prompt_with_cancelled(self):  # its timing is a bench row (ACP: cancel to cancelled)
         client = self.client()
         sid = client.new_session(self.cwd)
@@ -10927,6 +10979,19 @@ class TestAcp(AcpTestCase):
         self.assertTrue(usage)
         self.assertGreater(usage[-1]["used"], 0)
         self.assertEqual(usage[-1]["size"], client.agent.sessions[sid].session.context_window)
+
+    def test_the_todo_list_is_the_editors_plan(self):
+        client = self.client()
+        sid = client.new_session(self.cwd)
+        items = [{"content": "read", "status": "completed"}, {"content": "fix", "status": "in_progress"}]
+        self.fake.enqueue(tool_answer("todo", {"items": items}, call_id="t1"))
+        self.fake.enqueue(answer("planned"))
+        client.prompt(sid, "plan it")
+        self.assertEqual(client.permission_requests, [], "a todo list needs no permission")
+        self.assertEqual([c["kind"] for c in client.updates(sid, "tool_call")], ["think"])
+        self.assertEqual(client.updates(sid, "plan"), [{"sessionUpdate": "plan", "entries": [
+            {"content": "read", "status": "completed", "priority": "medium"},
+            {"content": "fix", "status": "in_progress", "priority": "medium"}]}])
 
     def test_a_prompt_during_a_turn_steers_it(self):
         client = self.client()
@@ -11728,8 +11793,22 @@ def bench_acp_cancel(rows, fake, home):
         times.append((time.monotonic() - start) * 1000)
         del client.messages[:]
     client.close()
-    case.doCleanups()
     _row(rows, "ACP: session/cancel to cancelled", _median(times), "ms", "<= 200 ms")
+    client, times = AcpClient(case, config), []  # the same with `sleep 60` running in the editor's terminal
+    client.capabilities = {"terminal": True}
+    sid = client.new_session(home)
+    for n in range(5):
+        fake.reset()
+        fake.enqueue(tool_answer("bash", {"command": "sleep 60"}, call_id="s%d" % n))
+        rid = client.prompt(sid, "wait", wait=False)
+        wait_for(lambda: len(client.calls("terminal/wait_for_exit")) > n)
+        start = time.monotonic()
+        client.send({"jsonrpc": "2.0", "method": "session/cancel", "params": {"sessionId": sid}})
+        client.answer(rid)
+        times.append((time.monotonic() - start) * 1000)
+    client.close()
+    case.doCleanups()
+    _row(rows, "  the same, bash in the editor's terminal", _median(times), "ms", "<= 200 ms")
 
 
 def _bench_env(fake, home):
