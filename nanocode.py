@@ -6047,11 +6047,9 @@ def todo_entries(items):
     return entries
 
 
-@tool("todo", "Keep the plan of a multi-step task as a short list the user sees. Send the whole list each "
-      "time; mark an item in_progress when you start it and completed when it is done.", readonly=True,
-      items=({"type": "array", "items": {"type": "object", "properties": {
-          "content": {"type": "string"}, "status": {"type": "string", "enum": list(TODO_STATUSES)},
-          "priority": {"type": "string", "enum": list(TODO_PRIORITIES)}}, "required": ["content", "status"]}}, False))
+@tool("todo", "Plan a multi-step task as a list the user sees; send all items each time, updating status.",
+      readonly=True, items=({"type": "array", "items": {"type": "object", "properties": {
+          "content": {"type": "string"}, "status": {"type": "string", "enum": list(TODO_STATUSES)}}}}, False))
 def tool_todo(ctx, items):
     """The list as text for the model, and as entries in details["plan"] for the front ends."""
     plan = todo_entries(items)
@@ -12420,7 +12418,8 @@ ACP_METHODS = {"initialize": AcpAgent.initialize, "authenticate": AcpAgent.authe
 
 
 def replay_history(acp):
-    """A loaded session's conversation as session/update notifications, in order."""
+    """A loaded session's conversation as session/update notifications, in order; then its last plan."""
+    plan = None
     for message in acp.session.messages:
         role, content = message.get("role"), message.get("content")
         text = content if isinstance(content, str) else _content_text(content or [])
@@ -12437,10 +12436,22 @@ def replay_history(acp):
                 args = parse_tool_arguments(call["function"].get("arguments"))[0] or {}
                 acp.update({"sessionUpdate": "tool_call", "toolCallId": call["id"], "title": format_tool_call(name, args, 120),
                             "kind": ACP_TOOL_KINDS.get(name, "other"), "status": "completed", "rawInput": args})
+                if name == "todo":
+                    plan = _replayed_plan(args, plan)
         elif role == "tool":
             acp.update({"sessionUpdate": "tool_call_update", "toolCallId": message.get("tool_call_id"),
                         "status": "failed" if text.startswith("error:") else "completed",
                         "content": [_acp_text_content(text)]})
+    if plan is not None:
+        acp.update({"sessionUpdate": "plan", "entries": plan})
+
+
+def _replayed_plan(args, previous):
+    """The plan a todo call in a saved session set, or previous when its list was not valid."""
+    try:
+        return todo_entries(args.get("items", args.get("todos", args.get("plan"))))
+    except ToolError:
+        return previous
 
 
 def run_acp(config):

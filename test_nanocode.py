@@ -10992,6 +10992,10 @@ class TestAcp(AcpTestCase):
         self.assertEqual(client.updates(sid, "plan"), [{"sessionUpdate": "plan", "entries": [
             {"content": "read", "status": "completed", "priority": "medium"},
             {"content": "fix", "status": "in_progress", "priority": "medium"}]}])
+        later = self.client()
+        later.request("initialize", {"protocolVersion": 1, "clientCapabilities": {}})
+        self.assertIn("result", later.request("session/load", {"sessionId": sid, "cwd": self.cwd, "mcpServers": []}))
+        self.assertEqual(later.updates(sid, "plan"), client.updates(sid, "plan"), "a loaded session shows its plan")
 
     def test_a_prompt_during_a_turn_steers_it(self):
         client = self.client()
