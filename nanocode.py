@@ -2245,6 +2245,7 @@ class ToolContext:
         # an editor that reads and writes files and runs commands for the tools (ACP's fs/* and terminal/*),
         # or None: everything happens here. Duck-typed: reads, writes, runs; read_text, write_text, run.
         self.editor = editor
+        self.editor_seen = {}  # real path -> the text the editor gave this call (the change's "before")
         self.permissions = permissions  # the session's Permissions (webfetch checks redirects with it), or None
         self.config = config
         self.cancel = cancel or Cancel()
@@ -2560,7 +2561,10 @@ def editor_text(ctx, path, size):
     the disk. Files over EDITOR_READ_MAX are read from disk (streamed), as is any the editor cannot give."""
     if ctx.editor is None or not ctx.editor.reads or size > EDITOR_READ_MAX:
         return None
-    return ctx.editor.read_text(path)
+    text = ctx.editor.read_text(ctx, path)
+    if text is not None:
+        ctx.editor_seen[os.path.realpath(path)] = text
+    return text
 
 
 #: bytes of a line kept for display: READ_MAX_LINE characters of up to 4 bytes, and one more
@@ -2639,8 +2643,9 @@ class Checkpoints:
         with self._lock:
             self.prompts.append({"prompt": seq, "files": {}})
 
-    def record(self, path):
-        """Remember path as it is now, once per prompt, before it is changed."""
+    def record(self, path, before=None):
+        """Remember path as it is now (before: its bytes as an editor has them, unsaved changes
+        included), once per prompt, before it is changed."""
         with self._lock:
             if not self.prompts:
                 self.prompts.append({"prompt": None, "files": {}})
@@ -2649,7 +2654,8 @@ class Checkpoints:
                 return
             try:
                 with open(path, "rb") as f:
-                    files[path] = {"before": self._put(f.read()), "mode": os.stat(path).st_mode & 0o7777, "after": None}
+                    data = f.read() if before is None else before
+                    files[path] = {"before": self._put(data), "mode": os.stat(path).st_mode & 0o7777, "after": None}
             except FileNotFoundError:
                 files[path] = {"before": None, "mode": None, "after": None}
             self.dirty = True
@@ -2756,12 +2762,23 @@ class FileTracker:
 
     def __init__(self):
         self._seen = {}
+        self._earlier = {}  # real path -> what was seen before an editor took a write it may not have saved yet
         self._lock = threading.Lock()
+
+    def saw_content(self, path, data):
+        """Record path as holding data, whatever the disk says now (an editor took the write and
+        saves it when it likes): a later write is allowed while the disk holds these bytes or still
+        holds what was seen before."""
+        real = os.path.realpath(path)
+        with self._lock:
+            self._earlier[real] = self._seen.get(real)
+            self._seen[real] = (len(data), None, _sha256(data))
 
     def saw(self, path, st, digest=None):
         """Record path as of os.stat result st (digest: the SHA-256 of its bytes, when known)."""
         with self._lock:
             self._seen[os.path.realpath(path)] = (st.st_size, st.st_mtime_ns, digest)
+            self._earlier.pop(os.path.realpath(path), None)
 
     def saw_open(self, path, f):
         """Record the file open as binary f, hashing it when small; leaves f at its start."""
@@ -2779,18 +2796,20 @@ class FileTracker:
         except FileNotFoundError:
             return
         with self._lock:
-            seen = self._seen.get(real)
+            seen, earlier = self._seen.get(real), self._earlier.get(real)
         if seen is None:
             raise ToolError("%s already exists and you have not read it in this session: read it first "
                             "(write replaces the whole file), or change parts of it with edit" % path)
-        size, mtime_ns, digest = seen
-        if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
-            return
-        if digest is not None and st.st_size == size:
-            with _open_regular(real) as f:
-                if _sha256_file(f) == digest:
-                    self.saw(real, st, digest)
-                    return
+        for size, mtime_ns, digest in [seen] + ([earlier] if earlier else []):
+            if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                return
+            if digest is not None and st.st_size == size:
+                with _open_regular(real) as f:
+                    if _sha256_file(f) == digest:
+                        if (size, mtime_ns, digest) == seen:
+                            self.saw(real, st, digest)
+                        return
+        size = seen[0]
         when = datetime.datetime.fromtimestamp(st.st_mtime_ns / 1e9).strftime("%H:%M:%S")
         raise ToolError("%s changed on disk since you last read it (modified at %s, now %d bytes, was %d): "
                         "read it again and keep those changes, then write" % (path, when, st.st_size, size))
@@ -2930,19 +2949,18 @@ def save_file(ctx, path, data):
     else atomic_write), note what was left for /undo and for the read-before-write check. Returns the
     real path written."""
     path = os.path.realpath(path)
+    seen = ctx.editor_seen.get(path)
     if ctx.checkpoints is not None:
-        ctx.checkpoints.record(path)
+        ctx.checkpoints.record(path, seen.encode("utf-8", "replace") if seen is not None else None)
     if _save_in_editor(ctx, path, data):
-        try:
-            st = os.stat(path)
-        except OSError:
-            st = None  # the editor keeps it in a buffer for now
+        if ctx.files is not None:  # the editor may keep the change in its buffer and save it later
+            ctx.files.saw_content(path, data)
     else:
         st = atomic_write(path, data)
+        if ctx.files is not None:
+            ctx.files.saw(path, st, _sha256(data) if len(data) <= TRACK_HASH_MAX else None)
     if ctx.checkpoints is not None:
         ctx.checkpoints.written(path, data)
-    if ctx.files is not None and st is not None:
-        ctx.files.saw(path, st, _sha256(data) if len(data) <= TRACK_HASH_MAX else None)
     return path
 
 
@@ -2956,7 +2974,7 @@ def _save_in_editor(ctx, path, data):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     except (UnicodeDecodeError, OSError):
         return False
-    return ctx.editor.write_text(path, text, ctx.call_id)
+    return ctx.editor.write_text(ctx, path, text)
 
 
 def _through_link(link, real):
@@ -3138,8 +3156,10 @@ def tool_edit(ctx, path, edits):
     path = os.path.realpath(link)
     with _open_regular(path) as f:
         raw = f.read()
-    text = editor_text(ctx, path, len(raw))
-    if text is not None:  # the editor's buffer, unsaved changes included
+    # the editor's buffer, unsaved changes included; only when the editor also takes the write, since its
+    # text may differ from the bytes on disk (line endings, BOM)
+    text = editor_text(ctx, path, len(raw)) if ctx.editor is not None and ctx.editor.writes else None
+    if text is not None:
         raw = text.encode("utf-8", "replace")
     bom = raw.startswith(codecs.BOM_UTF8)
     text = raw[3 if bom else 0:].decode("utf-8", "surrogateescape")
@@ -11870,9 +11890,9 @@ ACP_SESSION_NOT_FOUND = -32002  #: "resource not found", the SDK's code for an u
 class AcpError(NanocodeError):
     """A JSON-RPC error answer: code and message."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, data=None):
         NanocodeError.__init__(self, message)
-        self.code = code
+        self.code, self.data = code, data
 
 
 def acp_log(text):
@@ -11900,30 +11920,38 @@ class AcpEditor:
         self.writes = fs.get("writeTextFile") is True
         self.runs = capabilities.get("terminal") is True
         self.acp = acp
-        self.written = {}  # tool call id -> the text written through the editor (the diff's new side)
-        self.terminals = {}  # tool call id -> the terminal its command ran in
+        self.seen = {}  # tool call id -> (path, text) the editor gave the call (a diff's old side)
+        self.written = {}  # tool call id -> the text written through the editor (a diff's new side)
+        self.terminals = {}  # tool call id -> the terminal its command ran in (released by then)
 
     def _request(self, method, params, timeout=ACP_CLIENT_TIMEOUT, cancel=None):
         return self.acp.agent.peer.request(method, dict(params, sessionId=self.acp.id), timeout, cancel)
 
-    def read_text(self, path):
-        """The file's text as the editor has it, or None (read the disk then)."""
+    def read_text(self, ctx, path):
+        """The file's text as the editor has it, or None (read the disk then: reading it loses nothing)."""
         try:
-            content = self._request("fs/read_text_file", {"path": path}).get("content")
+            content = self._request("fs/read_text_file", {"path": path}, cancel=ctx.cancel).get("content")
         except McpError as e:
-            acp_log("fs/read_text_file %s: %s; read from disk instead" % (path, e))
+            if not ctx.cancel.is_set():
+                acp_log("fs/read_text_file %s: %s; read from disk instead" % (path, e))
             return None
-        return content if isinstance(content, str) else None
+        if not isinstance(content, str):
+            return None
+        if ctx.call_id and ctx.call_id not in self.seen:
+            self.seen[ctx.call_id] = (path, content)
+        return content
 
-    def write_text(self, path, text, call_id=None):
-        """Write through the editor; False when it failed (write the disk then)."""
+    def write_text(self, ctx, path, text):
+        """Write through the editor; False when it has no such method (write the disk then). Any other
+        failure is the call's error: the editor may still apply a write it did not answer in time."""
         try:
-            self._request("fs/write_text_file", {"path": path, "content": text})
+            self._request("fs/write_text_file", {"path": path, "content": text}, cancel=ctx.cancel)
         except McpError as e:
-            acp_log("fs/write_text_file %s: %s; written to disk instead" % (path, e))
-            return False
-        if call_id:
-            self.written[call_id] = text
+            if e.code == -32601:
+                return False
+            raise ToolError("the editor did not write %s: %s" % (path, "cancelled" if ctx.cancel.is_set() else e))
+        if ctx.call_id:
+            self.written[ctx.call_id] = text
         return True
 
     def run(self, ctx, argv, timeout):
@@ -11935,12 +11963,14 @@ class AcpEditor:
                 "outputByteLimit": ACP_TERMINAL_OUTPUT_LIMIT})["terminalId"]
         except (McpError, KeyError) as e:
             raise ToolError("the editor could not start a terminal: %s" % e)
-        if ctx.call_id:
-            self.terminals[ctx.call_id] = terminal
-            self.acp.update({"sessionUpdate": "tool_call_update", "toolCallId": ctx.call_id, "status": "in_progress",
-                             "content": [{"type": "terminal", "terminalId": terminal}]})
-        state, ids = "exited", {"terminalId": terminal}
+        state, ids, shown = "exited", {"terminalId": terminal}, [{"type": "terminal", "terminalId": terminal}]
         try:
+            if ctx.cancel.is_set():  # cancelled while the terminal started: nothing more is shown
+                raise ToolError("aborted")
+            if ctx.call_id:
+                self.terminals[ctx.call_id] = terminal
+                self.acp.update({"sessionUpdate": "tool_call_update", "toolCallId": ctx.call_id, "status": "in_progress",
+                                 "content": shown})
             try:
                 status = self._request("terminal/wait_for_exit", ids, timeout, ctx.cancel)
             except McpError as e:
@@ -11952,9 +11982,14 @@ class AcpEditor:
                 output = self._request("terminal/output", ids)
             except McpError as e:
                 output = {"output": "[the editor gave no output: %s]\n" % e}
+            result = terminal_result(output, output.get("exitStatus") or status, state, timeout)
+            note = result.text.rsplit("\n[", 1)[-1] if state != "exited" else ""
+            if note and ctx.call_id and not ctx.cancel.is_set():  # how it ended, beside the output, before release
+                self.acp.update({"sessionUpdate": "tool_call_update", "toolCallId": ctx.call_id,
+                                 "content": shown + [_acp_text_content("[" + note)]})
+            return result
         finally:
             self._quietly("terminal/release", ids)
-        return terminal_result(output, output.get("exitStatus") or status, state, timeout)
 
     def _quietly(self, method, ids):
         try:
@@ -12054,35 +12089,31 @@ class AcpSession:
         if full:
             update["locations"] = [{"path": full}]
         self.update(update)
-        if full and name in EDIT_TOOLS:
-            self._before[event["id"]] = (full, self._file_text(full))
-
-    def _file_text(self, path):
-        """A file's text for a diff: the editor's buffer when it offers it, else the disk's."""
-        text = _acp_file_text(path)
-        if text is not None and os.path.exists(path) and self.editor.reads:
-            text = self.editor.read_text(path) or text
-        return text
+        if full and name in EDIT_TOOLS:  # the disk's text; the editor's, when the tool reads it, replaces it
+            self._before[event["id"]] = (full, _acp_file_text(full))
 
     def _tool_end(self, event):
         call_id = event["id"]
         self._output.pop(call_id, None)
         before = self._before.pop(call_id, None)
+        seen = self.editor.seen.pop(call_id, None)
         written = self.editor.written.pop(call_id, None)
         terminal = self.editor.terminals.pop(call_id, None)
+        if before is not None and seen is not None and seen[0] == before[0]:
+            before = seen
         plan = (event.get("details") or {}).get("plan")
         if isinstance(plan, list) and not event["isError"]:  # the todo tool: the editor shows the plan
             self.update({"sessionUpdate": "plan", "entries": plan})
-        content = [_acp_text_content(event["result"])]
-        if terminal is not None:  # the editor shows the command's output itself, also once released
-            content = [{"type": "terminal", "terminalId": terminal}]
+        update = {"sessionUpdate": "tool_call_update", "toolCallId": call_id,
+                  "status": "failed" if event["isError"] else "completed",
+                  "rawOutput": {"result": event["result"][:ACP_OUTPUT_KEEP]}}
+        if terminal is None:  # a terminal's content stays as shown (the editor keeps its output once released)
+            update["content"] = [_acp_text_content(event["result"])]
         if before is not None and not event["isError"]:
             after = written if written is not None else _acp_file_text(before[0])
             if after is not None:
-                content = [{"type": "diff", "path": before[0], "oldText": before[1], "newText": after}]
-        self.update({"sessionUpdate": "tool_call_update", "toolCallId": call_id,
-                     "status": "failed" if event["isError"] else "completed", "content": content,
-                     "rawOutput": {"result": event["result"][:ACP_OUTPUT_KEEP]}})
+                update["content"] = [{"type": "diff", "path": before[0], "oldText": before[1], "newText": after}]
+        self.update(update)
 
     def _ask(self, event):
         """A question of the permission hook, as session/request_permission; the answer goes to the loop."""
@@ -12259,6 +12290,7 @@ class AcpAgent:
         try:
             for raw in iter(self.stdin.readline, b""):
                 self._line(raw)
+            self.peer.fail_all(McpError("the editor closed the connection"))  # nobody will answer now
             deadline = time.monotonic() + 5  # answers under way still go out (a prompt is cancelled first)
             for acp in list(self.sessions.values()):
                 acp.loop.abort()
@@ -12293,8 +12325,11 @@ class AcpAgent:
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
 
-    def _error(self, rid, code, text):
-        self._send({"jsonrpc": "2.0", "id": rid, "error": {"code": code, "message": text}})
+    def _error(self, rid, code, text, data=None):
+        error = {"code": code, "message": text}
+        if data is not None:
+            error["data"] = data
+        self._send({"jsonrpc": "2.0", "id": rid, "error": error})
 
     def _request(self, rid, method, params):
         handler = ACP_METHODS.get(method)
@@ -12304,7 +12339,7 @@ class AcpAgent:
             result = handler(self, params)
             self._send({"jsonrpc": "2.0", "id": rid, "result": result})
         except AcpError as e:
-            self._error(rid, e.code, str(e))
+            self._error(rid, e.code, str(e), e.data)
         except (NanocodeError, KeyError, TypeError, ValueError) as e:
             self._error(rid, -32602 if isinstance(e, (KeyError, TypeError, ValueError)) else -32603,
                         "%s: %s" % (method, one_line(e, 300)))
@@ -12321,7 +12356,8 @@ class AcpAgent:
     def session(self, params):
         session = self.sessions.get(params.get("sessionId"))
         if session is None:
-            raise AcpError(ACP_SESSION_NOT_FOUND, "no session %r" % params.get("sessionId"))
+            raise AcpError(ACP_SESSION_NOT_FOUND, "no session %r" % params.get("sessionId"),
+                           {"sessionId": params.get("sessionId")})
         return session
 
     # -- methods ------------------------------------------------------------------------------------
@@ -12388,7 +12424,7 @@ class AcpAgent:
         except NanocodeError:
             found = False
         if not found:
-            raise AcpError(ACP_SESSION_NOT_FOUND, "no saved session %r for %s" % (ref, config.cwd))
+            raise AcpError(ACP_SESSION_NOT_FOUND, "no saved session %r for %s" % (ref, config.cwd), {"sessionId": ref})
         acp = self.new_session(dict(params, cwd=config.cwd), resume=ref)
         if acp.id != ref:  # the saved id is the one the editor knows
             self.sessions.pop(acp.id, None)
@@ -12449,7 +12485,7 @@ def replay_history(acp):
 def _replayed_plan(args, previous):
     """The plan a todo call in a saved session set, or previous when its list was not valid."""
     try:
-        return todo_entries(args.get("items", args.get("todos", args.get("plan"))))
+        return todo_entries(normalize_args(TOOLS["todo"], args)["items"])
     except ToolError:
         return previous
 
