@@ -10400,7 +10400,7 @@ def list_sessions(home, cwd=None, limit=20):
         except (OSError, NanocodeError):
             continue
         firsts = [e["message"] for e in entries if e.get("prompt") and isinstance(e.get("message"), dict)]
-        found.append({"path": path, "id": header.get("id", ""), "modified": os.path.getmtime(path),
+        found.append({"path": path, "id": header.get("id", ""), "cwd": header.get("cwd"), "modified": os.path.getmtime(path),
                       "first": one_line(_content_text(firsts[0].get("content")) if firsts else "", 60),
                       "prompts": len(firsts), "size": os.path.getsize(path)})
     return found
@@ -11885,6 +11885,7 @@ ACP_DIFF_MAX = 1 << 20  #: a file larger than this gets no diff in its tool call
 ACP_CLIENT_TIMEOUT = 30.0  #: seconds an fs/* or terminal/* request may take (a command's wait: its own timeout)
 ACP_TERMINAL_OUTPUT_LIMIT = 1 << 20  #: bytes of a command's output the editor keeps for us (the end of it)
 ACP_SESSION_NOT_FOUND = -32002  #: "resource not found", the SDK's code for an unknown session
+ACP_LIST_PAGE = 50  #: sessions per session/list answer
 
 
 class AcpError(NanocodeError):
@@ -12269,6 +12270,7 @@ class AcpAgent:
         self.sessions = {}
         self.client_capabilities = {}
         self._threads = []  # request handlers still running
+        self._prompts = {}  # the editor's request id -> the AcpSession its session/prompt runs in
         self._write_lock = threading.Lock()
         self.peer = RpcPeer(self._send, None, lambda method, params: None, _StderrLog())
         self.peer.cancel_method = "$/cancel_request"
@@ -12333,6 +12335,8 @@ class AcpAgent:
 
     def _request(self, rid, method, params):
         handler = ACP_METHODS.get(method)
+        if method == "session/prompt" and isinstance(rid, (int, str)):
+            self._prompts[rid] = self.sessions.get(params.get("sessionId"))
         try:
             if handler is None:
                 raise AcpError(-32601, "method not found: %s" % method)
@@ -12345,13 +12349,23 @@ class AcpAgent:
                         "%s: %s" % (method, one_line(e, 300)))
         except Exception as e:  # a bug answers this request with an error; the process goes on
             self._error(rid, -32603, "internal error in %s: %s: %s" % (method, e.__class__.__name__, e))
+        finally:
+            if method == "session/prompt" and isinstance(rid, (int, str)):
+                self._prompts.pop(rid, None)
 
     def _notification(self, method, params):
+        """session/cancel, or $/cancel_request naming a session/prompt: the prompt answers `cancelled`.
+        Other requests are short and answered as usual; unknown notifications are ignored."""
         if method == "session/cancel":
             session = self.sessions.get(params.get("sessionId"))
-            if session is not None:
-                session.loop.abort()
-                session.session.inbox.clear()
+        elif method == "$/cancel_request":
+            rid = params.get("requestId")
+            session = self._prompts.get(rid) if isinstance(rid, (int, str)) else None
+        else:
+            return
+        if session is not None:
+            session.loop.abort()
+            session.session.inbox.clear()
 
     def session(self, params):
         session = self.sessions.get(params.get("sessionId"))
@@ -12368,7 +12382,8 @@ class AcpAgent:
         return {"protocolVersion": ACP_PROTOCOL_VERSION,
                 "agentCapabilities": {"loadSession": True,
                                       "promptCapabilities": {"image": True, "audio": False, "embeddedContext": True},
-                                      "mcpCapabilities": {"http": True, "sse": False}},
+                                      "mcpCapabilities": {"http": True, "sse": False},
+                                      "sessionCapabilities": {"list": {}}},
                 "agentInfo": {"name": "nanocode", "title": "nanocode", "version": VERSION},
                 "authMethods": [{"id": "env", "name": "API key in the environment",
                                  "description": "nanocode reads its key from %s (or settings.json); set one and restart"
@@ -12434,6 +12449,25 @@ class AcpAgent:
         self._started(acp)
         return {"modes": self.modes(acp)}
 
+    def session_list(self, params):
+        """Saved sessions, newest first (of cwd when given), ACP_LIST_PAGE at a time."""
+        cwd, cursor = params.get("cwd"), params.get("cursor")
+        if cwd is not None and (not isinstance(cwd, str) or not os.path.isabs(cwd)):
+            raise AcpError(-32602, "cwd must be an absolute path, not %r" % cwd)
+        start = int(cursor) if isinstance(cursor, str) and cursor.isdigit() else 0
+        found = list_sessions(self.config.home, cwd, limit=start + ACP_LIST_PAGE + 1)
+        sessions = []
+        for entry in found[start:start + ACP_LIST_PAGE]:
+            info = {"sessionId": entry["id"], "cwd": entry["cwd"] if isinstance(entry["cwd"], str) else cwd or "",
+                    "updatedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry["modified"]))}
+            if entry["first"]:
+                info["title"] = entry["first"]
+            sessions.append(info)
+        result = {"sessions": [s for s in sessions if s["sessionId"] and os.path.isabs(s["cwd"])]}
+        if len(found) > start + ACP_LIST_PAGE:
+            result["nextCursor"] = str(start + ACP_LIST_PAGE)
+        return result
+
     def session_prompt(self, params):
         return {"stopReason": self.session(params).prompt(params.get("prompt"))}
 
@@ -12450,6 +12484,7 @@ class AcpAgent:
 
 ACP_METHODS = {"initialize": AcpAgent.initialize, "authenticate": AcpAgent.authenticate,
                "session/new": AcpAgent.session_new, "session/load": AcpAgent.session_load,
+               "session/list": AcpAgent.session_list,
                "session/prompt": AcpAgent.session_prompt, "session/set_mode": AcpAgent.session_set_mode}
 
 

@@ -10808,6 +10808,40 @@ class TestAcp(AcpTestCase):
         self.assertEqual(len(client.permission_requests), asked + 1, "reject_always refused the second without asking")
         self.assertFalse(os.path.exists(os.path.join(self.cwd, "never")))
 
+    def test_session_list_pages_the_saved_sessions(self):
+        client = self.client()
+        init = client.request("initialize", {"protocolVersion": 1, "clientCapabilities": {}})["result"]
+        self.assertEqual(init["agentCapabilities"]["sessionCapabilities"], {"list": {}})
+        ids = []
+        for question in ("first question", "second question"):
+            sid = client.new_session(self.cwd)
+            self.fake.enqueue(answer("ok"))
+            client.prompt(sid, question)
+            ids.append(sid)
+        listed = client.request("session/list", {"cwd": self.cwd})["result"]
+        self.assertEqual([(s["sessionId"], s["title"], s["cwd"]) for s in listed["sessions"]][:2],
+                         [(ids[1], "second question", self.cwd), (ids[0], "first question", self.cwd)])
+        self.assertRegex(listed["sessions"][0]["updatedAt"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertNotIn("nextCursor", listed)
+        with mock.patch.object(nanocode, "ACP_LIST_PAGE", 1):
+            first = client.request("session/list", {})["result"]
+            second = client.request("session/list", {"cursor": first["nextCursor"]})["result"]
+        self.assertEqual([s["sessionId"] for s in first["sessions"] + second["sessions"]][:2], [ids[1], ids[0]])
+        elsewhere = os.path.join(self.tmp, "elsewhere")
+        os.makedirs(elsewhere)
+        self.assertEqual(client.request("session/list", {"cwd": elsewhere})["result"], {"sessions": []})
+        self.assertEqual(client.request("session/list", {"cwd": "relative"})["error"]["code"], -32602)
+
+    def test_cancel_request_of_a_prompt_cancels_it(self):
+        client = self.client()
+        sid = client.new_session(self.cwd)
+        self.fake.enqueue(slow_text(["word%d " % i for i in range(200)], 0.05))
+        rid = client.prompt(sid, "talk", wait=False)
+        self.assertTrue(wait_for(lambda: client.updates(sid, "agent_message_chunk")))
+        client.send({"jsonrpc": "2.0", "method": "$/cancel_request", "params": {"requestId": rid + 1000}})
+        client.send({"jsonrpc": "2.0", "method": "$/cancel_request", "params": {"requestId": rid}})
+        self.assertEqual(client.answer(rid)["result"]["stopReason"], "cancelled")
+
     def test_a_filtered_answer_is_a_refusal(self):
         client = self.client()
         sid = client.new_session(self.cwd)
@@ -11110,7 +11144,7 @@ ajv.addSchema(JSON.parse(fs.readFileSync(new URL("schema/v1/schema.json", sdkRoo
 const summary = {
   sdk: sdkVersion, node: process.version, error: null, problems: [], canary: {}, sdkNotificationErrors: 0,
   responses: {}, errors: [], stopReasons: [], updates: { raw: 0, delivered: 0, kinds: {} }, permissions: [],
-  fs: [], terminals: [],
+  fs: [], terminals: [], listed: [],
   prompt1: [], prompt2: [], replay: [], afterLoad: [], cancelMs: null, exits: [], ms: {},
 };
 const started = Date.now();
@@ -11178,7 +11212,7 @@ const FROM_AGENT = { "session/update": "SessionNotification", "session/request_p
   "terminal/wait_for_exit": "WaitForTerminalExitRequest", "terminal/kill": "KillTerminalRequest",
   "terminal/release": "ReleaseTerminalRequest" };
 const RESULT_OF = { initialize: "InitializeResponse", "session/new": "NewSessionResponse",
-  "session/prompt": "PromptResponse", "session/load": "LoadSessionResponse" };
+  "session/prompt": "PromptResponse", "session/load": "LoadSessionResponse", "session/list": "ListSessionsResponse" };
 const ANSWER_TO = { "session/request_permission": "RequestPermissionResponse" }; // our answers to the editor methods are our own
 
 // -- the editor: unsaved buffers (cfg.buffers, path -> text) seen before the disk, terminals run here -------
@@ -11390,6 +11424,8 @@ try {
       e.msg.method === "session/update").map((e) => brief(e.msg.params.update));
     summary.afterLoad = log.slice(answered).filter((e) => e.agent === "second" && e.msg.method === "session/update")
       .map((e) => e.msg.params.update.sessionUpdate);
+    const listed = await within("session/list", agent.request(acp.methods.agent.session.list, { cwd: cfg.cwd }), 15000);
+    summary.listed = listed.sessions.map((s) => [s.sessionId, s.title ?? null]);
   });
   finish(null);
 } catch (e) {
@@ -11529,6 +11565,7 @@ class TestAcpSdkInterop(EndToEndTestCase):
         self.assertIn(["user_message_chunk", "tell me a long story"], replay, context)
         self.assertIn("The file is edited.", [(u[1] or "").strip() for u in replay if u[0] == "agent_message_chunk"], context)
         self.assertEqual([u[1] for u in replay if u[0] == "tool_call"], ["r1", "e1", "t1"], context)
+        self.assertIn([replay and summary["responses"]["new"]["sessionId"], "change hello in notes.txt"], summary["listed"], context)
         self.assertEqual([e["code"] for e in summary["exits"]], [0, 0], context)
         self.assertEqual(len(self.fake.posts), 5, "no model call from the load")
 
