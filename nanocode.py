@@ -11886,6 +11886,7 @@ ACP_CLIENT_TIMEOUT = 30.0  #: seconds an fs/* or terminal/* request may take (a 
 ACP_TERMINAL_OUTPUT_LIMIT = 1 << 20  #: bytes of a command's output the editor keeps for us (the end of it)
 ACP_SESSION_NOT_FOUND = -32002  #: "resource not found", the SDK's code for an unknown session
 ACP_LIST_PAGE = 50  #: sessions per session/list answer
+ACP_MAX_MODELS = 200  #: models offered in the model picker
 
 
 class AcpError(NanocodeError):
@@ -12031,6 +12032,7 @@ class AcpSession:
         self._output = {}  # tool call id -> command output so far
         self._lock = threading.Lock()  # one prompt waits for the loop at a time
         self._finish = None  # the finish_reason of the model's last answer
+        self.models = []  # the models the server lists (the model picker's choices), once fetched
 
     def update(self, update):
         self.agent.notify("session/update", {"sessionId": self.id, "update": update})
@@ -12059,6 +12061,8 @@ class AcpSession:
             self.update({"sessionUpdate": "user_message_chunk", "content": {"type": "text", "text": event["text"]}})
         elif kind == "info":
             self.update({"sessionUpdate": "agent_message_chunk", "content": {"type": "text", "text": event["text"] + "\n"}})
+            if event.get("command") == "model":  # /model typed in the editor: its picker follows
+                self.update({"sessionUpdate": "config_option_update", "configOptions": self.config_options()})
         elif kind == "error" and not event.get("fatal"):
             self.update({"sessionUpdate": "agent_message_chunk", "content": {"type": "text",
                                                                               "text": "error: %s\n" % event["message"]}})
@@ -12164,6 +12168,36 @@ class AcpSession:
         if end.get("stopReason") == "done" and self._finish == "content_filter":
             return "refusal"  # the provider's filter stopped the answer
         return ACP_STOP_REASONS.get(end.get("stopReason"), "end_turn")
+
+    def config_options(self):
+        """The session's configOptions: the model picker (the current model first when the server does
+        not list it)."""
+        current = self.session.config.model
+        models = ([current] if current not in self.models else []) + list(self.models)
+        return [{"id": "model", "name": "Model", "category": "model", "type": "select", "currentValue": current,
+                 "options": [{"value": m, "name": m} for m in models[:ACP_MAX_MODELS]]}]
+
+    def fetch_models(self):
+        """Ask the server for its models (on a thread of its own); the picker is updated when they come."""
+        config = self.session.config
+        try:
+            models = _fetch_model_list(config.base_url, config.api_key, 10) or []
+        except Exception as e:  # the picker keeps the current model only
+            acp_log("listing the models of %s: %s" % (config.base_url, e))
+            return
+        if models and models != self.models:
+            self.models = [m for m in models if isinstance(m, str)]
+            self.update({"sessionUpdate": "config_option_update", "configOptions": self.config_options()})
+
+    def set_model(self, model):
+        """Switch the model once the session is idle (a turn under way finishes on the old one)."""
+        def switch(cancel):
+            self.session.reconfigure(with_model(self.session.config, model, os.environ))
+        while True:  # when_idle says so, as a message, while a turn runs: wait first
+            self.loop.wait_idle()
+            if self.loop.when_idle("model", switch):
+                break
+        self.loop.wait_idle()
 
     def commands(self):
         """The slash-command table (and skills, MCP prompts) as available_commands."""
@@ -12416,11 +12450,12 @@ class AcpAgent:
     def session_new(self, params):
         acp = self.new_session(params)
         self._started(acp)
-        return {"sessionId": acp.id, "modes": self.modes(acp)}
+        return {"sessionId": acp.id, "modes": self.modes(acp), "configOptions": acp.config_options()}
 
     def _started(self, acp):
         if acp.session.mcp is not None:
             acp.session.mcp.start()
+        threading.Thread(target=acp.fetch_models, daemon=True, name="acp-models").start()
         threading.Timer(0.05, lambda: acp.update({"sessionUpdate": "available_commands_update",
                                                   "availableCommands": acp.commands()})).start()
 
@@ -12447,7 +12482,7 @@ class AcpAgent:
             self.sessions[ref] = acp
         replay_history(acp)
         self._started(acp)
-        return {"modes": self.modes(acp)}
+        return {"modes": self.modes(acp), "configOptions": acp.config_options()}
 
     def session_list(self, params):
         """Saved sessions, newest first (of cwd when given), ACP_LIST_PAGE at a time."""
@@ -12471,6 +12506,16 @@ class AcpAgent:
     def session_prompt(self, params):
         return {"stopReason": self.session(params).prompt(params.get("prompt"))}
 
+    def session_set_config_option(self, params):
+        acp = self.session(params)
+        if params.get("configId") != "model":
+            raise AcpError(-32602, "unknown config option %r: model is the one there is" % params.get("configId"))
+        value = params.get("value")
+        if not isinstance(value, str) or not value.strip():
+            raise AcpError(-32602, "the model must be a non-empty string, not %r" % value)
+        acp.set_model(value.strip())
+        return {"configOptions": acp.config_options()}
+
     def session_set_mode(self, params):
         acp = self.session(params)
         mode = params.get("modeId")
@@ -12484,7 +12529,7 @@ class AcpAgent:
 
 ACP_METHODS = {"initialize": AcpAgent.initialize, "authenticate": AcpAgent.authenticate,
                "session/new": AcpAgent.session_new, "session/load": AcpAgent.session_load,
-               "session/list": AcpAgent.session_list,
+               "session/list": AcpAgent.session_list, "session/set_config_option": AcpAgent.session_set_config_option,
                "session/prompt": AcpAgent.session_prompt, "session/set_mode": AcpAgent.session_set_mode}
 
 

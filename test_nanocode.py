@@ -10842,6 +10842,26 @@ class TestAcp(AcpTestCase):
         client.send({"jsonrpc": "2.0", "method": "$/cancel_request", "params": {"requestId": rid}})
         self.assertEqual(client.answer(rid)["result"]["stopReason"], "cancelled")
 
+    def test_the_model_picker_lists_the_servers_models_and_switches(self):
+        self.fake.models = ["m", "big-model", "small-model"]
+        client = self.client()
+        client.request("initialize", {"protocolVersion": 1, "clientCapabilities": {}})
+        created = client.request("session/new", {"cwd": self.cwd, "mcpServers": []})["result"]
+        sid = created["sessionId"]
+        picker = created["configOptions"][0]
+        self.assertEqual((picker["id"], picker["category"], picker["type"], picker["currentValue"]), ("model", "model", "select", "m"))
+        listed = wait_for(lambda: client.updates(sid, "config_option_update"))
+        self.assertEqual([o["value"] for o in listed[-1]["configOptions"][0]["options"]], ["m", "big-model", "small-model"])
+        answer_ = client.request("session/set_config_option", {"sessionId": sid, "configId": "model", "value": "big-model"})
+        self.assertEqual(answer_["result"]["configOptions"][0]["currentValue"], "big-model")
+        self.fake.enqueue(answer("from the big one"))
+        client.prompt(sid, "hi")
+        self.assertEqual(self.fake.posts[-1].json["model"], "big-model")
+        client.prompt(sid, "/model small-model")
+        self.assertEqual(client.updates(sid, "config_option_update")[-1]["configOptions"][0]["currentValue"], "small-model")
+        self.assertEqual(client.request("session/set_config_option", {"sessionId": sid, "configId": "speed", "value": "x"})
+                         ["error"]["code"], -32602)
+
     def test_a_filtered_answer_is_a_refusal(self):
         client = self.client()
         sid = client.new_session(self.cwd)
@@ -11144,7 +11164,7 @@ ajv.addSchema(JSON.parse(fs.readFileSync(new URL("schema/v1/schema.json", sdkRoo
 const summary = {
   sdk: sdkVersion, node: process.version, error: null, problems: [], canary: {}, sdkNotificationErrors: 0,
   responses: {}, errors: [], stopReasons: [], updates: { raw: 0, delivered: 0, kinds: {} }, permissions: [],
-  fs: [], terminals: [], listed: [],
+  fs: [], terminals: [], listed: [], model: null,
   prompt1: [], prompt2: [], replay: [], afterLoad: [], cancelMs: null, exits: [], ms: {},
 };
 const started = Date.now();
@@ -11212,7 +11232,8 @@ const FROM_AGENT = { "session/update": "SessionNotification", "session/request_p
   "terminal/wait_for_exit": "WaitForTerminalExitRequest", "terminal/kill": "KillTerminalRequest",
   "terminal/release": "ReleaseTerminalRequest" };
 const RESULT_OF = { initialize: "InitializeResponse", "session/new": "NewSessionResponse",
-  "session/prompt": "PromptResponse", "session/load": "LoadSessionResponse", "session/list": "ListSessionsResponse" };
+  "session/prompt": "PromptResponse", "session/load": "LoadSessionResponse", "session/list": "ListSessionsResponse",
+  "session/set_config_option": "SetSessionConfigOptionResponse" };
 const ANSWER_TO = { "session/request_permission": "RequestPermissionResponse" }; // our answers to the editor methods are our own
 
 // -- the editor: unsaved buffers (cfg.buffers, path -> text) seen before the disk, terminals run here -------
@@ -11426,6 +11447,10 @@ try {
       .map((e) => e.msg.params.update.sessionUpdate);
     const listed = await within("session/list", agent.request(acp.methods.agent.session.list, { cwd: cfg.cwd }), 15000);
     summary.listed = listed.sessions.map((s) => [s.sessionId, s.title ?? null]);
+    const picker = summary.responses.load.configOptions?.[0];
+    const set = await within("session/set_config_option", agent.request(acp.methods.agent.session.setConfigOption,
+      { sessionId, configId: "model", value: picker?.currentValue ?? "?" }), 15000);
+    summary.model = set.configOptions?.[0]?.currentValue ?? null;
   });
   finish(null);
 } catch (e) {
@@ -11566,6 +11591,7 @@ class TestAcpSdkInterop(EndToEndTestCase):
         self.assertIn("The file is edited.", [(u[1] or "").strip() for u in replay if u[0] == "agent_message_chunk"], context)
         self.assertEqual([u[1] for u in replay if u[0] == "tool_call"], ["r1", "e1", "t1"], context)
         self.assertIn([replay and summary["responses"]["new"]["sessionId"], "change hello in notes.txt"], summary["listed"], context)
+        self.assertEqual(summary["model"], summary["responses"]["new"]["configOptions"][0]["currentValue"], context)
         self.assertEqual([e["code"] for e in summary["exits"]], [0, 0], context)
         self.assertEqual(len(self.fake.posts), 5, "no model call from the load")
 
