@@ -2949,7 +2949,8 @@ def save_file(ctx, path, data):
     else atomic_write), note what was left for /undo and for the read-before-write check. Returns the
     real path written."""
     path = os.path.realpath(path)
-    seen = ctx.editor_seen.get(path)
+    # /undo puts back what the change started from: the editor's text when the editor takes the write
+    seen = ctx.editor_seen.get(path) if ctx.editor is not None and ctx.editor.writes else None
     if ctx.checkpoints is not None:
         ctx.checkpoints.record(path, seen.encode("utf-8", "replace") if seen is not None else None)
     if _save_in_editor(ctx, path, data):
@@ -6374,6 +6375,7 @@ class StdioTransport:
         self._outbox = __import__("queue").Queue()  # a writer thread: a server that stops reading blocks no caller
         self._writing = False
         log.write("started %s (pid %d)" % (" ".join([spec.command] + list(spec.args)), self.proc.pid))
+        self._stderr_done = threading.Event()  # set once stderr is read to its end (the exit's reason is in it)
         for target, name in ((self._read_stdout, "mcp-stdout"), (self._read_stderr, "mcp-stderr"),
                              (self._write_stdin, "mcp-stdin")):
             threading.Thread(target=target, daemon=True, name=name).start()
@@ -6430,13 +6432,17 @@ class StdioTransport:
             code = self.proc.wait(MCP_SHUTDOWN_GRACE)
         except Exception:
             code = None
+        self._stderr_done.wait(1.0)  # its last lines say why it exited (a child holding stderr open: 1 s at most)
         self.log.write("exited (code %s)" % code)
         self.on_exit(code)
 
     def _read_stderr(self):
-        for raw in iter(lambda: self.proc.stderr.readline(65536), b""):
-            self.log.stderr(raw.decode("utf-8", "replace").rstrip("\r\n"))
-        self.proc.stderr.close()
+        try:
+            for raw in iter(lambda: self.proc.stderr.readline(65536), b""):
+                self.log.stderr(raw.decode("utf-8", "replace").rstrip("\r\n"))
+            self.proc.stderr.close()
+        finally:
+            self._stderr_done.set()
 
     def close(self):
         """Close stdin, wait MCP_SHUTDOWN_GRACE, then SIGTERM, wait, SIGKILL (the whole group). A server that

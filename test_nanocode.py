@@ -3193,10 +3193,14 @@ class TestBashSandbox(EndToEndTestCase):
             with self.using(name, probe):
                 paths = [os.path.join(self.outside, "%s-%d" % (name.replace(" ", "-"), i)) for i in range(4)]
                 q = [shlex.quote(p) for p in paths]
-                r = self.bash("sh -c 'bash -c \"touch %s\"'\n(touch %s &); wait\n%s -c 'open(%r, \"w\")'\n"
+                detached = os.path.join(self.cwd, "detached-%s" % name.replace(" ", "-"))
+                r = self.bash("sh -c 'bash -c \"touch %s\"'\n(touch %s 2>&1; touch %s) &\n%s -c %s 2>&1 | tail -1\n"
                               "env -i /bin/sh -c 'touch %s'\necho end"
-                              % (q[0], q[1], shlex.quote(sys.executable), paths[2], q[3]))
-                self.assertTrue(r.text.endswith("end\n[exit code 0]"), r.text)
+                              % (q[0], q[1], shlex.quote(detached), shlex.quote(sys.executable),
+                                 shlex.quote("open(%r, 'w')" % paths[2]), q[3]))
+                self.assertTrue(r.text.endswith("[exit code 0]") and "end\n" in r.text, r.text)
+                self.assertRegex(r.text, r"(PermissionError|OSError): \[Errno (13|30)\]")  # the interpreter ran, refused
+                self.assertTrue(wait_for(lambda: os.path.exists(detached), 10), "the detached child finished")
                 self.assertEqual([p for p in paths if os.path.exists(p)], [])
                 if shutil.which("setsid"):
                     self.assertRefusedWrite(self.bash("setsid sh -c 'touch %s'" % q[0]), paths[0])
