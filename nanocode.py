@@ -11919,8 +11919,9 @@ class _StderrLog:
 class AcpEditor:
     """The editor's side of one ACP session's tools (Session.editor), as far as the client offers it:
     read/write/edit through fs/read_text_file and fs/write_text_file (unsaved buffers are seen, changes
-    land in the editor's undo history), bash in a terminal/* the editor shows live. A failed fs request
-    falls back to the disk here; a failed terminal is the call's error."""
+    land in the editor's undo history), bash in a terminal/* the editor shows live. A refused read is
+    read from disk; a refused write is the call's error (an editor without the method: written here);
+    a terminal that fails is the call's error."""
 
     def __init__(self, acp, capabilities):
         fs = capabilities.get("fs") if isinstance(capabilities.get("fs"), dict) else {}
