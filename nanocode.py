@@ -12424,7 +12424,7 @@ class AcpAgent:
                 "agentCapabilities": {"loadSession": True,
                                       "promptCapabilities": {"image": True, "audio": False, "embeddedContext": True},
                                       "mcpCapabilities": {"http": True, "sse": False},
-                                      "sessionCapabilities": {"list": {}}},
+                                      "sessionCapabilities": {"list": {}, "resume": {}, "close": {}, "delete": {}}},
                 "agentInfo": {"name": "nanocode", "title": "nanocode", "version": VERSION},
                 "authMethods": [{"id": "env", "name": "API key in the environment",
                                  "description": "nanocode reads its key from %s (or settings.json); set one and restart"
@@ -12471,25 +12471,62 @@ class AcpAgent:
         return {"currentModeId": current,
                 "availableModes": [{"id": i, "name": n, "description": d} for i, n, d in ACP_MODES]}
 
-    def session_load(self, params):
+    def saved_path(self, ref, cwd=None):
+        """The file of the saved session whose id is exactly ref (looked for under cwd first, then
+        everywhere); AcpError -32002 when there is none."""
+        if not isinstance(ref, str) or not ref or os.sep in ref or "/" in ref or ref.endswith(".jsonl"):
+            raise AcpError(-32602, "sessionId must be a session id, not %r" % (ref,))
+        base = os.path.join(self.config.home, "sessions")
+        folders = ([sessions_dir(self.config.home, cwd)] if cwd else []) + [os.path.join(base, d) for d in _listdir(base)]
+        for folder in folders:  # files are named <time>_<id>.jsonl
+            for name in sorted(_listdir(folder)):
+                if name.endswith("_%s.jsonl" % ref):
+                    return os.path.join(folder, name)
+        raise AcpError(ACP_SESSION_NOT_FOUND, "no saved session %r" % ref, {"sessionId": ref})
+
+    def session_load(self, params, replay=True):
+        """session/load (the conversation replayed as updates first) and session/resume (not replayed;
+        a session open in this process is simply answered)."""
         ref = params.get("sessionId")
-        if not isinstance(ref, str) or not ref:
-            raise AcpError(-32602, "sessionId is required")
-        config = self.config._replace(cwd=params.get("cwd") or self.config.cwd)
-        try:
-            found = os.path.exists(_session_path(config, ref))
-        except NanocodeError:
-            found = False
-        if not found:
-            raise AcpError(ACP_SESSION_NOT_FOUND, "no saved session %r for %s" % (ref, config.cwd), {"sessionId": ref})
-        acp = self.new_session(dict(params, cwd=config.cwd), resume=ref)
+        if not replay and ref in self.sessions:
+            acp = self.sessions[ref]
+            return {"modes": self.modes(acp), "configOptions": acp.config_options()}
+        cwd = params.get("cwd") if isinstance(params.get("cwd"), str) else self.config.cwd
+        path = self.saved_path(ref, cwd)
+        old = self.sessions.pop(ref, None)
+        if old is not None:  # loaded again: the new one replaces it
+            old.loop.abort()
+            old.close()
+        acp = self.new_session(dict(params, cwd=cwd), resume=path)
         if acp.id != ref:  # the saved id is the one the editor knows
             self.sessions.pop(acp.id, None)
             acp.id = ref
             self.sessions[ref] = acp
-        replay_history(acp)
+        if replay:
+            replay_history(acp)
         self._started(acp)
         return {"modes": self.modes(acp), "configOptions": acp.config_options()}
+
+    def session_resume(self, params):
+        return self.session_load(params, replay=False)
+
+    def session_close(self, params):
+        """Cancel what the session does and free it (MCP servers, client); its file stays for load."""
+        acp = self.session(params)
+        self.sessions.pop(acp.id, None)
+        acp.loop.abort()
+        acp.close()
+        return {}
+
+    def session_delete(self, params):
+        """Delete a saved session (closed first when open): its file and its /undo blobs."""
+        ref = params.get("sessionId")
+        path = self.saved_path(ref)
+        if ref in self.sessions:
+            self.session_close(params)
+        os.remove(path)
+        shutil.rmtree(path[:-len(".jsonl")] + ".checkpoints", ignore_errors=True)
+        return {}
 
     def session_list(self, params):
         """Saved sessions, newest first (of cwd when given), ACP_LIST_PAGE at a time."""
@@ -12537,6 +12574,8 @@ class AcpAgent:
 ACP_METHODS = {"initialize": AcpAgent.initialize, "authenticate": AcpAgent.authenticate,
                "session/new": AcpAgent.session_new, "session/load": AcpAgent.session_load,
                "session/list": AcpAgent.session_list, "session/set_config_option": AcpAgent.session_set_config_option,
+               "session/resume": AcpAgent.session_resume, "session/close": AcpAgent.session_close,
+               "session/delete": AcpAgent.session_delete,
                "session/prompt": AcpAgent.session_prompt, "session/set_mode": AcpAgent.session_set_mode}
 
 

@@ -10815,7 +10815,7 @@ class TestAcp(AcpTestCase):
     def test_session_list_pages_the_saved_sessions(self):
         client = self.client()
         init = client.request("initialize", {"protocolVersion": 1, "clientCapabilities": {}})["result"]
-        self.assertEqual(init["agentCapabilities"]["sessionCapabilities"], {"list": {}})
+        self.assertEqual(init["agentCapabilities"]["sessionCapabilities"], {"list": {}, "resume": {}, "close": {}, "delete": {}})
         ids = []
         for question in ("first question", "second question"):
             sid = client.new_session(self.cwd)
@@ -10835,6 +10835,31 @@ class TestAcp(AcpTestCase):
         os.makedirs(elsewhere)
         self.assertEqual(client.request("session/list", {"cwd": elsewhere})["result"], {"sessions": []})
         self.assertEqual(client.request("session/list", {"cwd": "relative"})["error"]["code"], -32602)
+
+    def test_close_resume_and_delete(self):
+        client = self.client()
+        sid = client.new_session(self.cwd)
+        self.fake.enqueue(answer("first answer"))
+        client.prompt(sid, "first question")
+        self.assertEqual(client.request("session/close", {"sessionId": sid})["result"], {})
+        self.assertEqual(client.prompt(sid, "still there?")["error"]["code"], -32002, "a closed session is gone")
+        before = len(client.updates(sid))
+        resumed = client.request("session/resume", {"sessionId": sid, "cwd": self.cwd})["result"]
+        self.assertEqual(resumed["modes"]["currentModeId"], "ask")
+        self.assertEqual(client.updates(sid, "user_message_chunk"), [], "resume replays nothing")
+        self.fake.enqueue(answer("second answer"))
+        client.prompt(sid, "second question")
+        sent = [m["content"] for m in self.fake.posts[-1].json["messages"] if m["role"] != "system"]
+        self.assertEqual(sent, ["first question", "first answer", "second question"])
+        self.assertGreater(len(client.updates(sid)), before)
+        self.assertIn("result", client.request("session/resume", {"sessionId": sid, "cwd": self.cwd}), "an open one too")
+        path = client.agent.saved_path(sid)
+        self.assertEqual(client.request("session/delete", {"sessionId": sid})["result"], {})
+        self.assertFalse(os.path.exists(path))
+        self.assertNotIn(sid, [s["sessionId"] for s in client.request("session/list", {})["result"]["sessions"]])
+        self.assertEqual(client.request("session/delete", {"sessionId": sid})["error"]["code"], -32002)
+        self.assertEqual(client.request("session/delete", {"sessionId": "../../etc/x"})["error"]["code"], -32602)
+        self.assertEqual(client.request("session/load", {"sessionId": sid, "cwd": self.cwd})["error"]["code"], -32002)
 
     def test_cancel_request_of_a_prompt_cancels_it(self):
         client = self.client()
@@ -11168,7 +11193,7 @@ ajv.addSchema(JSON.parse(fs.readFileSync(new URL("schema/v1/schema.json", sdkRoo
 const summary = {
   sdk: sdkVersion, node: process.version, error: null, problems: [], canary: {}, sdkNotificationErrors: 0,
   responses: {}, errors: [], stopReasons: [], updates: { raw: 0, delivered: 0, kinds: {} }, permissions: [],
-  fs: [], terminals: [], listed: [], model: null,
+  fs: [], terminals: [], listed: [], model: null, resumeReplayed: null, listedAfterDelete: null,
   prompt1: [], prompt2: [], replay: [], afterLoad: [], cancelMs: null, exits: [], ms: {},
 };
 const started = Date.now();
@@ -11237,7 +11262,8 @@ const FROM_AGENT = { "session/update": "SessionNotification", "session/request_p
   "terminal/release": "ReleaseTerminalRequest" };
 const RESULT_OF = { initialize: "InitializeResponse", "session/new": "NewSessionResponse",
   "session/prompt": "PromptResponse", "session/load": "LoadSessionResponse", "session/list": "ListSessionsResponse",
-  "session/set_config_option": "SetSessionConfigOptionResponse" };
+  "session/set_config_option": "SetSessionConfigOptionResponse", "session/close": "CloseSessionResponse",
+  "session/resume": "ResumeSessionResponse", "session/delete": "DeleteSessionResponse" };
 const ANSWER_TO = { "session/request_permission": "RequestPermissionResponse" }; // our answers to the editor methods are our own
 
 // -- the editor: unsaved buffers (cfg.buffers, path -> text) seen before the disk, terminals run here -------
@@ -11455,6 +11481,15 @@ try {
     const set = await within("session/set_config_option", agent.request(acp.methods.agent.session.setConfigOption,
       { sessionId, configId: "model", value: picker?.currentValue ?? "?" }), 15000);
     summary.model = set.configOptions?.[0]?.currentValue ?? null;
+    // close it, resume it (nothing replayed), then delete it: gone from the list
+    await within("session/close", agent.request(acp.methods.agent.session.close, { sessionId }), 15000);
+    phase = "resume";
+    summary.responses.resume = await within("session/resume",
+      agent.request(acp.methods.agent.session.resume, { sessionId, cwd: cfg.cwd, mcpServers: [] }), 30000);
+    summary.resumeReplayed = updatesOf("second", "resume").filter((u) => u.sessionUpdate === "user_message_chunk").length;
+    await within("session/delete", agent.request(acp.methods.agent.session.delete, { sessionId }), 15000);
+    const after = await within("session/list", agent.request(acp.methods.agent.session.list, { cwd: cfg.cwd }), 15000);
+    summary.listedAfterDelete = after.sessions.map((s) => s.sessionId);
   });
   finish(null);
 } catch (e) {
@@ -11596,6 +11631,10 @@ class TestAcpSdkInterop(EndToEndTestCase):
         self.assertEqual([u[1] for u in replay if u[0] == "tool_call"], ["r1", "e1", "t1"], context)
         self.assertIn([replay and summary["responses"]["new"]["sessionId"], "change hello in notes.txt"], summary["listed"], context)
         self.assertEqual(summary["model"], summary["responses"]["new"]["configOptions"][0]["currentValue"], context)
+        # closed, resumed without a replay, deleted: no longer listed
+        self.assertEqual(summary["resumeReplayed"], 0, context)
+        self.assertIn("modes", summary["responses"]["resume"], context)
+        self.assertNotIn(summary["responses"]["new"]["sessionId"], summary["listedAfterDelete"], context)
         self.assertEqual([e["code"] for e in summary["exits"]], [0, 0], context)
         self.assertEqual(len(self.fake.posts), 5, "no model call from the load")
 
