@@ -10861,6 +10861,15 @@ class TestAcp(AcpTestCase):
         self.assertEqual(client.request("session/delete", {"sessionId": "../../etc/x"})["error"]["code"], -32602)
         self.assertEqual(client.request("session/load", {"sessionId": sid, "cwd": self.cwd})["error"]["code"], -32002)
 
+    def test_closing_a_session_mid_prompt_answers_the_prompt_cancelled(self):
+        client = self.client()
+        sid = client.new_session(self.cwd)
+        self.fake.enqueue(slow_text(["w%d " % i for i in range(200)], 0.05))
+        rid = client.prompt(sid, "talk", wait=False)
+        self.assertTrue(wait_for(lambda: client.updates(sid, "agent_message_chunk")))
+        self.assertEqual(client.request("session/close", {"sessionId": sid})["result"], {})
+        self.assertEqual(client.answer(rid)["result"], {"stopReason": "cancelled"})
+
     def test_cancel_request_of_a_prompt_cancels_it(self):
         client = self.client()
         sid = client.new_session(self.cwd)
