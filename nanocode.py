@@ -239,8 +239,14 @@ def read_opencode_key(env):
 
 
 def url_host(url):
-    """The host of a URL. Example: 'https://u:p@api.x.com:8443/v1' -> 'api.x.com'."""
-    return url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1].rsplit(":", 1)[0].lower()
+    """The host of a URL as urllib connects to it (lower case, no port, credentials or IPv6 brackets; '' when
+    there is none). Example: 'https://u:p@api.x.com:8443/v1' -> 'api.x.com'."""
+    from urllib.parse import urlsplit
+    url = str(url).strip()
+    try:
+        return (urlsplit(url if "://" in url else "//" + url).hostname or "").lower()
+    except ValueError:
+        return ""
 
 
 def find_api_key(env, settings, url, explicit=True):
@@ -3788,7 +3794,7 @@ def sandbox_command(config, cwd, argv):
         raise ToolError(reason)
     writable = sandbox_writable(config, cwd)
     if kind == "bwrap":
-        return bwrap_argv(shutil.which("bwrap") or "bwrap", writable, cwd, argv), None, _no_release
+        return bwrap_argv(which("bwrap") or "bwrap", writable, cwd, argv), None, _no_release
     if kind == "sandbox-exec":
         return seatbelt_argv(writable, argv), None, _no_release
     try:
@@ -8230,18 +8236,28 @@ def _command_matches(command, pattern):
     return fnmatch.fnmatchcase(command, pattern) or (pattern.endswith(" *") and command == pattern[:-2])
 
 
-def _host_of(url):
-    from urllib.parse import urlsplit
-    try:
-        return (urlsplit(str(url).strip()).hostname or "").lower()
-    except ValueError:
-        return ""
+DNS_TIMEOUT = 3.0  #: seconds a permission check waits for a host name lookup
+
+
+def _resolve(host, timeout=DNS_TIMEOUT):
+    """socket.getaddrinfo(host) with a deadline: [] when it fails or is late (the lookup is left behind)."""
+    import socket
+    found = []
+
+    def look():
+        try:
+            found.append(socket.getaddrinfo(host, None))
+        except (OSError, UnicodeError):
+            pass
+    worker = threading.Thread(target=look, daemon=True, name="nanocode-dns")
+    worker.start()
+    worker.join(timeout)
+    return found[0] if found else []
 
 
 def is_private_host(host):
     """True for loopback, private-range, link-local or unspecified addresses, by name or after DNS resolution."""
     import ipaddress
-    import socket
     if not host:
         return False
     try:
@@ -8249,11 +8265,7 @@ def is_private_host(host):
     except ValueError:
         if host == "localhost" or host.endswith(".localhost"):
             return True
-        try:
-            infos = socket.getaddrinfo(host, None)
-        except (OSError, UnicodeError):
-            return False
-        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in _resolve(host)]
     return any(a.is_loopback or a.is_private or a.is_link_local or a.is_unspecified or a.is_reserved for a in addresses)
 
 
@@ -8300,6 +8312,9 @@ class Permissions:
         rule = self._rule_verdict(name, args, kind)
         if rule == "deny":
             return "deny", "a deny rule in the permissions forbids it"
+        if kind == "fetch":  # the host is looked up only where the answer depends on it (not in yolo, not under a rule)
+            detail = "private" if (self.mode == "plan" or (self.mode != "yolo" and rule is None)) and \
+                is_private_host(detail) else "new"
         mutating = kind in ("edit", "bash", "mcp", "unknown") or (kind == "fetch" and detail == "private")
         if self.mode == "plan" and mutating and not (kind == "bash" and detail == "read-only"):
             return "deny", PLAN_REFUSAL
@@ -8322,7 +8337,7 @@ class Permissions:
         return "ask", "%s can change things" % name
 
     def kind_of(self, name, args, session=None):
-        """(kind, detail): read, job, edit (inside / outside), bash (read-only / why not), fetch (private / new),
+        """(kind, detail): read, job, edit (inside / outside), bash (read-only / why not), fetch (its host),
         mcp, unknown."""
         if name in READ_TOOLS:
             return "read", ""
@@ -8334,8 +8349,7 @@ class Permissions:
             read_only, why = classify_command(str(args.get("command") or args.get("cmd") or ""))
             return "bash", "read-only" if read_only else why
         if name == "webfetch":
-            host = _host_of(args.get("url") or "")
-            return "fetch", "private" if is_private_host(host) else "new"
+            return "fetch", url_host(args.get("url") or "")  # decide() looks the host up when it must
         tool = session.tools.get(name) if session is not None else None
         if name == "mcp_call":
             target = self._mcp_target(args)
@@ -8371,11 +8385,12 @@ class Permissions:
                         found.add(rule.kind)
             if "deny" in found or "ask" in found:
                 return "deny" if "deny" in found else "ask"
+            read_only = [classify_command(p)[0] for p in parts]
             if parts and not re.search(r"\$\(|`|<\(|>\(", command) and all(
-                    classify_command(p)[0] or any(r.kind == "allow" and fnmatch.fnmatchcase("bash", r.tool) and
-                                                  (r.pattern is None or _command_matches(p, r.pattern))
-                                                  for r in self.all_rules()) for p in parts):
-                return "allow" if any(not classify_command(p)[0] for p in parts) else None
+                    ro or any(r.kind == "allow" and fnmatch.fnmatchcase("bash", r.tool) and
+                              (r.pattern is None or _command_matches(p, r.pattern)) for r in self.all_rules())
+                    for p, ro in zip(parts, read_only)):
+                return None if all(read_only) else "allow"
             return None
         for rule in self.all_rules():
             if fnmatch.fnmatchcase(name, rule.tool) and self._argument_matches(rule, name, args):
@@ -8395,8 +8410,8 @@ class Permissions:
                 pattern = os.path.join(os.path.realpath(self.config.cwd), pattern)
             return _glob_matcher(pattern)(target)
         if name == "webfetch":
-            host = _host_of(args.get("url") or "")
-            want = rule.pattern[len("domain:"):] if rule.pattern.startswith("domain:") else _host_of(rule.pattern)
+            host = url_host(args.get("url") or "")
+            want = rule.pattern[len("domain:"):] if rule.pattern.startswith("domain:") else url_host(rule.pattern)
             return bool(host) and (host == want.lower() or (want.startswith("*.") and host.endswith(want[1:].lower())))
         return False
 
@@ -8405,7 +8420,7 @@ class Permissions:
     def check_redirect(self, url):
         """A webfetch redirect target: one to a private or local address is refused unless yolo or a rule allows
         it (the question was about the first address, not this one)."""
-        if self.mode == "yolo" or not is_private_host(_host_of(url)):
+        if self.mode == "yolo" or not is_private_host(url_host(url)):
             return
         if self._rule_verdict("webfetch", {"url": url}, "fetch") == "allow":
             return
@@ -8421,7 +8436,7 @@ class Permissions:
             target = resolve_path(self.config.cwd, args.get("path") or "")
             return ["%s(%s)" % (name, target)]
         if name == "webfetch":
-            return ["webfetch(domain:%s)" % _host_of(args.get("url") or "")]
+            return ["webfetch(domain:%s)" % url_host(args.get("url") or "")]
         return [name]
 
     def remember(self, texts):
