@@ -1334,7 +1334,7 @@ def wire_messages(messages, compat, memo=None):
     """History as sent: compat rules applied, never mutating the stored messages. memo (a dict kept by
     the caller between requests) keeps each changed message's copy, so it is the same object next time."""
     if compat.tool_calls == "text":
-        return text_mode_messages(messages)
+        return text_mode_messages(messages, memo)
     out = []
     for original in messages:
         msg = original
@@ -1382,32 +1382,57 @@ class BodyEncoder:
         return head[:at] + b'"messages":[' + b",".join(pieces) + b"]" + head[at + len(b'"messages":0'):]
 
 
-def text_mode_messages(messages):
+def text_mode_messages(messages, memo=None):
     """The history for a server that takes no tools: calls written as <tool_call> text in the
-    assistant message, results as <tool_response> user messages (consecutive ones merged)."""
-    out = []
+    assistant message, results as <tool_response> user messages (a result and the user messages
+    right after it, or a user message and the results right after it, merged: strict templates
+    want user and assistant to alternate). memo as in wire_messages: an unchanged group of
+    messages gives the same object next time."""
+    groups = []  # [kind, [originals]]: kind "call", "merge" or "same"
     for msg in messages:
         role = msg.get("role")
+        last = groups[-1] if groups else None
+        user_text = role == "user" and isinstance(msg.get("content"), str)
         if role == "assistant" and msg.get("tool_calls"):
-            calls = ["<tool_call>\n%s\n</tool_call>" % dump_json({"name": c["function"]["name"],
-                                                                   "arguments": _json_or_text(c["function"]["arguments"])})
-                     for c in msg["tool_calls"]]
-            out.append({"role": "assistant", "content": "\n".join(([msg["content"]] if msg.get("content") else []) + calls)})
+            groups.append(["call", [msg]])
+        elif role == "tool" and last is not None and (last[0] == "merge" or (last[0] == "same" and _is_user_text(last[1][0]))):
+            last[0] = "merge"
+            last[1].append(msg)
         elif role == "tool":
-            _append_user(out, "<tool_response>\n%s\n</tool_response>" % msg.get("content", ""))
-        elif role == "user" and isinstance(msg.get("content"), str) and out and out[-1].get("merged"):
-            _append_user(out, msg["content"])  # strict templates want user and assistant to alternate
+            groups.append(["merge", [msg]])
+        elif user_text and last is not None and last[0] == "merge":
+            last[1].append(msg)
         else:
-            out.append(msg)
-    return [{"role": m["role"], "content": m["content"]} if m.get("merged") else m for m in out]
+            groups.append(["same", [msg]])
+    out = []
+    for kind, originals in groups:
+        if kind == "same":
+            out.append(originals[0])
+            continue
+        key = tuple(id(m) for m in originals)
+        kept = memo.get(key) if memo is not None else None
+        if kept is not None and len(kept[0]) == len(originals) and all(a is b for a, b in zip(kept[0], originals)):
+            out.append(kept[2])
+            continue
+        converted = _text_call_message(originals[0]) if kind == "call" else {"role": "user", "content": "\n\n".join(
+            "<tool_response>\n%s\n</tool_response>" % m.get("content", "") if m.get("role") == "tool" else m["content"]
+            for m in originals)}
+        if memo is not None:
+            memo[key] = (tuple(originals), None, converted)
+        out.append(converted)
+    return out
 
 
-def _append_user(out, text):
-    """Add text to the user message at the end of out, or start one (text-mode histories alternate roles)."""
-    if out and out[-1].get("role") == "user" and isinstance(out[-1].get("content"), str):
-        out[-1] = {"role": "user", "content": out[-1]["content"] + "\n\n" + text, "merged": True}
-    else:
-        out.append({"role": "user", "content": text, "merged": True})
+def _is_user_text(msg):
+    return msg.get("role") == "user" and isinstance(msg.get("content"), str)
+
+
+def _text_call_message(msg):
+    """An assistant message with tool calls as one text message with <tool_call> blocks."""
+    calls = ["<tool_call>\n%s\n</tool_call>" % dump_json({"name": c["function"]["name"],
+                                                          "arguments": _json_or_text(c["function"]["arguments"])})
+             for c in msg["tool_calls"]]
+    return {"role": "assistant", "content": "\n".join(([msg["content"]] if msg.get("content") else []) + calls)}
 
 
 def _json_or_text(text):

@@ -1639,6 +1639,24 @@ class TestBodyEncoder(unittest.TestCase):
             self.assertEqual(client.encoder.encode(body), nanocode.encode_json(body), step)
 
 
+    def test_a_text_mode_history_is_encoded_once_too(self):
+        client = nanocode.ChatClient(nanocode.Config(base_url="http://127.0.0.1:9/v1", model="m"), lambda e: None)
+        client.config = client.config._replace(compat=client.config.compat._replace(tool_calls="text"))
+        history = [{"role": "system", "content": "sys"}]
+        for step in range(200):
+            history += [{"role": "user", "content": "q%d" % step},
+                        {"role": "assistant", "content": None, "tool_calls": [{"id": "c%d" % step, "type": "function",
+                                                                              "function": {"name": "bash", "arguments": "{}"}}]},
+                        {"role": "tool", "tool_call_id": "c%d" % step, "content": "out %d" % step}]
+        client.encoder.encode(client.build_body(history, []))
+        history.append({"role": "assistant", "content": "done"})
+        with mock.patch.object(nanocode, "encode_json", wraps=nanocode.encode_json) as spy:
+            body = client.build_body(history, [])
+            data = client.encoder.encode(body)
+        self.assertLessEqual(spy.call_count, 3, "only the new message (and the body around the messages) is encoded")
+        self.assertEqual(data, nanocode.encode_json(body))
+
+
 #: (case, FakeReply options) that all deliver the text "héllo wörld 😀" and end properly
 _HELLO = "héllo wörld 😀"
 _HELLO_EVENTS = [text_chunk("hél"), text_chunk("lo wörld 😀"), finish_chunk("stop")]
