@@ -529,9 +529,15 @@ def text_or_file(value, flag):
     return value
 
 
+def nanocode_home(env=None):
+    """The settings directory: NANOCODE_DIR, else ~/.nanocode."""
+    env = os.environ if env is None else env
+    return env.get("NANOCODE_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".nanocode")
+
+
 def load_config(args, env, known_tools=()):
     """Build the one Config from parsed flags, the environment and settings.json."""
-    home = env.get("NANOCODE_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".nanocode")
+    home = nanocode_home(env)
     settings = read_settings(home)
     model = args.model or env.get("MODEL") or _setting(settings, "model", str, "") or ""
     notes = []
@@ -4817,13 +4823,8 @@ def _files_by_mtime(root, cancel, name_ok, path_ok, skipped):
     found, prefix = [], os.path.join(root, "")
     for rel in files:
         if (name_ok is None or name_ok(rel[rel.rfind("/") + 1:])) and path_ok(rel):
-            try:
-                st = os.stat(prefix + rel)
-            except OSError as e:  # deleted but still in git's index, or a symlink loop
-                if _is_loop(e):
-                    skipped.loops.append(rel)
-                continue
-            if st.st_mode & 0o170000 == 0o100000:  # a regular file (stat.S_ISREG); git lists submodules too
+            st = _follow(lambda: os.stat(prefix + rel), rel, skipped)  # None: deleted but in git's index, or a loop
+            if st is not None and st.st_mode & 0o170000 == 0o100000:  # a regular file; git lists submodules too
                 found.append((rel, st.st_mtime))
     return found
 
@@ -6245,6 +6246,11 @@ def mcp_cancel_notice(rid, reason):
     return "notifications/cancelled", {"requestId": rid, "reason": reason}
 
 
+def _raise_if_cancelled(cancel):
+    if cancel is not None and cancel.is_set():
+        raise McpError("cancelled")
+
+
 class RpcPeer:
     """JSON-RPC 2.0 over a transport's send(message). Our requests get ids from 1 and wait with a
     timeout; the server's requests are answered by on_request(method, params) -> result (raise
@@ -6506,13 +6512,13 @@ class StdioTransport:
         PROCESS_GROUPS.discard(self.proc.pid)
 
     def _signal(self, sig):
-        try:
-            if os.name == "posix":
-                os.killpg(self.proc.pid, sig)
-            else:
+        if os.name == "posix":
+            _signal_group(self.proc.pid, sig)
+        else:
+            try:
                 self.proc.terminate()
-        except (OSError, ValueError):
-            pass
+            except OSError:
+                pass
 
 
 class HttpTransport:
@@ -6529,6 +6535,7 @@ class HttpTransport:
         self.waiting = lambda rid: True  # False once request rid was answered (on another stream)
         self.timeout = spec.timeout
         self.closing = False
+        self._closed = threading.Event()  # set by close(): waits between reconnects end at once
         self._streams = []  # responses being read, closed by close()
 
     def send(self, message):
@@ -6632,7 +6639,8 @@ class HttpTransport:
         while rid is not None and not answered and not self.closing and decoder.last_id is not None and tries < 5 \
                 and self.waiting(rid):
             tries += 1
-            time.sleep(min(decoder.retry if decoder.retry is not None else 500, 10000) / 1000.0)
+            if self._closed.wait(min(decoder.retry if decoder.retry is not None else 500, 10000) / 1000.0):
+                break
             decoder = _resumable(decoder)
             try:
                 resp = self._get(decoder.last_id)
@@ -6713,7 +6721,7 @@ class HttpTransport:
             except McpError as e:
                 failures += 1
                 self.log.write("the GET stream failed (%s); again in %ds" % (e, failures))
-                time.sleep(failures)
+                self._closed.wait(failures)
                 continue
             if resp is None:
                 return self.log.write("the server offers no GET stream")
@@ -6724,13 +6732,13 @@ class HttpTransport:
             finally:
                 self._streams.remove(resp)
                 resp.close()
-            if not self.closing:
-                time.sleep(min(decoder.retry if decoder.retry is not None else 1000, 30000) / 1000.0)
+            if not self._closed.wait(min(decoder.retry if decoder.retry is not None else 1000, 30000) / 1000.0):
                 decoder = _resumable(decoder)
 
     def close(self):
         """Close the streams being read and end the session (DELETE, as the spec asks; errors ignored)."""
         self.closing = True
+        self._closed.set()
         for resp in list(self._streams):
             _close_response(resp)
         if self.session_id:
@@ -7147,12 +7155,17 @@ class McpServer:
     def ensure_connected(self, cancel=None):
         """Connected, restarting an exited server first (backoff; at most MCP_MAX_RESTARTS a minute).
         Raises McpError with the reason when it cannot be."""
-        if self.state == "starting":
-            self.wait_ready(self.spec.startup_timeout + 1)
+        deadline = time.monotonic() + self.spec.startup_timeout + 1
+        while self.state == "starting" and not self.wait_ready(0.1) and time.monotonic() < deadline:
+            _raise_if_cancelled(cancel)
         if self.state == "connected":
             return
-        with self._lock:  # parallel calls after a crash: one restart, the others find it connected
+        while not self._lock.acquire(timeout=0.1):  # parallel calls after a crash: one restart, the others
+            _raise_if_cancelled(cancel)             # find it connected (or give up when cancelled)
+        try:
             self._restart(cancel)
+        finally:
+            self._lock.release()
 
     def _restart(self, cancel):
         if self.state == "connected":
@@ -10480,14 +10493,24 @@ def find_session(home, cwd, ref):
         return found[0]["path"]
     if os.path.isfile(os.path.expanduser(ref)):
         return os.path.abspath(os.path.expanduser(ref))
-    base = os.path.join(home, "sessions")
-    matches = sorted(os.path.join(base, d, n) for d in _listdir(base) for n in _listdir(os.path.join(base, d))
-                     if n.endswith(".jsonl") and n.rsplit("_", 1)[-1][:-len(".jsonl")].startswith(ref))
+    matches = session_files(home, ref)
     if len(matches) == 1:
         return matches[0]
     if not matches:
         raise NanocodeError("no session %r: give an id from /resume or a file path" % ref)
     raise NanocodeError("%r matches %d sessions; give more of the id" % (ref, len(matches)))
+
+
+def session_files(home, ref, exact=False):
+    """The saved session files (named <time>_<id>.jsonl) whose id starts with ref, or is ref when exact."""
+    base = os.path.join(home, "sessions")
+    found = []
+    for d in _listdir(base):
+        for n in _listdir(os.path.join(base, d)):
+            sid = n.rsplit("_", 1)[-1][:-len(".jsonl")] if n.endswith(".jsonl") else None
+            if sid is not None and (sid == ref if exact else sid.startswith(ref)):
+                found.append(os.path.join(base, d, n))
+    return sorted(found)
 
 
 def format_session_list(sessions):
@@ -12147,13 +12170,9 @@ class AcpSession:
 
     def _tool_start(self, event):
         name, args = event["name"], event.get("args") or {}
-        update = {"sessionUpdate": "tool_call", "toolCallId": event["id"], "title": format_tool_call(name, args, 120),
-                  "kind": ACP_TOOL_KINDS.get(name, "other"), "status": "pending", "rawInput": args}
-        path = args.get("path") if isinstance(args.get("path"), str) else None
-        full = resolve_path(self.session.config.cwd, path) if path else None
-        if full:
-            update["locations"] = [{"path": full}]
+        update = acp_tool_call(event["id"], name, args, "pending", self.session.config.cwd)
         self.update(update)
+        full = update.get("locations", [{}])[0].get("path")
         if full and name in EDIT_TOOLS:  # the disk's text; the editor's, when the tool reads it, replaces it
             self._before[event["id"]] = (full, _acp_file_text(full))
 
@@ -12283,6 +12302,15 @@ class AcpSession:
         self.session.client.close()
         if self.session.store:
             self.session.store.close()
+
+
+def acp_tool_call(call_id, name, args, status, cwd):
+    """The tool_call update of a call: title, kind, status, its arguments, the file it works on."""
+    update = {"sessionUpdate": "tool_call", "toolCallId": call_id, "title": format_tool_call(name, args, 120),
+              "kind": ACP_TOOL_KINDS.get(name, "other"), "status": status, "rawInput": args}
+    if isinstance(args.get("path"), str) and args["path"]:
+        update["locations"] = [{"path": resolve_path(cwd, args["path"])}]
+    return update
 
 
 def _acp_text_content(text):
@@ -12525,17 +12553,13 @@ class AcpAgent:
         return {"currentModeId": current,
                 "availableModes": [{"id": i, "name": n, "description": d} for i, n, d in ACP_MODES]}
 
-    def saved_path(self, ref, cwd=None):
-        """The file of the saved session whose id is exactly ref (looked for under cwd first, then
-        everywhere); AcpError -32002 when there is none."""
+    def saved_path(self, ref):
+        """The file of the saved session whose id is exactly ref (never a path); AcpError -32002 when there is none."""
         if not isinstance(ref, str) or not ref or os.sep in ref or "/" in ref or ref.endswith(".jsonl"):
             raise AcpError(-32602, "sessionId must be a session id, not %r" % (ref,))
-        base = os.path.join(self.config.home, "sessions")
-        folders = ([sessions_dir(self.config.home, cwd)] if cwd else []) + [os.path.join(base, d) for d in _listdir(base)]
-        for folder in folders:  # files are named <time>_<id>.jsonl
-            for name in sorted(_listdir(folder)):
-                if name.endswith("_%s.jsonl" % ref):
-                    return os.path.join(folder, name)
+        found = session_files(self.config.home, ref, exact=True)
+        if found:
+            return found[0]
         raise AcpError(ACP_SESSION_NOT_FOUND, "no saved session %r" % ref, {"sessionId": ref})
 
     def session_load(self, params, replay=True):
@@ -12546,7 +12570,7 @@ class AcpAgent:
             acp = self.sessions[ref]
             return {"modes": self.modes(acp), "configOptions": acp.config_options()}
         cwd = params.get("cwd") if isinstance(params.get("cwd"), str) else self.config.cwd
-        path = self.saved_path(ref, cwd)
+        path = self.saved_path(ref)
         old = self.sessions.pop(ref, None)
         if old is not None:  # loaded again: the new one replaces it
             old.loop.abort()
@@ -12650,8 +12674,7 @@ def replay_history(acp):
             for call in message.get("tool_calls") or ():
                 name = call["function"]["name"]
                 args = parse_tool_arguments(call["function"].get("arguments"))[0] or {}
-                acp.update({"sessionUpdate": "tool_call", "toolCallId": call["id"], "title": format_tool_call(name, args, 120),
-                            "kind": ACP_TOOL_KINDS.get(name, "other"), "status": "completed", "rawInput": args})
+                acp.update(acp_tool_call(call["id"], name, args, "completed", acp.session.config.cwd))
                 if name == "todo":
                     plan = _replayed_plan(args, plan)
         elif role == "tool":
@@ -12839,12 +12862,6 @@ sys.exit(nanocode.run_main(launcher=__file__))
 """
 
 
-def nanocode_home(env=None):
-    """The settings directory: NANOCODE_DIR, else ~/.nanocode."""
-    env = os.environ if env is None else env
-    return env.get("NANOCODE_DIR") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".nanocode")
-
-
 def install(directory=None, out=None):
     """--install [DIR]: copy this file to ~/.nanocode/lib and write DIR/nanocode (default ~/.local/bin), a
     launcher that imports it (Python caches the bytecode of an import, never of a script); compile it once."""
@@ -12919,7 +12936,7 @@ def run_mcp_command(argv, out=None):
     if not args.verb:
         p.print_usage(sys.stderr)
         return 2
-    home = os.environ.get("NANOCODE_DIR") or os.path.join(os.environ.get("HOME") or os.path.expanduser("~"), ".nanocode")
+    home = nanocode_home()
     try:
         config = Config(home=home, cwd=os.getcwd(), settings=read_settings(home), mcp_files=tuple(args.mcp_config or ()),
                         trust_project=args.trust_project)
