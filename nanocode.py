@@ -6391,8 +6391,9 @@ def rpc_error(error):
     data = error.get("data")
     if data == _EXPIRED or (isinstance(data, dict) and data.get(_EXPIRED)):
         return McpError(message, error.get("code"), expired=True, data=data)
-    if data not in (None, "", {}):
-        message += ": " + one_line(data if isinstance(data, str) else dump_json(data), 300)
+    detail = one_line(data if isinstance(data, str) else dump_json(data), 300) if data not in (None, "", {}) else ""
+    if detail and not message.endswith(": " + detail):  # an error passed on again already says it
+        message += ": " + detail
     return McpError(message, error.get("code"), data=data)
 
 

@@ -4887,6 +4887,15 @@ class McpServerTestCase(NanocodeTestCase):
             return f.read()
 
 
+class TestRpcErrors(unittest.TestCase):
+    def test_an_error_passed_on_again_names_its_data_once(self):
+        first = nanocode.rpc_error({"code": -32022, "message": "unsupported version", "data": {"supported": ["1"]}})
+        again = nanocode.rpc_error({"code": first.code, "message": str(first), "data": first.data})
+        self.assertEqual(str(again), str(first))
+        self.assertEqual(str(again).count('supported"'), 1)
+        self.assertEqual(again.data, {"supported": ["1"]})
+
+
 class TestMcpStdio(McpServerTestCase):
     def test_the_whole_lifecycle_and_the_servers_own_requests(self):
         server = self.connected("burst,ping,roots,garbage")
